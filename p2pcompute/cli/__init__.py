@@ -1,0 +1,1 @@
+"""The `p2pc` command line: groups node, run, ledger, peers, bootstrap, demo."""

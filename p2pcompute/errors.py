@@ -1,0 +1,77 @@
+"""Every failure a user can meet, one class each; the CLI maps them to one line and an exit code."""
+
+from __future__ import annotations
+
+
+class P2PCError(Exception):
+    """Base of all expected errors. The CLI prints `str(err)` on one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class ConfigError(P2PCError):
+    """A config file, flag or environment variable has a bad value (message names the key)."""
+
+    exit_code = 2
+
+
+class UsageError(P2PCError):
+    """A command-line argument is malformed."""
+
+    exit_code = 2
+
+
+class KeyFileError(P2PCError):
+    """The identity key file is missing, malformed or has unsafe permissions."""
+
+    exit_code = 3
+
+
+class NodeNotRunning(P2PCError):
+    """The control API of a node could not be reached."""
+
+    exit_code = 4
+
+
+class ControlAPIError(P2PCError):
+    """The node's control API refused or failed a request."""
+
+    exit_code = 4
+
+
+class SwarmError(P2PCError):
+    """The DHT/libp2p host could not start or could not reach any bootstrap peer."""
+
+    exit_code = 5
+
+
+class InvalidMessage(P2PCError):
+    """Bytes from the network or a file do not decode to a well-formed record."""
+
+    exit_code = 6
+
+
+class InvalidSignature(InvalidMessage):
+    """A signature or public key fails the pinned Ed25519 rule."""
+
+
+class InvalidEntry(InvalidMessage):
+    """A ledger entry fails validation (the message names the reason)."""
+
+
+class InvalidManifest(P2PCError):
+    """A run manifest fails validation (the message names the field)."""
+
+    exit_code = 2
+
+
+class NotFound(P2PCError):
+    """A requested object (run, entry, peer) does not exist where it was looked for."""
+
+    exit_code = 7
+
+
+class StoreError(P2PCError):
+    """The ledger store is unreadable or corrupt."""
+
+    exit_code = 8
