@@ -8,8 +8,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from hivemind.utils.multiaddr import Multiaddr
-
 from p2pcompute.errors import ConfigError
 
 ENV_PREFIX = "P2PC_"
@@ -37,6 +35,8 @@ def resolve_data_dir(value: str | os.PathLike | None) -> Path:
 def _multiaddr(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ValueError(f"{value!r} is not a multiaddr (expected e.g. /ip4/127.0.0.1/tcp/4001)")
+    from hivemind.utils.multiaddr import Multiaddr  # lazy: importing hivemind costs ~1.7 s
+
     try:
         Multiaddr(value)
     except Exception as e:  # multiaddr raises several unrelated exception types on bad text

@@ -6,28 +6,49 @@ import os
 import stat
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import base58
-from hivemind.p2p import PeerID
-from hivemind.proto import crypto_pb2
 
 from p2pcompute import crypto
 from p2pcompute.errors import InvalidMessage, KeyFileError
 
+if TYPE_CHECKING:  # importing hivemind costs ~1.7 s (it imports torch): read-only CLI commands avoid it
+    from hivemind.p2p import PeerID
+
 KEY_FILENAME = "identity.key"
 KEY_FILE_MODE = 0o600
 # libp2p: a PeerID whose PublicKey protobuf is at most 42 bytes is the identity multihash of it.
-_IDENTITY_MULTIHASH = b"\x00"
-PEER_ID_SIZE = 38  # 0x00, 0x24 (length 36), then PublicKey{key_type=Ed25519, data=32 bytes}
+# The PeerID bytes are: 0x00 (identity multihash), 0x24 (length 36), then the PublicKey protobuf
+# {key_type: Ed25519 (08 01), data: 32 bytes (12 20 ...)}. The prefix is fixed for every Ed25519 key;
+# tests check it against hivemind's crypto_pb2 encoding so it cannot drift from libp2p's.
+PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
+PEER_ID_SIZE = len(PEER_ID_PREFIX) + crypto.PUBLIC_KEY_SIZE
 
 
 def public_key_protobuf(public_key: bytes) -> bytes:
+    from hivemind.proto import crypto_pb2
+
     return crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.Ed25519, data=public_key).SerializeToString()
 
 
-def peer_id_from_public_key(public_key: bytes) -> PeerID:
-    """The libp2p PeerID of an Ed25519 public key (identity multihash of its PublicKey protobuf)."""
-    encoded = public_key_protobuf(public_key)
-    return PeerID(_IDENTITY_MULTIHASH + bytes([len(encoded)]) + encoded)
+def peer_id_bytes(public_key: bytes) -> bytes:
+    """The libp2p PeerID (raw bytes) of an Ed25519 public key: identity multihash of its PublicKey protobuf."""
+    if len(public_key) != crypto.PUBLIC_KEY_SIZE:
+        raise InvalidMessage("an Ed25519 public key is 32 bytes")
+    return PEER_ID_PREFIX + public_key
+
+
+def peer_id_b58(public_key: bytes) -> str:
+    """The PeerID as users see it (base58, '12D3KooW...')."""
+    return base58.b58encode(peer_id_bytes(public_key)).decode()
+
+
+def peer_id_from_public_key(public_key: bytes) -> "PeerID":
+    """The PeerID as a hivemind PeerID object."""
+    from hivemind.p2p import PeerID
+
+    return PeerID(peer_id_bytes(public_key))
 
 
 def public_key_from_peer_id(peer_id: bytes | PeerID | str) -> bytes:
@@ -37,20 +58,18 @@ def public_key_from_peer_id(peer_id: bytes | PeerID | str) -> bytes:
             peer_id = base58.b58decode(peer_id)
         except ValueError:
             raise InvalidMessage("peer id is not base58") from None
-    elif isinstance(peer_id, PeerID):
+    elif hasattr(peer_id, "to_bytes"):
         peer_id = peer_id.to_bytes()
-    if not isinstance(peer_id, bytes) or len(peer_id) != PEER_ID_SIZE or peer_id[:2] != b"\x00\x24":
-        raise InvalidMessage("peer id is not an Ed25519 identity PeerID")
-    expected_prefix = public_key_protobuf(b"\x00" * crypto.PUBLIC_KEY_SIZE)[:4]
-    if peer_id[2:6] != expected_prefix:
-        raise InvalidMessage("peer id does not hold an Ed25519 public key")
-    return peer_id[6:]
+    if not isinstance(peer_id, bytes) or len(peer_id) != PEER_ID_SIZE or not peer_id.startswith(PEER_ID_PREFIX):
+        raise InvalidMessage("peer id is not an Ed25519 identity PeerID (12D3KooW...)")
+    return peer_id[len(PEER_ID_PREFIX):]
 
 
-def parse_peer_id(text: str) -> PeerID:
-    """Parse a base58 PeerID given by a user or a peer; it must be an Ed25519 identity PeerID."""
-    public_key_from_peer_id(text)
-    return PeerID.from_base58(text)
+def parse_peer_id(text: str) -> bytes:
+    """Parse a base58 PeerID given by a user or a peer into its Ed25519 public key; InvalidMessage otherwise."""
+    if not isinstance(text, str) or not 40 <= len(text) <= 60:
+        raise InvalidMessage(f"{text!r} is not a peer id (expected 12D3KooW...)")
+    return public_key_from_peer_id(text)
 
 
 class Identity:
@@ -59,7 +78,11 @@ class Identity:
     def __init__(self, key: crypto.SigningKey, path: Path | None = None):
         self.key = key
         self.path = path
-        self.peer_id = peer_id_from_public_key(key.public_key)
+        self.peer_id_b58 = peer_id_b58(key.public_key)
+
+    @property
+    def peer_id(self) -> "PeerID":
+        return peer_id_from_public_key(self.key.public_key)
 
     @property
     def public_key(self) -> bytes:
@@ -69,12 +92,16 @@ class Identity:
         return self.key.sign(message)
 
     def to_protobuf(self) -> bytes:
+        from hivemind.proto import crypto_pb2
+
         return crypto_pb2.PrivateKey(
             key_type=crypto_pb2.KeyType.Ed25519, data=self.key.seed + self.key.public_key
         ).SerializeToString()
 
     @classmethod
     def from_protobuf(cls, data: bytes, path: Path | None = None) -> "Identity":
+        from hivemind.proto import crypto_pb2
+
         try:
             message = crypto_pb2.PrivateKey.FromString(data)
         except Exception:  # protobuf raises DecodeError and, for some inputs, other runtime errors
