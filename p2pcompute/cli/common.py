@@ -37,9 +37,19 @@ def print_json(data: Any) -> None:
 def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     table = Table(title=title, show_lines=False)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+def print_fields(title: str | None, rows: Iterable[Sequence[Any]]) -> None:
+    """A two-column key/value table (status pages)."""
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(str(key), "" if value is None else str(value))
     console.print(table)
 
 

@@ -1,0 +1,217 @@
+"""`p2pc node ...`, `p2pc peers` and `p2pc bootstrap`: run a node or bootstrap peer, inspect it, list the swarm."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from p2pcompute.cli.common import console, data_dir_option, emit, json_option, print_fields, print_table
+from p2pcompute.config import load_config, resolve_data_dir
+from p2pcompute.errors import KeyFileError, UsageError
+from p2pcompute.identity import Identity, check_key_permissions
+from p2pcompute.node.control import ControlClient, write_private
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), default=None,
+    help="TOML config file (default: <data-dir>/config.toml if present).",
+)
+listen_option = click.option(
+    "--listen", multiple=True, metavar="MADDR",
+    help="Multiaddr to listen on (repeatable; default /ip4/0.0.0.0/tcp/0, any free port).",
+)
+announce_option = click.option("--announce", multiple=True, metavar="MADDR", help="Multiaddr to announce (repeatable).")
+bootstrap_option = click.option(
+    "--bootstrap", multiple=True, metavar="MADDR",
+    help="Bootstrap peer multiaddr ending in /p2p/<peer id> (repeatable; also $P2PC_BOOTSTRAP).",
+)
+ready_file_option = click.option(
+    "--ready-file", type=click.Path(dir_okay=False), default=None,
+    help="Write the multiaddrs here once the node is up (for scripts and tests).",
+)
+
+
+def _start(role: str, data_dir, config_file, overrides: dict, ready_file, as_json: bool) -> None:
+    from p2pcompute.node.daemon import Node, run_foreground
+
+    config = load_config(data_dir, config_file, overrides)
+
+    def on_ready(node: Node) -> None:
+        if ready_file:
+            write_private(Path(ready_file), ("\n".join(node.maddrs) + "\n").encode())
+        if as_json:
+            click.echo(__import__("json").dumps(node.status_report()), nl=True)
+        else:
+            what = "bootstrap peer" if role == "bootstrap" else "node"
+            console.print(f"[bold green]{what} up[/] peer id [bold]{node.identity.peer_id_b58}[/]")
+            console.print("multiaddrs (hand these out as --bootstrap):" if role == "bootstrap" else "multiaddrs:")
+            for addr in node.maddrs:
+                console.print(f"  {addr}", highlight=False, soft_wrap=True)
+            console.print(f"control API on 127.0.0.1:{node.control.port}; stop with Ctrl-C", highlight=False)
+        sys.stdout.flush()
+
+    run_foreground(Node(config, role=role), on_ready)
+
+
+@click.group()
+def node() -> None:
+    """Run and inspect a volunteer node."""
+
+
+@node.command("start")
+@data_dir_option
+@config_option
+@listen_option
+@announce_option
+@bootstrap_option
+@click.option("--name", default=None, help="Display name shown to other peers.")
+@click.option("--run", "run", default=None, help="Run id (or prefix) to join; default: the best-fitting run.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device to train on.")
+@click.option("--public/--local", default=None, help="Enable NAT traversal and relays (default: --local).")
+@click.option("--record-ttl", type=float, default=None, help="Seconds our peer record lives without refresh.")
+@ready_file_option
+@click.option("--json", "as_json", is_flag=True, help="Print the startup report as JSON.")
+def node_start(data_dir, config_file, listen, announce, bootstrap, name, run, device, public, record_ttl,
+               ready_file, as_json) -> None:
+    """Run a node in the foreground until Ctrl-C / SIGTERM."""
+    overrides = dict(listen=listen, announce=announce, bootstrap=bootstrap, name=name, run=run, device=device,
+                     public=public, record_ttl=record_ttl)
+    _start("node", data_dir, config_file, overrides, ready_file, as_json)
+
+
+@node.command("status")
+@data_dir_option
+@json_option
+def node_status(data_dir, as_json) -> None:
+    """Show what the running node is doing."""
+    report = ControlClient(resolve_data_dir(data_dir)).call("status")
+
+    def render(r: dict) -> None:
+        rows = [
+            ("peer id", r["peer_id"]),
+            ("role", r["role"]),
+            ("status", r["status"]),
+            ("uptime", f"{r['uptime_s']:.0f} s"),
+            ("peers known", r["peers_known"]),
+            ("current run", r["current_run"] or "-"),
+            ("device", f"{r['device']} {r['device_name']}".strip()),
+            ("multiaddrs", "\n".join(r["multiaddrs"])),
+        ]
+        print_fields("node status", rows)
+
+    emit(report, as_json, render)
+
+
+@node.command("stop")
+@data_dir_option
+def node_stop(data_dir) -> None:
+    """Ask the running node to shut down cleanly."""
+    ControlClient(resolve_data_dir(data_dir)).call("shutdown", {})
+    console.print("stopping")
+
+
+@node.command("id")
+@data_dir_option
+def node_id(data_dir) -> None:
+    """Print this node's PeerID (creating its key on first use)."""
+    config = load_config(data_dir)
+    click.echo(Identity.load_or_create(config.key_path).peer_id_b58)
+
+
+@node.command("export-key")
+@data_dir_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="File to write (mode 0600).")
+def export_key(data_dir, output) -> None:
+    """Copy the node's identity key to a file, to move the node to another machine."""
+    config = load_config(data_dir)
+    identity = Identity.load(config.key_path)
+    out = Path(output)
+    if out.exists():
+        raise UsageError(f"{out} exists; refusing to overwrite a file")
+    identity.write(out)
+    console.print(f"wrote the key of {identity.peer_id_b58} to {out} (keep it secret)")
+
+
+@node.command("import-key")
+@data_dir_option
+@click.argument("key_file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing key (its identity and credits are lost here).")
+def import_key(data_dir, key_file, force) -> None:
+    """Install an exported identity key as this node's key."""
+    config = load_config(data_dir)
+    src = Path(key_file)
+    check_key_permissions(src)
+    identity = Identity.load(src)
+    if config.key_path.exists() and not force:
+        current = Identity.load(config.key_path)
+        if current.public_key != identity.public_key:
+            raise KeyFileError(f"{config.key_path} already holds {current.peer_id_b58}; pass --force to replace it")
+    identity.write(config.key_path)
+    console.print(f"this node is now {identity.peer_id_b58}")
+
+
+@click.command()
+@data_dir_option
+@config_option
+@listen_option
+@announce_option
+@bootstrap_option
+@click.option("--public/--local", default=None, help="Enable NAT traversal and relays (default: --local).")
+@ready_file_option
+@click.option("--json", "as_json", is_flag=True, help="Print the startup report as JSON.")
+def bootstrap(data_dir, config_file, listen, announce, bootstrap, public, ready_file, as_json) -> None:
+    """Run a DHT-only bootstrap peer with a persistent identity; prints the multiaddrs to hand out."""
+    overrides = dict(listen=listen, announce=announce, bootstrap=bootstrap, public=public)
+    _start("bootstrap", data_dir, config_file, overrides, ready_file, as_json)
+
+
+@click.command()
+@data_dir_option
+@bootstrap_option
+@json_option
+def peers(data_dir, bootstrap, as_json) -> None:
+    """List live peers from the DHT (through the running node, or with --bootstrap as a one-shot client)."""
+    if bootstrap:
+        records = [dict(r.to_json(), self=False) for r in _query_peers_directly(bootstrap)]
+    else:
+        records = ControlClient(resolve_data_dir(data_dir)).call("peers")
+
+    def render(rows: list[dict]) -> None:
+        now = time.time() * 1000
+        print_table(
+            f"{len(rows)} live peers",
+            ["peer id", "name", "status", "device", "run", "seen"],
+            [
+                (
+                    r["peer_id"] + (" (this node)" if r.get("self") else ""),
+                    r["name"],
+                    r["status"],
+                    f"{r['device']} {r['device_name']}".strip(),
+                    (r["run_id"] or "-")[:12],
+                    f"{max(0.0, (now - r['updated_at_ms']) / 1000):.0f} s ago",
+                )
+                for r in rows
+            ],
+        )
+
+    emit(records, as_json, render)
+
+
+def _query_peers_directly(bootstrap: tuple[str, ...]):
+    """Join the DHT as a throwaway client with an ephemeral key, read the peer records, leave."""
+    from p2pcompute.config import load_config as _load
+    from p2pcompute.swarm.dht import fetch_peer_records, start_dht
+
+    with tempfile.TemporaryDirectory(prefix="p2pc-client-") as tmp:
+        config = _load(tmp, overrides={"bootstrap": bootstrap})
+        identity = Identity.generate()
+        identity.write(Path(tmp) / "identity.key")
+        dht = start_dht(identity, listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=config.bootstrap,
+                        startup_timeout=config.startup_timeout, client_mode=True)
+        try:
+            return [r for r in fetch_peer_records(dht) if r.status != "stopped"]
+        finally:
+            dht.shutdown()
