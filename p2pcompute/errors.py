@@ -75,3 +75,15 @@ class StoreError(P2PCError):
     """The ledger store is unreadable or corrupt."""
 
     exit_code = 8
+
+
+class DatasetUnavailable(P2PCError):
+    """A run's dataset cannot be opened on this machine (file missing, hash mismatch, other Python stdlib)."""
+
+    exit_code = 9
+
+
+class TrainingError(P2PCError):
+    """The trainer could not start or stopped on an unrecoverable error (the message names the cause)."""
+
+    exit_code = 10
