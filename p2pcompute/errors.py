@@ -87,3 +87,22 @@ class TrainingError(P2PCError):
     """The trainer could not start or stopped on an unrecoverable error (the message names the cause)."""
 
     exit_code = 10
+
+
+class MissingDependency(P2PCError):
+    """A ledger entry names an entry or a run this replica does not hold yet; it may become valid later.
+
+    `key` names what is missing: ("entry", id) or ("run", publisher public key, run id).
+    """
+
+    exit_code = 6
+
+    def __init__(self, message: str, key: tuple):
+        super().__init__(message)
+        self.key = key
+
+
+class LedgerInvalid(StoreError):
+    """Offline verification of a ledger replica found bad entries or derived tables that disagree."""
+
+    exit_code = 11
