@@ -115,7 +115,7 @@ FIELDS: dict[str, _Field] = {
     "announce": _Field("swarm", _maddr_list, "multiaddrs announced to others (needed behind NAT or in containers)"),
     "bootstrap": _Field("swarm", _bootstrap_list, "bootstrap peers' multiaddrs, each ending in /p2p/<peer id>"),
     "public": _Field("swarm", _bool, "enable NAT port mapping, AutoNAT and relays (off for local swarms)"),
-    "record_ttl": _Field("swarm", _number(5, 3600), "seconds a peer record lives in the DHT without refresh"),
+    "record_ttl": _Field("swarm", _number(2, 3600), "seconds a peer record lives in the DHT without refresh"),
     "startup_timeout": _Field("swarm", _number(1, 300), "seconds to wait for p2pd and the bootstrap peers"),
     "name": _Field("node", _str(64), "a display name for this node (shown to others; not an identity)"),
     "control_port": _Field("node", _number(0, 65535, integer=True), "control API port on 127.0.0.1 (0: any free)"),

@@ -42,12 +42,14 @@ def start_dht(
     Raises SwarmError with a readable reason when p2pd or the bootstrap fails.
     """
     import hivemind
+    from hivemind.p2p import P2PDaemonError
 
     from p2pcompute.swarm.validators import OwnerSignatureValidator, PeerRecordValidator
 
     if identity.path is None:
         raise SwarmError("the identity must be stored in a file for p2pd to use it")
     validators = [OwnerSignatureValidator(identity.key), PeerRecordValidator(PEERS_KEY)]
+    dht = None
     try:
         dht = hivemind.DHT(
             initial_peers=list(bootstrap) or None,
@@ -74,10 +76,10 @@ def start_dht(
     except TimeoutError:
         _stop(dht)
         raise SwarmError(f"the DHT did not start within {startup_timeout:.0f} s") from None
-    except RuntimeError as e:  # hivemind reports bootstrap and p2pd failures as RuntimeError/P2PDaemonError
-        _stop(locals().get("dht"))
+    except (RuntimeError, P2PDaemonError, OSError) as e:  # how hivemind reports bootstrap and p2pd failures
+        _stop(dht)
         text = str(e)
-        if "bootstrap failed" in text:
+        if "bootstrap" in text:
             raise SwarmError(
                 f"none of the bootstrap peers answered ({', '.join(bootstrap)}); "
                 "check the addresses and that those peers are running"

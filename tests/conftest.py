@@ -1,0 +1,103 @@
+"""Shared fixtures: real `p2pc` subprocesses on 127.0.0.1, polled with deadlines, killed by PID group."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pcompute.node.launcher import NodeProcess
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+TEST_RECORD_TTL = "6"  # seconds: short so that a killed node vanishes quickly in tests
+
+
+def run_p2pc(*args: str, timeout: float = 60, env: dict | None = None, check: bool = False
+             ) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess; returns the completed process (stdout/stderr as text)."""
+    proc = subprocess.run([sys.executable, "-m", "p2pcompute.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"p2pc {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def p2pc_json(*args: str, timeout: float = 60):
+    proc = run_p2pc(*args, "--json", timeout=timeout, check=True)
+    return json.loads(proc.stdout)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value or `timeout` passes (then fail the test)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {last!r}")
+
+
+def peer_ids_seen_by(data_dir: Path) -> set[str]:
+    return {p["peer_id"] for p in p2pc_json("peers", "--data-dir", str(data_dir))}
+
+
+class Swarm:
+    """A bootstrap peer and nodes, all real subprocesses; stop() kills every one of them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: list[NodeProcess] = []
+        self.bootstrap: NodeProcess | None = None
+
+    def start_bootstrap(self) -> NodeProcess:
+        self.bootstrap = self._spawn(["bootstrap"], "bootstrap", ["--listen", LOOPBACK])
+        return self.bootstrap
+
+    def start_node(self, name: str, *extra: str, wait: bool = True) -> NodeProcess:
+        args = ["--listen", LOOPBACK, "--bootstrap", self.bootstrap.loopback_maddr(), "--record-ttl", TEST_RECORD_TTL,
+                "--name", name, *extra]
+        return self._spawn(["node", "start"], name, args, wait=wait)
+
+    def _spawn(self, command, name, args, wait: bool = True) -> NodeProcess:
+        proc = NodeProcess(command, self.root / name, args)
+        self.procs.append(proc)
+        return proc.start(wait=wait)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def swarm(tmp_path_factory):
+    """One bootstrap and three nodes shared by every test that only reads from the swarm."""
+    s = Swarm(tmp_path_factory.mktemp("swarm"))
+    try:
+        s.start_bootstrap()
+        s.nodes = [s.start_node(f"node{i}") for i in range(3)]
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def own_swarm(tmp_path):
+    """A swarm for tests that break things (kill nodes, inject bad records)."""
+    s = Swarm(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_p2pd():
+    os.environ.setdefault("GOLOG_LOG_LEVEL", "fatal")
+    yield
