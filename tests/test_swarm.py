@@ -142,3 +142,10 @@ def test_unreachable_bootstrap_fails_cleanly(tmp_path):
 def test_status_without_running_node(tmp_path):
     proc = run_p2pc("node", "status", "--data-dir", str(tmp_path))
     assert proc.returncode == 4 and "no node is running" in proc.stderr
+
+
+def test_demo_runs_and_cleans_up():
+    proc = run_p2pc("demo", "--nodes", "2", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "see each other" in proc.stdout
+    assert "all demo processes stopped" in proc.stdout

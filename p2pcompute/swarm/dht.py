@@ -6,7 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from p2pcompute.errors import SwarmError
+from p2pcompute.errors import InvalidMessage, SwarmError
 from p2pcompute.identity import Identity
 from p2pcompute.swarm.records import PeerRecord
 
@@ -44,11 +44,12 @@ def start_dht(
     import hivemind
     from hivemind.p2p import P2PDaemonError
 
+    from p2pcompute.swarm.runs import RunRecordValidator
     from p2pcompute.swarm.validators import OwnerSignatureValidator, PeerRecordValidator
 
     if identity.path is None:
         raise SwarmError("the identity must be stored in a file for p2pd to use it")
-    validators = [OwnerSignatureValidator(identity.key), PeerRecordValidator(PEERS_KEY)]
+    validators = [OwnerSignatureValidator(identity.key), PeerRecordValidator(PEERS_KEY), RunRecordValidator()]
     dht = None
     try:
         dht = hivemind.DHT(
@@ -112,7 +113,7 @@ def fetch_peer_records(dht: "hivemind.DHT", *, latest: bool = True) -> list[Peer
     for subkey, item in found.value.items():
         try:
             record = PeerRecord.from_wire(item.value)
-        except Exception as e:  # validators already checked; anything left is logged and skipped
+        except InvalidMessage as e:  # validators already checked; anything left is logged and skipped
             logger.info("skipping a malformed peer record: %s", e)
             continue
         if record.peer_id != subkey:
