@@ -115,10 +115,13 @@ def node_stop(data_dir) -> None:
 
 @node.command("id")
 @data_dir_option
-def node_id(data_dir) -> None:
+@json_option
+def node_id(data_dir, as_json) -> None:
     """Print this node's PeerID (creating its key on first use)."""
     config = load_config(data_dir)
-    click.echo(Identity.load_or_create(config.key_path).peer_id_b58)
+    identity = Identity.load_or_create(config.key_path)
+    report = {"peer_id": identity.peer_id_b58, "public_key": identity.public_key.hex()}
+    emit(report, as_json, lambda r: click.echo(r["peer_id"]))
 
 
 @node.command("export-key")
