@@ -1,0 +1,327 @@
+"""`p2pc ledger ...`: read the local ledger replica (balances, history, leaderboard, runs), verify it, export it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from p2pcompute.cli.common import console, data_dir_option, emit, json_option, print_fields, print_table
+from p2pcompute.config import load_config, resolve_data_dir
+from p2pcompute.credits.policy import MICRO_PER_CREDIT
+from p2pcompute.errors import InvalidMessage, LedgerInvalid, NotFound, UsageError
+from p2pcompute.identity import Identity, parse_peer_id, peer_id_b58
+from p2pcompute.ledger.codec import KIND_RECEIPT, KIND_RUN_PUBLISH, Entry
+from p2pcompute.ledger.store import Store
+from p2pcompute.ledger.verify import verify_store
+
+# `show` accepts an abbreviated id of at least this many hex digits (like git).
+MIN_ID_PREFIX_HEX = 8
+
+
+@click.group()
+def ledger() -> None:
+    """Inspect the local ledger replica (works with the node stopped).
+
+    \b
+    Amounts are credits (1 credit = 1,000,000 micro-credits); JSON gives both.
+    A one-shot `sync --from MADDR` will join these commands once ledger sync exists.
+    """
+
+
+def _open(data_dir: str | None) -> Store:
+    return Store.in_data_dir(resolve_data_dir(data_dir), create=False)
+
+
+def _peer(text: str) -> bytes:
+    try:
+        return parse_peer_id(text)
+    except InvalidMessage as e:
+        raise UsageError(f"PEER: {e}") from None
+
+
+def credits_text(micro: int) -> str:
+    """Micro-credits as a decimal string of credits, exactly (no float rounding)."""
+    return str(Decimal(micro).scaleb(-6).quantize(Decimal("0.000001")))
+
+
+def _time(ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return str(ms)
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    """An entry as JSON: keys and signatures hex, peers as base58 PeerIDs, `raw` the exact stored bytes."""
+    out: dict[str, Any] = {
+        "id": entry.id.hex(),
+        "version": entry.version,
+        "author": peer_id_b58(entry.author),
+        "author_key": entry.author.hex(),
+        "seq": entry.seq,
+        "prev": entry.prev.hex(),
+        "timestamp": entry.timestamp,
+        "time": _time(entry.timestamp),
+        "kind": entry.kind,
+        "signature": entry.signature.hex(),
+    }
+    if entry.kind == KIND_RUN_PUBLISH:
+        body = entry.body
+        out["body"] = {
+            "run_id": body.run_id.hex(),
+            "manifest_size": len(body.manifest),
+            "manifest": body.manifest.hex(),
+            "policy": {
+                "rate_micro_per_sample": body.policy.rate,
+                "quorum": body.policy.quorum,
+                "validators": [peer_id_b58(v) for v in body.policy.validators],
+            },
+        }
+    elif entry.kind == KIND_RECEIPT:
+        receipt, claim = entry.body.receipt, entry.body.receipt.claim
+        out["body"] = {
+            "micro_credits": entry.body.amount,
+            "credits": credits_text(entry.body.amount),
+            "claim": {
+                "run_id": claim.run_id.hex(),
+                "publisher": peer_id_b58(claim.publisher),
+                "epoch": claim.epoch,
+                "peer": peer_id_b58(claim.peer),
+                "samples": claim.samples,
+                "group_id": claim.group_id.hex(),
+                "work_digest": claim.work_digest.hex(),
+            },
+            "claimant_signature": receipt.claimant_signature.hex(),
+            "witnesses": [{"peer": peer_id_b58(w.witness), "signature": w.signature.hex()} for w in receipt.witnesses],
+        }
+    out["raw"] = entry.wire.hex()
+    return out
+
+
+# ---- balance, history, top -------------------------------------------------------------------------
+
+
+@ledger.command("balance")
+@click.argument("peer", required=False)
+@data_dir_option
+@json_option
+def balance(peer: str | None, data_dir: str | None, as_json: bool) -> None:
+    """Credits of PEER (a base58 PeerID; default: this node's identity)."""
+    if peer is None:
+        key_path = load_config(data_dir).key_path
+        if not Path(key_path).exists():
+            raise UsageError(f"no PEER given and no node identity at {key_path}")
+        public_key = Identity.load(key_path).public_key
+    else:
+        public_key = _peer(peer)
+    with _open(data_dir) as store:
+        bal = store.balance(public_key)
+        head = store.head(public_key)
+    data = {
+        "peer": peer_id_b58(public_key),
+        "credits": credits_text(bal.credits),
+        "micro_credits": bal.credits,
+        "samples": bal.samples,
+        "receipts": bal.receipts,
+        "entries": head.entries if head else 0,
+        "equivocated_at_seq": head.fork_seq if head else None,
+    }
+
+    def render(d: dict) -> None:
+        rows = [("peer", d["peer"]), ("credits", d["credits"]), ("samples", d["samples"]),
+                ("receipts counted", d["receipts"]), ("ledger entries", d["entries"])]
+        if d["equivocated_at_seq"] is not None:
+            rows.append(("EQUIVOCATED", f"at seq {d['equivocated_at_seq']}: entries from there on do not count"))
+        print_fields("Balance", rows)
+
+    emit(data, as_json, render)
+
+
+@ledger.command("history")
+@click.argument("peer")
+@click.option("--from-seq", type=click.IntRange(min=0), default=0, show_default=True, help="First seq to list.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@data_dir_option
+@json_option
+def history(peer: str, from_seq: int, limit: int, data_dir: str | None, as_json: bool) -> None:
+    """Entries signed by PEER, in chain order."""
+    public_key = _peer(peer)
+    with _open(data_dir) as store:
+        entries = store.chain(public_key, from_seq, limit)
+        counted = store.counted_receipts(public_key)
+    rows = []
+    for e in entries:
+        row: dict[str, Any] = {"seq": e.seq, "id": e.id.hex(), "kind": e.kind, "timestamp": e.timestamp,
+                               "time": _time(e.timestamp)}
+        if e.kind == KIND_RECEIPT:
+            claim = e.body.receipt.claim
+            row.update(run_id=claim.run_id.hex(), epoch=claim.epoch, samples=claim.samples,
+                       micro_credits=e.body.amount, credits=credits_text(e.body.amount), counted=e.id in counted)
+        elif e.kind == KIND_RUN_PUBLISH:
+            row.update(run_id=e.body.run_id.hex())
+        rows.append(row)
+
+    def render(rs: list) -> None:
+        print_table(
+            f"History of {peer_id_b58(public_key)}",
+            ("seq", "id", "time", "kind", "run", "epoch", "samples", "credits"),
+            [(r["seq"], r["id"][:16], r["time"], r["kind"], r.get("run_id", "")[:16], r.get("epoch"), r.get("samples"),
+              (r["credits"] + ("" if r["counted"] else " (not counted)")) if "credits" in r else None) for r in rs],
+        )
+
+    emit(rows, as_json, render)
+
+
+@ledger.command("top")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@data_dir_option
+@json_option
+def top(limit: int, data_dir: str | None, as_json: bool) -> None:
+    """Leaderboard: peers by credits earned."""
+    with _open(data_dir) as store:
+        board = store.top(limit)
+    rows = [
+        {"rank": i + 1, "peer": peer_id_b58(b.peer), "credits": credits_text(b.credits), "micro_credits": b.credits,
+         "samples": b.samples, "receipts": b.receipts}
+        for i, b in enumerate(board)
+    ]
+    emit(rows, as_json, lambda rs: print_table(
+        "Leaderboard", ("#", "peer", "credits", "samples", "receipts"),
+        [(r["rank"], r["peer"], r["credits"], r["samples"], r["receipts"]) for r in rs],
+    ))
+
+
+# ---- show, runs ------------------------------------------------------------------------------------
+
+
+@ledger.command("show")
+@click.argument("entry_id")
+@data_dir_option
+@json_option
+def show(entry_id: str, data_dir: str | None, as_json: bool) -> None:
+    """One entry, decoded (ENTRY_ID: hex, or a unique prefix of at least 8 hex digits)."""
+    text = entry_id.strip().lower()
+    if len(text) < MIN_ID_PREFIX_HEX or len(text) > 64:
+        raise UsageError(f"ENTRY_ID: give {MIN_ID_PREFIX_HEX} to 64 hex digits")
+    try:
+        lowest = bytes.fromhex(text if len(text) % 2 == 0 else text + "0")  # the smallest id with this prefix
+    except ValueError:
+        raise UsageError("ENTRY_ID: not hexadecimal") from None
+    with _open(data_dir) as store:
+        candidates = [i for i in store.ids_in_range(lowest, None, limit=2) if i.hex().startswith(text)]
+        if not candidates:
+            raise NotFound(f"no entry {text} in this replica")
+        if len(candidates) > 1:
+            raise UsageError(f"ENTRY_ID {text} is ambiguous: give more digits")
+        entry = store.get(candidates[0])
+    data = entry_json(entry)
+
+    def render(d: dict) -> None:
+        rows = [(k, d[k]) for k in ("id", "kind", "author", "seq", "prev", "time", "signature")]
+        body = d.get("body", {})
+        if d["kind"] == KIND_RUN_PUBLISH:
+            policy = body["policy"]
+            rows += [("run_id", body["run_id"]), ("manifest", f"{body['manifest_size']} bytes"),
+                     ("rate", f"{credits_text(policy['rate_micro_per_sample'])} credits/sample"),
+                     ("quorum", policy["quorum"]), ("validators", ", ".join(policy["validators"]) or "-")]
+        elif d["kind"] == KIND_RECEIPT:
+            claim = body["claim"]
+            rows += [("run_id", claim["run_id"]), ("publisher", claim["publisher"]), ("epoch", claim["epoch"]),
+                     ("samples", claim["samples"]), ("credits", body["credits"]),
+                     ("witnesses", "\n".join(w["peer"] for w in body["witnesses"]))]
+        print_fields(f"Entry {d['id'][:16]}", rows)
+
+    emit(data, as_json, render)
+
+
+@ledger.command("runs")
+@data_dir_option
+@json_option
+def runs(data_dir: str | None, as_json: bool) -> None:
+    """Published runs and the credits paid on each."""
+    with _open(data_dir) as store:
+        summaries = store.runs()
+    rows = [
+        {"run_id": r.run_id.hex(), "publisher": peer_id_b58(r.publisher), "entry_id": r.entry_id.hex(),
+         "time": _time(r.timestamp), "rate_micro_per_sample": r.policy.rate, "quorum": r.policy.quorum,
+         "validators": [peer_id_b58(v) for v in r.policy.validators], "counted": r.counted,
+         "receipts": r.receipts, "samples": r.samples, "micro_credits": r.credits, "credits": credits_text(r.credits)}
+        for r in summaries
+    ]
+    emit(rows, as_json, lambda rs: print_table(
+        "Runs", ("run", "publisher", "credits/sample", "quorum", "receipts", "samples", "credits"),
+        [(r["run_id"][:16], r["publisher"], credits_text(r["rate_micro_per_sample"]), r["quorum"],
+          r["receipts"], r["samples"], r["credits"] + ("" if r["counted"] else " (publisher equivocated)"))
+         for r in rs],
+    ))
+
+
+# ---- verify, export --------------------------------------------------------------------------------
+
+
+@ledger.command("verify")
+@data_dir_option
+@json_option
+def verify(data_dir: str | None, as_json: bool) -> None:
+    """Re-check every entry, chain and receipt, and the derived tables. Exit 0 if all is valid."""
+    with _open(data_dir) as store:
+        report = verify_store(store)
+    data = {
+        "ok": report.ok,
+        "entries": report.entries,
+        "problems": [{"entry": p.entry_id.hex() if p.entry_id else None, "reason": p.reason} for p in report.problems],
+        "equivocators": [peer_id_b58(a) for a in report.equivocators],
+    }
+
+    def render(d: dict) -> None:
+        for p in d["problems"]:
+            console.print(f"[red]bad[/] {p['entry'] or 'derived tables'}: {p['reason']}", highlight=False, soft_wrap=True)
+        for peer in d["equivocators"]:
+            console.print(f"[yellow]equivocator[/] {peer}: signed two entries with one seq", highlight=False)
+        if d["ok"]:
+            console.print(f"[green]ok[/]: {d['entries']} entries verified", highlight=False)
+
+    emit(data, as_json, render)
+    if not report.ok:
+        raise LedgerInvalid(f"ledger verification failed: {len(report.problems)} problem(s) in {report.entries} entries")
+
+
+EXPORT_CSV_COLUMNS = ("id", "author", "seq", "prev", "timestamp", "kind", "run_id", "epoch", "samples",
+                      "micro_credits", "raw")
+
+
+@ledger.command("export")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="File to write (default: stdout).")
+@data_dir_option
+def export(fmt: str, output: str | None, data_dir: str | None) -> None:
+    """Every entry in stored order: JSON lines (as `show --json`) or CSV; `raw` is the signed bytes in hex."""
+    with _open(data_dir) as store:
+        sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+        try:
+            writer = csv.writer(sink) if fmt == "csv" else None
+            if writer is not None:
+                writer.writerow(EXPORT_CSV_COLUMNS)
+            for _n, _entry_id, raw in store.iter_raw():
+                entry = Entry.from_wire(raw)
+                if writer is None:
+                    sink.write(json.dumps(entry_json(entry), sort_keys=True) + "\n")
+                    continue
+                claim = entry.body.receipt.claim if entry.kind == KIND_RECEIPT else None
+                run_id = claim.run_id if claim else entry.body.run_id
+                writer.writerow((
+                    entry.id.hex(), peer_id_b58(entry.author), entry.seq, entry.prev.hex(), entry.timestamp,
+                    entry.kind, run_id.hex(), claim.epoch if claim else "", claim.samples if claim else "",
+                    entry.body.amount if claim else "", raw.hex(),
+                ))
+        finally:
+            if output:
+                sink.close()

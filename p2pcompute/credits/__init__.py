@@ -1,0 +1,1 @@
+"""Credits: claims of work, witness signatures, receipts and the credit policy that prices them."""

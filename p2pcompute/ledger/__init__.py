@@ -1,0 +1,1 @@
+"""The signed, replicated credit ledger: entry codec, validation, SQLite store."""
