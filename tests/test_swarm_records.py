@@ -143,7 +143,7 @@ def test_malicious_peer_cannot_forge_or_poison_records(swarm, tmp_path):
         wrapped = msgpack.unpackb(v.sign_value(DHTRecord(key_id, own_sub, junk, expiration)))
         evil.store(PEERS_KEY, subkey=mallory.peer_id.to_bytes(), value=wrapped, expiration_time=expiration)
         # 4. a non-peer-id subkey under the peers key
-        evil.store(PEERS_KEY, subkey="hello", value=forged, expiration_time=expiration)
+        evil.store(PEERS_KEY, subkey=b"hello", value=forged, expiration_time=expiration)
 
         for node in swarm.nodes:
             peers = p2pc_json("peers", "--data-dir", str(node.data_dir))
