@@ -25,47 +25,35 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
 from rich.table import Table
 
-from p2pcompute.credits.claims import CLAIM_DOMAIN, WITNESS_DOMAIN, Claim, Receipt
+from p2pcompute.credits.claims import CLAIM_DOMAIN, WITNESS_DOMAIN
 from p2pcompute.credits.policy import CreditPolicy
-from p2pcompute.crypto import SigningKey, digest
-from p2pcompute.ledger.codec import GENESIS_PREV, KIND_RECEIPT, KIND_RUN_PUBLISH, ReceiptBody, RunPublish, sign_entry
+from p2pcompute.ledger.codec import KIND_RECEIPT
+from p2pcompute.ledger.examples import ChainBuilder, label_key
 from p2pcompute.ledger.store import Store
 
 
 def generate(n_entries: int, n_claimants: int, n_witnesses: int, seed: int) -> tuple[list[bytes], list[tuple]]:
-    """Entries as wire bytes (in chain order per author, authors interleaved) and every (key, message,
+    """Entries as wire bytes (each author's chain in order, authors interleaved) and every (key, message,
     signature) they carry."""
-    key = lambda i: SigningKey(digest(b"bench-ledger %d %d" % (seed, i)))  # noqa: E731
-    publisher = key(0)
-    claimants = [key(1 + i) for i in range(n_claimants)]
-    witnesses = [key(1000 + i) for i in range(n_witnesses)]
-    policy = CreditPolicy.create(rate=1000, quorum=n_witnesses)
-    heads: dict[bytes, tuple[int, bytes]] = {}
-    wires: list[bytes] = []
-    signatures: list[tuple] = []
-
-    def append(signer, kind, body, timestamp):
-        seq, prev = heads.get(signer.public_key, (-1, GENESIS_PREV))
-        entry = sign_entry(signer, seq + 1, prev, timestamp, kind, body)
-        heads[signer.public_key] = (seq + 1, entry.id)
-        wires.append(entry.wire)
-        signatures.append((entry.author, entry.signed_message, entry.signature))
-        return entry
-
-    run = RunPublish.create(b"bench manifest %d" % seed, policy)
-    append(publisher, KIND_RUN_PUBLISH, run, 1_700_000_000_000)
+    publisher = label_key(f"bench {seed} publisher")
+    claimants = [label_key(f"bench {seed} claimant {i}") for i in range(n_claimants)]
+    witnesses = [label_key(f"bench {seed} witness {i}") for i in range(n_witnesses)]
+    chains = ChainBuilder()
+    run = chains.publish(publisher, b"bench manifest %d" % seed, CreditPolicy.create(1000, n_witnesses), 1_700_000_000_000)
+    entries = [run]
     epoch = 0
-    while len(wires) < n_entries:
-        for claimant in claimants:
-            if len(wires) >= n_entries:
-                break
-            claim = Claim(run.run_id, publisher.public_key, epoch, claimant.public_key, 64 + epoch % 7)
-            receipt = Receipt.assemble(claim.sign(claimant), [claim.witness(w) for w in witnesses])
-            append(claimant, KIND_RECEIPT, ReceiptBody.create(receipt, policy), 1_700_000_000_000 + epoch)
-            signatures.append((claimant.public_key, CLAIM_DOMAIN + claim.wire, receipt.claimant_signature))
-            signatures.extend((w.witness, WITNESS_DOMAIN + claim.wire, w.signature) for w in receipt.witnesses)
+    while len(entries) < n_entries:
+        for claimant in claimants[: n_entries - len(entries)]:
+            entries.append(chains.receipt(claimant, run, epoch, 64 + epoch % 7, witnesses, 1_700_000_000_000 + epoch))
         epoch += 1
-    return wires, signatures
+    signatures = []
+    for entry in entries:
+        signatures.append((entry.author, entry.signed_message, entry.signature))
+        if entry.kind == KIND_RECEIPT:
+            receipt = entry.body.receipt
+            signatures.append((entry.author, CLAIM_DOMAIN + receipt.claim.wire, receipt.claimant_signature))
+            signatures.extend((w.witness, WITNESS_DOMAIN + receipt.claim.wire, w.signature) for w in receipt.witnesses)
+    return [e.wire for e in entries], signatures
 
 
 def time_raw_verify(signatures: list[tuple]) -> float:

@@ -557,9 +557,9 @@ class Store:
             except MissingDependency as e:
                 if not hold_pending:
                     raise
-                if entry.id not in new_pending:
-                    new_pending[entry.id] = (entry, e.key)
-                    new_waiting.setdefault(e.key, []).append(entry)
+                # (re)register under what it waits for now: a woken entry may miss something else next
+                new_pending[entry.id] = (entry, e.key)
+                new_waiting.setdefault(e.key, []).append(entry)
                 continue
             except InvalidEntry as e:
                 if entry.id in batch:
@@ -634,360 +634,6 @@ class Store:
 
     def has(self, entry_id: bytes) -> bool:
         return bool(self._query("SELECT 1 FROM entries WHERE id = ?", (entry_id,)))
-
-    def head(self, author: bytes) -> _Head | None:
-        if author not in self.heads:
-            self.load_heads([author])
-        return self.heads[author]
-
-    def accept(self, entry: Entry) -> None:
-        """Record a validated entry: chain head, equivocation mark, index rows, derived deltas."""
-        author = entry.author
-        head = self.head(author)
-        if head is None:
-            head = self.heads[author] = _Head(entry.seq, entry.id, 0, None)
-        elif entry.seq > head.seq:
-            head.seq, head.id = entry.seq, entry.id
-        else:
-            # Chains are contiguous (every entry's predecessor is stored first), so an author already
-            # has an entry at every seq up to its head: this one is a second entry at entry.seq.
-            if head.fork_seq is None or entry.seq < head.fork_seq:
-                head.fork_seq = entry.seq
-                self.forked.append(author)
-            if entry.seq == head.seq and entry.id < head.id:
-                head.id = entry.id
-        head.entries += 1
-        head.dirty = True
-        ref = self.refs[entry.id] = EntryRef(entry.id, author, entry.seq, entry.prev, entry.timestamp)
-        self.entry_rows.append((entry.id, author, entry.seq, entry.prev, entry.timestamp, entry.kind, entry.wire))
-        run_row, receipt_row = _index_rows(entry)
-        if run_row is not None:
-            self.run_rows.append(run_row)
-            self.publications(author, entry.body.run_id).append(
-                Publication(entry.id, author, entry.seq, entry.body.run_id, entry.body.policy)
-            )
-        if receipt_row is not None:
-            claim = entry.body.receipt.claim
-            self.receipt_rows.append(receipt_row)
-            self.new_receipts.setdefault((author, claim.publisher, claim.run_id, claim.epoch), []).append(ref)
-            if self._counts(author, entry.seq, claim.publisher, claim.run_id):
-                for delta in (
-                    self.balance_delta.setdefault(author, [0, 0, 0]),
-                    self.run_delta.setdefault((claim.publisher, claim.run_id), [0, 0, 0]),
-                ):
-                    delta[0] += entry.body.amount
-                    delta[1] += claim.samples
-                    delta[2] += 1
-
-    def _counts(self, author: bytes, seq: int, publisher: bytes, run_id: bytes) -> bool:
-        fork = self.fork_seq(author)
-        if fork is not None and seq >= fork:
-            return False
-        publisher_fork = self.fork_seq(publisher)
-        return any(publisher_fork is None or p.seq < publisher_fork for p in self.publications(publisher, run_id))
-
-    def write(self) -> None:
-        """Write rows and derived changes (still inside the caller's transaction)."""
-        conn = self.conn
-        conn.executemany(
-            "INSERT INTO entries (id, author, seq, prev, timestamp, kind, raw) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            self.entry_rows,
-        )
-        conn.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.run_rows)
-        conn.executemany("INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.receipt_rows)
-        conn.executemany(
-            "INSERT INTO authors (author, head_seq, head_id, entries, fork_seq) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (author) DO UPDATE SET head_seq = excluded.head_seq, head_id = excluded.head_id,"
-            " entries = excluded.entries, fork_seq = excluded.fork_seq",
-            [(a, h.seq, h.id, h.entries, h.fork_seq) for a, h in self.heads.items() if h is not None and h.dirty],
-        )
-        _add_totals(conn, "balances", ("peer",), {(peer,): d for peer, d in self.balance_delta.items()})
-        _add_totals(conn, "run_totals", ("publisher", "run_id"), self.run_delta)
-        if self.forked:
-            _recompute_after_forks(conn, self.forked)
-
-
-def _add_totals(conn: sqlite3.Connection, table: str, key_columns: tuple[str, ...], deltas: dict) -> None:
-    """Add [credits, samples, receipts] deltas to `table` rows, saturating at INT64_MAX."""
-    if not deltas:
-        return
-    where = " AND ".join(f"{c} = ?" for c in key_columns)
-    rows = []
-    for key, (credits, samples, receipts) in deltas.items():
-        old = conn.execute(f"SELECT credits, samples, receipts FROM {table} WHERE {where}", key).fetchone()
-        if old is not None:
-            credits, samples, receipts = credits + old[0], samples + old[1], receipts + old[2]
-        rows.append((*key, _saturating(credits), _saturating(samples), receipts))
-    columns = ", ".join(key_columns)
-    conn.executemany(
-        f"INSERT OR REPLACE INTO {table} ({columns}, credits, samples, receipts) VALUES"
-        f" ({', '.join('?' * (len(key_columns) + 3))})",
-        rows,
-    )
-
-
-def _sum_counted(conn: sqlite3.Connection, condition: str = "", params: tuple = ()) -> tuple[dict, dict]:
-    """Totals of the counted receipts matching `condition`: ({peer: [c, s, r]}, {(publisher, run_id): [c, s, r]})."""
-    peers: dict[bytes, list[int]] = {}
-    runs: dict[tuple[bytes, bytes], list[int]] = {}
-    for _entry_id, author, publisher, run_id, samples, amount in conn.execute(_COUNTED_RECEIPTS + condition, params):
-        for total in (peers.setdefault(author, [0, 0, 0]), runs.setdefault((publisher, run_id), [0, 0, 0])):
-            total[0] = _saturating(total[0] + amount)
-            total[1] = _saturating(total[1] + samples)
-            total[2] += 1
-    return peers, runs
-
-
-def _recompute_after_forks(conn: sqlite3.Connection, authors: list[bytes]) -> None:
-    """An author's fork point appeared or moved down: recompute every balance and run total it can touch
-    (its own receipts, receipts on its runs) from the receipts table, exactly as rebuild_derived does."""
-    peers: set[bytes] = set(authors)
-    runs: set[tuple[bytes, bytes]] = set()
-    for author in authors:
-        peers.update(r for (r,) in conn.execute("SELECT DISTINCT author FROM receipts WHERE publisher = ?", (author,)))
-        runs.update(conn.execute("SELECT DISTINCT publisher, run_id FROM receipts WHERE author = ?", (author,)))
-        runs.update(conn.execute("SELECT DISTINCT publisher, run_id FROM runs WHERE publisher = ?", (author,)))
-    for peer in peers:
-        totals, _ = _sum_counted(conn, " AND r.author = ?", (peer,))
-        conn.execute("DELETE FROM balances WHERE peer = ?", (peer,))
-        if peer in totals:
-            conn.execute("INSERT INTO balances VALUES (?, ?, ?, ?)", (peer, *totals[peer]))
-    for publisher, run_id in runs:
-        _, totals = _sum_counted(conn, " AND r.publisher = ? AND r.run_id = ?", (publisher, run_id))
-        conn.execute("DELETE FROM run_totals WHERE publisher = ? AND run_id = ?", (publisher, run_id))
-        if (publisher, run_id) in totals:
-            conn.execute("INSERT INTO run_totals VALUES (?, ?, ?, ?, ?)", (publisher, run_id, *totals[(publisher, run_id)]))
-
-
-class Store:
-    """A ledger replica in one SQLite file. Thread-safe; one writer at a time (also across processes).
-
-    `durable=False` (synchronous=OFF) is only for scratch replicas that are thrown away, such as the
-    replay inside `p2pc ledger verify`.
-    """
-
-    def __init__(self, path: str | Path, *, create: bool = True, durable: bool = True):
-        self.path = Path(path)
-        if not create and not self.path.exists():
-            raise NotFound(f"no ledger replica at {self.path}")
-        self._lock = threading.RLock()
-        self.pending = PendingPool()
-        try:
-            self._conn = sqlite3.connect(
-                str(self.path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
-            )
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open ledger store {self.path}: {e}") from None
-        try:
-            with self._db_errors():
-                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if mode.lower() != "wal":
-                    raise StoreError(f"{self.path}: cannot switch the ledger store to WAL mode (got {mode})")
-                # FULL: each commit fsyncs the WAL, so an acknowledged entry survives power loss, not only
-                # a process crash (NORMAL in WAL mode may lose the last commits on power loss). The cost is
-                # one fsync per append batch, which batching makes negligible next to signature checks.
-                self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
-                self._migrate()
-        except BaseException:
-            self._conn.close()
-            raise
-
-    # ---- lifecycle -----------------------------------------------------------------------------
-
-    @classmethod
-    def in_data_dir(cls, data_dir: str | Path, *, create: bool = True) -> "Store":
-        return cls(Path(data_dir) / LEDGER_FILENAME, create=create)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @contextmanager
-    def _db_errors(self):
-        try:
-            yield
-        except sqlite3.Error as e:
-            raise StoreError(f"ledger store {self.path}: {e}") from None
-
-    @contextmanager
-    def _write(self):
-        """A write transaction: BEGIN IMMEDIATE takes SQLite's write lock up front (no lock upgrade
-        deadlocks between processes); COMMIT returns after the WAL is fsynced."""
-        with self._lock, self._db_errors():
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def _migrate(self) -> None:
-        conn = self._conn
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if app_id not in (0, APPLICATION_ID):
-            raise StoreError(f"{self.path} is not a p2pcompute ledger (application_id {app_id:#x})")
-        if app_id == 0 and version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise StoreError(f"{self.path} is an SQLite database of something else, not a p2pcompute ledger")
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has ledger schema version {version}; this p2pc reads up to {SCHEMA_VERSION}: upgrade p2pc"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            # executescript runs the migration and the version bump as one transaction
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {_MIGRATIONS[target]}; PRAGMA application_id = {APPLICATION_ID};"
-                f" PRAGMA user_version = {target}; COMMIT;"
-            )
-
-    @property
-    def schema_version(self) -> int:
-        with self._lock, self._db_errors():
-            return self._conn.execute("PRAGMA user_version").fetchone()[0]
-
-    # ---- appending -----------------------------------------------------------------------------
-
-    def append(self, items: Iterable[Entry | bytes], *, hold_pending: bool = True) -> AppendResult:
-        """Validate and store a batch of entries (objects or wire bytes, in any order) in one transaction.
-
-        All or nothing: if any entry of the batch is malformed or invalid, raise InvalidEntry naming it and
-        store nothing. Entries already stored are skipped. An entry whose previous entry or run is missing
-        goes to the pending pool (or, with hold_pending=False, raises MissingDependency and nothing is
-        stored). Returns once the added entries are durable.
-        """
-        batch: dict[bytes, Entry] = {}
-        repeated: list[bytes] = []
-        for i, item in enumerate(items):
-            entry = item if isinstance(item, Entry) else _decode(item, i)
-            if entry.id in batch:
-                repeated.append(entry.id)
-                continue
-            try:
-                validate.check_entry(entry)
-            except InvalidMessage as e:
-                raise InvalidEntry(f"entry {entry.id.hex()}: {e}") from None
-            batch[entry.id] = entry
-        with self._write() as conn:
-            return self._ingest(conn, batch, repeated, hold_pending)
-
-    def _ingest(self, conn, batch: dict[bytes, Entry], repeated: list[bytes], hold_pending: bool) -> AppendResult:
-        """Contextual validation and writes; the caller holds the write transaction."""
-        stored: set[bytes] = set()
-        ids = list(batch)
-        for chunk in _chunks(ids):
-            stored.update(
-                i for (i,) in conn.execute(f"SELECT id FROM entries WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            )
-        duplicates = repeated + [i for i in ids if i in stored]
-        ingest = _Ingest(conn)
-        ingest.load_heads(e.author for e in batch.values())
-        queue = deque(sorted((e for e in batch.values() if e.id not in stored), key=lambda e: (e.author, e.seq)))
-        new_waiting: dict[tuple, list[Entry]] = {}
-        new_pending: dict[bytes, tuple[Entry, tuple]] = {}
-        added: list[bytes] = []
-        dropped: list[tuple[bytes, str]] = []
-        while queue:
-            entry = queue.popleft()
-            if entry.id in ingest.refs:
-                continue  # a pending copy of an entry accepted meanwhile
-            try:
-                validate.check_in_context(entry, ingest)
-            except MissingDependency as e:
-                if not hold_pending:
-                    raise
-                if entry.id not in new_pending:
-                    new_pending[entry.id] = (entry, e.key)
-                    new_waiting.setdefault(e.key, []).append(entry)
-                continue
-            except InvalidEntry as e:
-                if entry.id in batch:
-                    raise InvalidEntry(f"entry {entry.id.hex()}: {e}") from None
-                logger.info("dropping pending entry %s: %s", entry.id.hex(), e)
-                dropped.append((entry.id, str(e)))
-                continue
-            new_pending.pop(entry.id, None)
-            ingest.accept(entry)
-            added.append(entry.id)
-            for key in validate.provided_keys(entry):
-                queue.extend(new_waiting.pop(key, ()))
-                queue.extend(w for w in self.pending.waiting_on(key) if w.id not in ingest.refs)
-        ingest.write()
-        forked = tuple(dict.fromkeys(ingest.forked))
-        result = AppendResult(tuple(added), tuple(duplicates), tuple(new_pending), tuple(dropped), forked)
-        # The transaction commits after we return; the pool changes below are in memory only and harmless
-        # if the commit failed (pending entries are never acknowledged).
-        self.pending.remove(added)
-        self.pending.remove(d for d, _ in dropped)
-        self.pending.remove(duplicates)
-        for entry, key in new_pending.values():
-            for evicted in self.pending.add(entry, key):
-                logger.info("pending pool full: dropped %s", evicted.hex())
-        for author in forked:
-            logger.info("equivocation: author %s signed two entries with the same seq", author.hex())
-        return result
-
-    def append_local(self, signer: Signer, kind: str, body: Body, now: int) -> Entry:
-        """Sign `body` as the next entry of `signer`'s own chain and store it durably.
-
-        `now` is the wall clock in integer milliseconds; the timestamp never goes below the previous
-        entry's. Raises MissingDependency if a receipt's run is not in this replica, StoreError if this
-        identity has equivocated (its chain is forked: extending it would only make things worse).
-        """
-        with self._write() as conn:
-            ingest = _Ingest(conn)
-            head = ingest.head(signer.public_key)
-            if head is None:
-                seq, prev, timestamp = 0, GENESIS_PREV, now
-            elif head.fork_seq is not None:
-                raise StoreError(
-                    f"this identity signed two entries at seq {head.fork_seq} (its key is used by two nodes?);"
-                    " refusing to extend a forked chain"
-                )
-            else:
-                seq, prev, timestamp = head.seq + 1, head.id, max(now, ingest.refs[head.id].timestamp)
-            entry = sign_entry(signer, seq, prev, timestamp, kind, body)
-            try:
-                validate.check_entry(entry)
-            except InvalidMessage as e:
-                raise InvalidEntry(f"new entry: {e}") from None
-            self._ingest(conn, {entry.id: entry}, [], hold_pending=False)
-        return entry
-
-    # ---- reading: entries and chains -------------------------------------------------------------
-
-    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        with self._lock, self._db_errors():
-            return self._conn.execute(sql, params).fetchall()
-
-    def count(self) -> int:
-        return self._query("SELECT count(*) FROM entries")[0][0]
-
-    def get_raw(self, entry_id: bytes) -> bytes | None:
-        rows = self._query("SELECT raw FROM entries WHERE id = ?", (entry_id,))
-        return rows[0][0] if rows else None
-
-    def get(self, entry_id: bytes) -> Entry | None:
-        raw = self.get_raw(entry_id)
-        return None if raw is None else _decode_stored(raw, entry_id)
-
-    def has(self, entry_id: bytes) -> bool:
-        return bool(self._query("SELECT 1 FROM entries WHERE id = ?", (entry_id,)))
-
-    def ids_with_prefix(self, prefix: bytes, limit: int = 2) -> list[bytes]:
-        """Entry ids starting with `prefix` (to resolve an abbreviated id typed by a user)."""
-        upper = _prefix_upper_bound(prefix)
-        if upper is None:
-            rows = self._query("SELECT id FROM entries WHERE id >= ? ORDER BY id LIMIT ?", (prefix, limit))
-        else:
-            rows = self._query("SELECT id FROM entries WHERE id >= ? AND id < ? ORDER BY id LIMIT ?", (prefix, upper, limit))
-        return [r[0] for r in rows]
 
     def head(self, author: bytes) -> AuthorHead | None:
         rows = self._query("SELECT author, head_seq, head_id, entries, fork_seq FROM authors WHERE author = ?", (author,))
@@ -1029,23 +675,19 @@ class Store:
             rows = self._query("SELECT id FROM entries WHERE id >= ? AND id < ? ORDER BY id LIMIT ?", (lo, hi, limit))
         return [r[0] for r in rows]
 
-    def range_fingerprint(self, lo: bytes, hi: bytes | None) -> tuple[int, bytes]:
+    def range_fingerprint(self, lo: bytes, hi: bytes | None, page: int = 10_000) -> tuple[int, bytes]:
         """(count, XOR of the ids) of the entries with lo <= id < hi: what two replicas compare to find
-        the ranges where they differ. Scans the range; a cached tree of fingerprints can come later."""
+        the ranges where they differ. Scans the range in pages; a cached tree of fingerprints can come later."""
         acc, count = 0, 0
-        for chunk_lo in self._range_pages(lo, hi):
-            for entry_id in chunk_lo:
-                acc ^= int.from_bytes(entry_id, "big")
-                count += 1
-        return count, acc.to_bytes(32, "big")
-
-    def _range_pages(self, lo: bytes, hi: bytes | None, page: int = 10_000) -> Iterator[list[bytes]]:
         ids = self.ids_in_range(lo, hi, page)
         while ids:
-            yield ids
+            for entry_id in ids:
+                acc ^= int.from_bytes(entry_id, "big")
+            count += len(ids)
             if len(ids) < page:
-                return
-            ids = [i for i in self.ids_in_range(ids[-1], hi, page + 1) if i != ids[-1]]
+                break
+            ids = self.ids_in_range(ids[-1] + b"\x00", hi, page)  # the next id after the last one
+        return count, acc.to_bytes(32, "big")
 
     # ---- reading: derived ------------------------------------------------------------------------
 
@@ -1122,8 +764,8 @@ class Store:
                     problems.extend(_check_entry_rows(conn, n, entry_id, raw))
                 expected_authors = set(conn.execute(_DERIVE_AUTHORS))
                 stored_authors = set(conn.execute("SELECT author, head_seq, head_id, entries, fork_seq FROM authors"))
-                for row in sorted(expected_authors ^ stored_authors):
-                    problems.append(f"authors: row for {row[0].hex()} disagrees with the entries")
+                for author in sorted({row[0] for row in expected_authors ^ stored_authors}):
+                    problems.append(f"authors: row for {author.hex()} disagrees with the entries")
                 peers, runs = _sum_counted(conn)
                 stored_peers = {r[0]: list(r[1:]) for r in conn.execute("SELECT peer, credits, samples, receipts FROM balances")}
                 for peer in sorted(set(peers) | set(stored_peers)):
