@@ -196,6 +196,21 @@ def test_receipt_for_another_peer_is_rejected():
         validate.check_entry(entry)
 
 
+def test_run_publish_body_from_a_run_manifest():
+    import tomllib
+
+    from p2pcompute.identity import peer_id_b58
+    from p2pcompute.runs.manifest import Manifest
+
+    spec = tomllib.loads((Path(__file__).resolve().parent.parent / "docs" / "examples" / "mlp-synthetic.toml").read_text())
+    validator = KEYS[2].public_key
+    spec["credits"] = {"rate": 2500, "quorum": 2, "validators": [peer_id_b58(validator)]}
+    manifest = Manifest.from_dict(spec)
+    body = RunPublish.from_manifest(manifest)
+    assert body.run_id == manifest.run_id and body.manifest == manifest.to_wire()
+    assert body.policy == CreditPolicy(2500, 2, (validator,))
+
+
 # ---- test vectors: docs/ledger.md lists them; the code must reproduce them byte for byte --------------
 
 _VECTOR = re.compile(r"^#### Vector: (?P<name>[^\n]+)\n+id: `(?P<id>[0-9a-f]{64})`\n+```hex\n(?P<hex>[0-9a-f\n]+)```", re.M)

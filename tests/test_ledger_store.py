@@ -76,7 +76,7 @@ def test_derived_tables_are_checked_and_rebuilt(tmp_path):
     raw = sqlite3.connect(path)
     raw.execute("UPDATE balances SET credits = credits + 1 WHERE peer = ?", (C1.public_key,))
     raw.execute("UPDATE entries SET seq = 9 WHERE id = ?", (entries[1].id,))
-    raw.execute("DELETE FROM receipts WHERE entry_id = ?", (entries[2].id,))
+    raw.execute("DELETE FROM receipts WHERE n = (SELECT n FROM entries WHERE id = ?)", (entries[2].id,))
     raw.execute("UPDATE authors SET fork_seq = 0 WHERE author = ?", (C2.public_key,))
     raw.commit()
     raw.close()

@@ -10,6 +10,7 @@ from p2pcompute import crypto
 from p2pcompute.credits.claims import Receipt, Signer
 from p2pcompute.credits.policy import MAX_AMOUNT, CreditPolicy
 from p2pcompute.errors import InvalidEntry, InvalidMessage
+from p2pcompute.identity import parse_peer_id
 from p2pcompute.ledger import canonical
 
 ENTRY_VERSION = 1
@@ -62,6 +63,17 @@ class RunPublish:
     def create(cls, manifest: bytes, policy: CreditPolicy) -> "RunPublish":
         """The body to publish `manifest` under `policy`; run_id = digest(manifest)."""
         return cls(crypto.digest(manifest), manifest, policy)
+
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> "RunPublish":
+        """The body publishing a run manifest (`runs.manifest.Manifest`): its canonical bytes, so run_id is
+        the swarm's run id, and the policy of its `credits` section (validators given there as PeerIDs)."""
+        credits = manifest.credits
+        try:
+            validators = [parse_peer_id(v) for v in credits.validators]
+        except InvalidMessage as e:
+            raise InvalidMessage(f"credits.validators: {e}") from None
+        return cls.create(manifest.to_wire(), CreditPolicy.create(credits.rate, credits.quorum, validators))
 
     def to_obj(self) -> list:
         return [self.run_id, self.manifest, self.policy.to_obj()]

@@ -51,20 +51,21 @@ CREATE TABLE entries (
 );
 CREATE INDEX entries_by_author ON entries (author, seq);
 
--- Per-entry facts of the two kinds, extracted from raw (rebuildable).
+-- Per-entry facts of the two kinds, extracted from raw (rebuildable). Keyed by the entry's n, so that
+-- ingest appends to them instead of inserting at random places (as keys by entry id would).
 CREATE TABLE runs (
+    n INTEGER PRIMARY KEY,          -- entries.n of the run.publish entry
     publisher BLOB NOT NULL,
     run_id BLOB NOT NULL,
-    entry_id BLOB NOT NULL,
     seq INTEGER NOT NULL,
     timestamp INTEGER NOT NULL,
     rate INTEGER NOT NULL,
     quorum INTEGER NOT NULL,
-    validators BLOB NOT NULL,       -- the policy's validator keys, concatenated (32 bytes each)
-    PRIMARY KEY (publisher, run_id, entry_id)
-) WITHOUT ROWID;
+    validators BLOB NOT NULL        -- the policy's validator keys, concatenated (32 bytes each)
+);
+CREATE INDEX runs_by_publisher ON runs (publisher, run_id);
 CREATE TABLE receipts (
-    entry_id BLOB PRIMARY KEY,
+    n INTEGER PRIMARY KEY,          -- entries.n of the receipt entry
     author BLOB NOT NULL,           -- the claimant
     seq INTEGER NOT NULL,
     publisher BLOB NOT NULL,
@@ -72,7 +73,7 @@ CREATE TABLE receipts (
     epoch INTEGER NOT NULL,
     samples INTEGER NOT NULL,
     amount INTEGER NOT NULL
-) WITHOUT ROWID;
+);
 CREATE INDEX receipts_by_claim ON receipts (author, publisher, run_id, epoch);
 CREATE INDEX receipts_by_run ON receipts (publisher, run_id);
 
@@ -108,7 +109,7 @@ _MIGRATIONS = ["", _SCHEMA_V1]
 # equivocated at or below the receipt's seq, and the run has a publication below its publisher's fork
 # point (if any).
 _COUNTED_RECEIPTS = """
-SELECT r.entry_id, r.author, r.publisher, r.run_id, r.samples, r.amount
+SELECT r.n, r.author, r.publisher, r.run_id, r.samples, r.amount
 FROM receipts r
 JOIN authors a ON a.author = r.author
 JOIN authors p ON p.author = r.publisher
@@ -194,20 +195,19 @@ def _policy_from_row(rate: int, quorum: int, validators: bytes) -> CreditPolicy:
     return CreditPolicy(rate, quorum, keys)
 
 
-def _index_rows(entry: Entry) -> tuple[tuple | None, tuple | None]:
-    """The `runs` or `receipts` row of an entry (one of them, or neither)."""
+def _index_rows(entry: Entry, n: int) -> tuple[tuple | None, tuple | None]:
+    """The `runs` or `receipts` row of an entry stored as number `n` (one of them, or neither)."""
     if entry.kind == KIND_RUN_PUBLISH:
         policy = entry.body.policy
         return (
-            (entry.author, entry.body.run_id, entry.id, entry.seq, entry.timestamp, policy.rate, policy.quorum,
+            (n, entry.author, entry.body.run_id, entry.seq, entry.timestamp, policy.rate, policy.quorum,
              b"".join(policy.validators)),
             None,
         )
     if entry.kind == KIND_RECEIPT:
         claim = entry.body.receipt.claim
         return None, (
-            entry.id, entry.author, entry.seq, claim.publisher, claim.run_id, claim.epoch, claim.samples,
-            entry.body.amount,
+            n, entry.author, entry.seq, claim.publisher, claim.run_id, claim.epoch, claim.samples, entry.body.amount,
         )
     return None, None
 
@@ -229,6 +229,7 @@ class _Ingest:
         self.run_delta: dict[tuple[bytes, bytes], list[int]] = {}
         self.forked: list[bytes] = []
         self.stored_authors: set[bytes] = set()  # authors with entries stored before this batch
+        self.next_n: int | None = None  # entries.n of the next accepted entry (loaded on first use)
 
     # ---- LedgerView ----------------------------------------------------------------------------
 
@@ -251,7 +252,9 @@ class _Ingest:
         pubs = self.pubs.get(key)
         if pubs is None:
             rows = self.conn.execute(
-                "SELECT entry_id, seq, rate, quorum, validators FROM runs WHERE publisher = ? AND run_id = ?", key
+                "SELECT e.id, u.seq, u.rate, u.quorum, u.validators FROM runs u JOIN entries e ON e.n = u.n"
+                " WHERE u.publisher = ? AND u.run_id = ?",
+                key,
             ).fetchall()
             pubs = self.pubs[key] = [
                 Publication(entry_id, publisher, seq, run_id, _policy_from_row(rate, quorum, validators))
@@ -264,7 +267,8 @@ class _Ingest:
         self.head(author)
         if author in self.stored_authors:
             for (entry_id,) in self.conn.execute(
-                "SELECT entry_id FROM receipts WHERE author = ? AND publisher = ? AND run_id = ? AND epoch = ?",
+                "SELECT e.id FROM receipts r JOIN entries e ON e.n = r.n"
+                " WHERE r.author = ? AND r.publisher = ? AND r.run_id = ? AND r.epoch = ?",
                 (author, publisher, run_id, epoch),
             ).fetchall():
                 found.append(self.entry_ref(entry_id))
@@ -314,8 +318,11 @@ class _Ingest:
         head.entries += 1
         head.dirty = True
         ref = self.refs[entry.id] = EntryRef(entry.id, author, entry.seq, entry.prev, entry.timestamp)
-        self.entry_rows.append((entry.id, author, entry.seq, entry.prev, entry.timestamp, entry.kind, entry.wire))
-        run_row, receipt_row = _index_rows(entry)
+        if self.next_n is None:
+            self.next_n = self.conn.execute("SELECT coalesce(max(n), 0) + 1 FROM entries").fetchone()[0]
+        n, self.next_n = self.next_n, self.next_n + 1
+        self.entry_rows.append((n, entry.id, author, entry.seq, entry.prev, entry.timestamp, entry.kind, entry.wire))
+        run_row, receipt_row = _index_rows(entry, n)
         if run_row is not None:
             self.run_rows.append(run_row)
             self.publications(author, entry.body.run_id).append(
@@ -345,7 +352,7 @@ class _Ingest:
         """Write rows and derived changes (still inside the caller's transaction)."""
         conn = self.conn
         conn.executemany(
-            "INSERT INTO entries (id, author, seq, prev, timestamp, kind, raw) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO entries (n, id, author, seq, prev, timestamp, kind, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             self.entry_rows,
         )
         conn.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.run_rows)
@@ -703,9 +710,9 @@ class Store:
 
     def runs(self) -> list[RunSummary]:
         rows = self._query(
-            "SELECT u.publisher, u.run_id, u.entry_id, u.seq, u.timestamp, u.rate, u.quorum, u.validators,"
+            "SELECT u.publisher, u.run_id, e.id, u.seq, u.timestamp, u.rate, u.quorum, u.validators,"
             " a.fork_seq IS NULL OR u.seq < a.fork_seq, t.credits, t.samples, t.receipts"
-            " FROM runs u JOIN authors a ON a.author = u.publisher"
+            " FROM runs u JOIN entries e ON e.n = u.n JOIN authors a ON a.author = u.publisher"
             " LEFT JOIN run_totals t ON t.publisher = u.publisher AND t.run_id = u.run_id"
             " ORDER BY u.timestamp, u.run_id"
         )
@@ -718,7 +725,8 @@ class Store:
 
     def counted_receipts(self, author: bytes) -> set[bytes]:
         """Ids of `author`'s receipts that count towards its balance."""
-        return {r[0] for r in self._query(_COUNTED_RECEIPTS + " AND r.author = ?", (author,))}
+        counted = f"SELECT id FROM entries WHERE n IN (SELECT n FROM ({_COUNTED_RECEIPTS} AND r.author = ?))"
+        return {r[0] for r in self._query(counted, (author,))}
 
     def equivocators(self) -> list[AuthorHead]:
         rows = self._query(
@@ -739,7 +747,7 @@ class Store:
                     "UPDATE entries SET author = ?, seq = ?, prev = ?, timestamp = ?, kind = ? WHERE n = ?",
                     (entry.author, entry.seq, entry.prev, entry.timestamp, entry.kind, n),
                 )
-                run_row, receipt_row = _index_rows(entry)
+                run_row, receipt_row = _index_rows(entry, n)
                 if run_row is not None:
                     conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", run_row)
                 if receipt_row is not None:
@@ -805,13 +813,13 @@ def _check_entry_rows(conn: sqlite3.Connection, n: int, entry_id: bytes, raw: by
     columns = conn.execute("SELECT author, seq, prev, timestamp, kind FROM entries WHERE n = ?", (n,)).fetchone()
     if columns != (entry.author, entry.seq, entry.prev, entry.timestamp, entry.kind):
         problems.append(f"entry {entry_id.hex()}: index columns disagree with the stored bytes")
-    run_row, receipt_row = _index_rows(entry)
+    run_row, receipt_row = _index_rows(entry, n)
     if run_row is not None:
-        stored = conn.execute("SELECT * FROM runs WHERE entry_id = ?", (entry_id,)).fetchall()
+        stored = conn.execute("SELECT * FROM runs WHERE n = ?", (n,)).fetchall()
         if stored != [run_row]:
             problems.append(f"runs: row of entry {entry_id.hex()} disagrees with the entry")
     if receipt_row is not None:
-        stored = conn.execute("SELECT * FROM receipts WHERE entry_id = ?", (entry_id,)).fetchall()
+        stored = conn.execute("SELECT * FROM receipts WHERE n = ?", (n,)).fetchall()
         if stored != [receipt_row]:
             problems.append(f"receipts: row of entry {entry_id.hex()} disagrees with the entry")
     return problems
