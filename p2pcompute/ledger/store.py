@@ -264,7 +264,7 @@ class _Ingest:
 
     def receipts_for(self, author: bytes, publisher: bytes, run_id: bytes, epoch: int) -> list[EntryRef]:
         found = list(self.new_receipts.get((author, publisher, run_id, epoch), ()))
-        self.head(author)
+        self.head(author)  # loads the author, and with it whether it had entries before this batch
         if author in self.stored_authors:
             for (entry_id,) in self.conn.execute(
                 "SELECT e.id FROM receipts r JOIN entries e ON e.n = r.n"
