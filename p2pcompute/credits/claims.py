@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterable, Protocol
+from typing import Any, ClassVar, Iterable, Protocol
 
 from p2pcompute import crypto
 from p2pcompute.errors import InvalidMessage, InvalidSignature
@@ -40,7 +40,7 @@ class Signer(Protocol):
 
 
 @dataclass(frozen=True)
-class Claim:
+class Claim(canonical.WireRecord):
     """One peer's statement of work: `samples` samples processed in `epoch` of the run `run_id` as
     published by `publisher` (anyone can republish a manifest, so the claim names whose publication,
     and therefore whose credit policy, the work was done under).
@@ -56,6 +56,9 @@ class Claim:
     samples: int
     group_id: bytes = b""
     work_digest: bytes = bytes(crypto.DIGEST_SIZE)
+
+    WIRE_NAME: ClassVar[str] = "claim"
+    MAX_WIRE_SIZE: ClassVar[int] = MAX_CLAIM_SIZE
 
     def __post_init__(self) -> None:
         canonical.fixed_bytes(self.run_id, crypto.DIGEST_SIZE, "claim run_id")
@@ -93,10 +96,6 @@ class Claim:
     def to_wire(self) -> bytes:
         return self.wire
 
-    @classmethod
-    def from_wire(cls, data: bytes) -> "Claim":
-        return cls.from_obj(canonical.unpack_canonical(data, max_size=MAX_CLAIM_SIZE, what="claim"))
-
     def sign(self, signer: Signer) -> "SignedClaim":
         if signer.public_key != self.peer:
             raise InvalidMessage("only the claimed peer can sign its claim")
@@ -110,11 +109,14 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class SignedClaim:
+class SignedClaim(canonical.WireRecord):
     """A claim with the claimant's signature: what a peer hands its group mates in the averaging round."""
 
     claim: Claim
     signature: bytes
+
+    WIRE_NAME: ClassVar[str] = "signed claim"
+    MAX_WIRE_SIZE: ClassVar[int] = MAX_CLAIM_SIZE + 2 + 2 + crypto.SIGNATURE_SIZE
 
     def __post_init__(self) -> None:
         canonical.fixed_bytes(self.signature, crypto.SIGNATURE_SIZE, "claim signature")
@@ -134,21 +136,16 @@ class SignedClaim:
         claim, signature = canonical.array(obj, 2, "signed claim")
         return cls(Claim.from_obj(claim), signature)
 
-    def to_wire(self) -> bytes:
-        return canonical.pack(self.to_obj())
-
-    @classmethod
-    def from_wire(cls, data: bytes) -> "SignedClaim":
-        obj = canonical.unpack_canonical(data, max_size=MAX_CLAIM_SIZE + 80, what="signed claim")
-        return cls.from_obj(obj)
-
 
 @dataclass(frozen=True)
-class WitnessSignature:
+class WitnessSignature(canonical.WireRecord):
     """A group mate's countersignature of a claim."""
 
     witness: bytes
     signature: bytes
+
+    WIRE_NAME: ClassVar[str] = "witness signature"
+    MAX_WIRE_SIZE: ClassVar[int] = 1 + 2 + crypto.PUBLIC_KEY_SIZE + 2 + crypto.SIGNATURE_SIZE
 
     def __post_init__(self) -> None:
         canonical.fixed_bytes(self.witness, crypto.PUBLIC_KEY_SIZE, "witness key")
@@ -168,16 +165,9 @@ class WitnessSignature:
         witness, signature = canonical.array(obj, 2, "witness signature")
         return cls(witness, signature)
 
-    def to_wire(self) -> bytes:
-        return canonical.pack(self.to_obj())
-
-    @classmethod
-    def from_wire(cls, data: bytes) -> "WitnessSignature":
-        return cls.from_obj(canonical.unpack_canonical(data, max_size=128, what="witness signature"))
-
 
 @dataclass(frozen=True)
-class Receipt:
+class Receipt(canonical.WireRecord):
     """A signed claim plus witness signatures from distinct peers other than the claimant, sorted by key.
 
     Whether it meets a run's quorum and validator set is a ledger rule (`ledger.validate`), since the
@@ -187,6 +177,9 @@ class Receipt:
     claim: Claim
     claimant_signature: bytes
     witnesses: tuple[WitnessSignature, ...]
+
+    WIRE_NAME: ClassVar[str] = "receipt"
+    MAX_WIRE_SIZE: ClassVar[int] = MAX_RECEIPT_SIZE
 
     def __post_init__(self) -> None:
         canonical.fixed_bytes(self.claimant_signature, crypto.SIGNATURE_SIZE, "claimant signature")
@@ -236,10 +229,3 @@ class Receipt:
             claimant_signature,
             tuple(WitnessSignature.from_obj(w) for w in witnesses),
         )
-
-    def to_wire(self) -> bytes:
-        return canonical.pack(self.to_obj())
-
-    @classmethod
-    def from_wire(cls, data: bytes) -> "Receipt":
-        return cls.from_obj(canonical.unpack_canonical(data, max_size=MAX_RECEIPT_SIZE, what="receipt"))

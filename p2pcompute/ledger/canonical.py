@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -48,6 +48,25 @@ def unpack_canonical(data: Any, *, max_size: int, what: str, error: type[Invalid
     return obj
 
 
+class WireRecord:
+    """Mixin for records encoded as one canonical array: `to_wire`/`from_wire` from the subclass's
+    `to_obj()` (the array) and `from_obj(array)` (checks and builds the record).
+
+    Subclasses set WIRE_NAME (named in errors) and MAX_WIRE_SIZE (decoding refuses anything larger).
+    """
+
+    WIRE_NAME: ClassVar[str]
+    MAX_WIRE_SIZE: ClassVar[int]
+
+    def to_wire(self) -> bytes:
+        return pack(self.to_obj())
+
+    @classmethod
+    def from_wire(cls, data: bytes):
+        """Decode untrusted bytes strictly; raise InvalidMessage naming the first problem."""
+        return cls.from_obj(unpack_canonical(data, max_size=cls.MAX_WIRE_SIZE, what=cls.WIRE_NAME))
+
+
 # ---- typed field checks: each raises `error` naming the field -------------------------------------
 
 
@@ -88,14 +107,6 @@ def var_bytes(value: Any, lo: int, hi: int, what: str, error: type[InvalidMessag
         raise error(f"{what} must be bytes, got {type(value).__name__}")
     if not lo <= len(value) <= hi:
         raise error(f"{what} is {len(value)} bytes, outside [{lo}, {hi}]")
-    return value
-
-
-def text(value: Any, max_len: int, what: str, error: type[InvalidMessage] = InvalidMessage) -> str:
-    if type(value) is not str:
-        raise error(f"{what} must be a string, got {type(value).__name__}")
-    if len(value) > max_len:
-        raise error(f"{what} is longer than {max_len} characters")
     return value
 
 

@@ -201,7 +201,3 @@ def sign_entry(signer: Signer, seq: int, prev: bytes, timestamp: int, kind: str,
     signature = signer.sign(ENTRY_DOMAIN + canonical.pack(unsigned))
     return Entry(signer.public_key, seq, prev, timestamp, kind, body, signature)
 
-
-def entry_id_of(data: bytes) -> bytes:
-    """The id of an entry's wire bytes (no decoding): what a replica indexes and reconciles on."""
-    return crypto.digest(data)

@@ -32,10 +32,6 @@ class PendingPool:
     def __contains__(self, entry_id: bytes) -> bool:
         return entry_id in self._entries
 
-    @property
-    def size_bytes(self) -> int:
-        return self._bytes
-
     def waiting_on(self, key: tuple) -> list[Entry]:
         """The entries waiting for `key`, oldest first (the pool is left unchanged)."""
         return list(self._waiting.get(key, {}).values())
