@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -307,21 +308,29 @@ def export(fmt: str, output: str | None, data_dir: str | None) -> None:
     with _open(data_dir) as store:
         sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
         try:
-            writer = csv.writer(sink) if fmt == "csv" else None
-            if writer is not None:
-                writer.writerow(EXPORT_CSV_COLUMNS)
-            for _n, _entry_id, raw in store.iter_raw():
-                entry = Entry.from_wire(raw)
-                if writer is None:
-                    sink.write(json.dumps(entry_json(entry), sort_keys=True) + "\n")
-                    continue
-                claim = entry.body.receipt.claim if entry.kind == KIND_RECEIPT else None
-                run_id = claim.run_id if claim else entry.body.run_id
-                writer.writerow((
-                    entry.id.hex(), peer_id_b58(entry.author), entry.seq, entry.prev.hex(), entry.timestamp,
-                    entry.kind, run_id.hex(), claim.epoch if claim else "", claim.samples if claim else "",
-                    entry.body.amount if claim else "", raw.hex(),
-                ))
+            _export(store, fmt, sink)
+        except BrokenPipeError:
+            # the reader went away (`p2pc ledger export | head`): stop quietly, as other CLI tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         finally:
             if output:
                 sink.close()
+
+
+def _export(store: Store, fmt: str, sink) -> None:
+    writer = csv.writer(sink) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(EXPORT_CSV_COLUMNS)
+    for _n, _entry_id, raw in store.iter_raw():
+        entry = Entry.from_wire(raw)
+        if writer is None:
+            sink.write(json.dumps(entry_json(entry), sort_keys=True) + "\n")
+            continue
+        claim = entry.body.receipt.claim if entry.kind == KIND_RECEIPT else None
+        run_id = claim.run_id if claim else entry.body.run_id
+        writer.writerow((
+            entry.id.hex(), peer_id_b58(entry.author), entry.seq, entry.prev.hex(), entry.timestamp, entry.kind,
+            run_id.hex(), claim.epoch if claim else "", claim.samples if claim else "",
+            entry.body.amount if claim else "", raw.hex(),
+        ))
+    sink.flush()
