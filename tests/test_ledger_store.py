@@ -260,7 +260,9 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule()
     def rebuild(self):
+        incremental = (self.store.top(100), self.store.runs(), self.store.heads(), self.store.equivocators())
         self.store.rebuild_derived()
+        assert (self.store.top(100), self.store.runs(), self.store.heads(), self.store.equivocators()) == incremental
 
     @invariant()
     def stored_entries_match_the_model(self):
