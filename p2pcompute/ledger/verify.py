@@ -45,8 +45,7 @@ def verify_store(store: Store, scratch_dir: Path | None = None) -> VerifyReport:
     """
     problems: list[Problem] = []
     count = 0
-    scratch_dir = scratch_dir or store.path.parent
-    with tempfile.TemporaryDirectory(prefix="ledger-verify-", dir=scratch_dir) as tmp:
+    with _scratch(scratch_dir or store.path.parent) as tmp:
         with Store(Path(tmp) / "replay.sqlite", durable=False) as replay:
             replay.pending = PendingPool(max_entries=2**62, max_bytes=2**62)  # report every orphan, drop none
             chunk: list[tuple[bytes, bytes]] = []
@@ -67,6 +66,15 @@ def verify_store(store: Store, scratch_dir: Path | None = None) -> VerifyReport:
     if not problems:
         problems.extend(Problem(None, reason) for reason in store.check_derived())
     return VerifyReport(count, tuple(problems), equivocators)
+
+
+def _scratch(preferred: Path) -> tempfile.TemporaryDirectory:
+    """A scratch directory next to the replica (same disk, ample room), or in the system's temporary
+    directory if the replica's directory is not writable (inspecting someone else's copy)."""
+    try:
+        return tempfile.TemporaryDirectory(prefix="ledger-verify-", dir=preferred)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix="ledger-verify-")
 
 
 def _replay(replay: Store, chunk: list[tuple[bytes, bytes]], problems: list[Problem]) -> None:
