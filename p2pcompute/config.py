@@ -124,6 +124,7 @@ FIELDS: dict[str, _Field] = {
     "max_memory_fraction": _Field("training", _number(0.05, 1.0), "cap on the GPU memory fraction we may use"),
     "idle_gpu_util": _Field("training", _number(0, 100), "GPU utilisation (%) by others above which we pause"),
     "schedule": _Field("training", _str(256), "windows when training is allowed, e.g. '22:00-07:00,12:00-13:00'"),
+    "sync_interval": _Field("ledger", _number(0, 3600), "seconds between ledger anti-entropy rounds (0: off)"),
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -140,6 +141,7 @@ DEFAULTS: dict[str, Any] = {
     "max_memory_fraction": 0.9,
     "idle_gpu_util": 10,
     "schedule": "",
+    "sync_interval": 10.0,
 }
 
 
@@ -159,6 +161,7 @@ class NodeConfig:
     max_memory_fraction: float
     idle_gpu_util: float
     schedule: str
+    sync_interval: float
 
     @property
     def key_path(self) -> Path:

@@ -32,7 +32,7 @@ def ledger() -> None:
 
     \b
     Amounts are credits (1 credit = 1,000,000 micro-credits); JSON gives both.
-    A one-shot `sync --from MADDR` will join these commands once ledger sync exists.
+    `sync --from MADDR` pulls from (and pushes to) one peer: through the running node if there is one.
     """
 
 
@@ -334,3 +334,60 @@ def _export(store: Store, fmt: str, sink) -> None:
             entry.body.amount if claim else "", raw.hex(),
         ))
     sink.flush()
+
+
+@ledger.command("sync")
+@click.option("--from", "maddr", required=True, metavar="MADDR",
+              help="The peer's multiaddr, ending in /p2p/<peer id> (e.g. from its `p2pc node status`).")
+@data_dir_option
+@json_option
+def sync(maddr: str, data_dir: str | None, as_json: bool) -> None:
+    """Reconcile the local replica with one peer now: fetch what we lack, send what it lacks."""
+    from p2pcompute.errors import NodeNotRunning
+    from p2pcompute.node.control import ControlClient
+
+    directory = resolve_data_dir(data_dir)
+    try:
+        client = ControlClient(directory, timeout=150)
+    except NodeNotRunning:
+        report = _sync_offline(directory, maddr)
+    else:
+        report = client.call("ledger/sync", {"maddr": maddr})
+
+    def render(r: dict) -> None:
+        console.print(f"synced with {r['peer_id']}: fetched {r['fetched']}, sent {r['pushed']}, "
+                      f"{r['entries']} entries here", highlight=False)
+
+    emit(report, as_json, render)
+
+
+def _sync_offline(directory: Path, maddr: str) -> dict:
+    """No node is running here: start a throwaway libp2p host, sync, stop it."""
+    import asyncio
+
+    from hivemind.p2p import P2P
+
+    from p2pcompute.errors import SwarmError
+    from p2pcompute.ledger.sync import LedgerSync, Replica, parse_peer_maddr, sync_once_with_maddr
+
+    parse_peer_maddr(maddr)  # a bad address fails before anything starts
+    directory.mkdir(parents=True, exist_ok=True)
+
+    async def run() -> dict:
+        try:
+            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, auto_nat=False,
+                                   nat_port_map=False)
+        except Exception as e:  # p2pd start-up failures come in several types
+            raise SwarmError(f"could not start a libp2p host: {e}") from None
+        try:
+            with Store.in_data_dir(directory) as store:
+                sync = LedgerSync(p2p, Replica(store), sync_interval=0)
+                await sync.start()
+                try:
+                    return await sync_once_with_maddr(sync, maddr)
+                finally:
+                    await sync.shutdown()
+        finally:
+            await p2p.shutdown()
+
+    return asyncio.run(run())

@@ -12,6 +12,7 @@ from typing import Callable
 
 from p2pcompute import __version__
 from p2pcompute.config import NodeConfig
+from p2pcompute.errors import UsageError
 from p2pcompute.identity import Identity
 from p2pcompute.node import hardware
 from p2pcompute.node.control import ControlServer, load_or_create_token, write_private
@@ -49,6 +50,10 @@ class Node:
         self._dht_lock = threading.Lock()  # the DHT handle's pipe is shared by the API and refresher threads
         self._refresher: threading.Thread | None = None
         self._known_peers: list[PeerRecord] = []
+        self.store = None  # ledger.store.Store
+        self.replica = None  # ledger.sync.Replica
+        self.loop = None  # node.loop.BackgroundLoop running our libp2p protocols
+        self.sync = None  # ledger.sync.LedgerSync
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -71,6 +76,7 @@ class Node:
                 startup_timeout=self.config.startup_timeout,
             )
             self.maddrs = [str(a) for a in self.dht.get_visible_maddrs(latest=True)]
+            self._start_ledger()
             self._publish()
             self._refresher = threading.Thread(target=self._refresh_loop, name="peer-record", daemon=True)
             self._refresher.start()
@@ -84,6 +90,32 @@ class Node:
         logger.info("node %s up at %s", self.identity.peer_id_b58, self.maddrs)
         return self
 
+    def _start_ledger(self) -> None:
+        from p2pcompute.ledger.store import Store
+        from p2pcompute.ledger.sync import LedgerSync, Replica
+        from p2pcompute.node.loop import BackgroundLoop
+
+        self.store = Store.in_data_dir(self.config.data_dir)
+        self.replica = Replica(self.store)
+        self.loop = BackgroundLoop().start()
+        p2p = self.loop.run(self.dht.replicate_p2p(), timeout=self.config.startup_timeout)
+        self.sync = LedgerSync(p2p, self.replica, sync_interval=self.config.sync_interval)
+        self.loop.run(self.sync.start(), timeout=self.config.startup_timeout)
+
+    def _stop_ledger(self) -> None:
+        if self.sync is not None:
+            try:
+                self.loop.run(self.sync.shutdown(), timeout=10)
+            except TimeoutError:
+                logger.warning("ledger sync did not stop within 10 s")
+            self.sync = None
+        if self.loop is not None:
+            self.loop.shutdown()
+            self.loop = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
     def shutdown(self) -> None:
         self._stop.set()
         if self.control is not None:
@@ -92,6 +124,7 @@ class Node:
         if self._refresher is not None:
             self._refresher.join(timeout=10)
             self._refresher = None
+        self._stop_ledger()
         if self.dht is not None:
             self.status = "stopped"
             try:
@@ -174,11 +207,68 @@ class Node:
             "multiaddrs": self.maddrs,
             "peers_known": len(self._known_peers),
             "current_run": self.run_id.hex() or None,
+            "credits": self._own_credits(),
+            "ledger_entries": self.store.count() if self.store is not None else None,
             "device": self._hardware.device,
             "device_name": self._hardware.device_name,
             "data_dir": str(self.config.data_dir),
             "pid": os.getpid(),
         }
+
+    def _own_credits(self) -> int | None:
+        """Our balance in micro-credits, from the local replica."""
+        if self.store is None:
+            return None
+        return self.store.balance(self.identity.public_key).credits
+
+    def _api_ledger_sync(self, args: dict) -> dict:
+        """One reconciliation with the peer at args["maddr"] (…/p2p/<peer id>), now."""
+        from p2pcompute.ledger.sync import sync_once_with_maddr
+
+        maddr = args.get("maddr")
+        if not isinstance(maddr, str):
+            raise UsageError("maddr must be a multiaddr string ending in /p2p/<peer id>")
+        return self.loop.run(sync_once_with_maddr(self.sync, maddr), timeout=120)
+
+    def _api_publish_run(self, args: dict) -> dict:
+        """Sign a manifest with this node's key, record it in the ledger and announce it in the DHT."""
+        from p2pcompute.ledger.codec import KIND_RUN_PUBLISH, RunPublish
+        from p2pcompute.runs.manifest import Manifest, sign_manifest
+        from p2pcompute.swarm.runs import announce_run
+        from p2pcompute.swarm.dht import dht_time
+
+        wire = args.get("manifest")
+        if not isinstance(wire, str) or len(wire) > 2 * 64 * 1024:
+            raise UsageError("manifest must be the hex of a canonical manifest (at most 64 KiB)")
+        try:
+            manifest = Manifest.from_wire(bytes.fromhex(wire))
+        except ValueError:
+            raise UsageError("manifest is not hex") from None
+        signed = sign_manifest(manifest, self.identity)
+        entry = self.replica.append_local(self.identity, KIND_RUN_PUBLISH, RunPublish.from_manifest(manifest),
+                                          int(self.clock() * 1000))
+        with self._dht_lock:
+            announced = announce_run(self.dht, signed, dht_time())
+        return {"run_id": manifest.run_id_hex, "name": manifest.name, "entry_id": entry.id.hex(),
+                "announced": announced, "publisher": self.identity.peer_id_b58}
+
+    def _api_runs(self, _args: dict) -> list[dict]:
+        """Runs the swarm knows (DHT) and this replica has recorded (ledger), with who trains them now."""
+        from p2pcompute.swarm.runs import fetch_runs
+
+        with self._dht_lock:
+            announced = fetch_runs(self.dht)
+        training: dict[str, list[str]] = {}
+        for peer in self._known_peers:
+            if peer.run_id and peer.status == "training":
+                training.setdefault(peer.run_id.hex(), []).append(peer.to_json()["peer_id"])
+        recorded = {s.run_id.hex(): s for s in self.store.runs()} if self.store is not None else {}
+        out = []
+        for signed in announced:
+            run_hex = signed.run_id.hex()
+            out.append(dict(signed.manifest.summary(), run_id=run_hex, publisher=signed.publisher_peer_id,
+                            in_ledger=run_hex in recorded, peers_training=training.get(run_hex, [])))
+        return out
 
     def _api_peers(self, _args: dict) -> list[dict]:
         self._known_peers = self.fetch_peers()
@@ -188,6 +278,9 @@ class Node:
     def _add_routes(self, control: ControlServer) -> None:
         control.route("GET", "status", lambda _args: self.status_report())
         control.route("GET", "peers", self._api_peers)
+        control.route("POST", "ledger/sync", self._api_ledger_sync)
+        control.route("POST", "runs/publish", self._api_publish_run)
+        control.route("GET", "runs", self._api_runs)
         control.route("POST", "shutdown", lambda _args: (self.request_stop(), "stopping")[1])
 
 
