@@ -1,8 +1,7 @@
-"""The dataset zoo: synthetic, local files checked by hash, the Python stdlib corpus; reproducible batches."""
+"""The dataset zoo's sources (synthetic, local files checked by hash, the Python stdlib corpus) and reproducible batches."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import os
@@ -15,20 +14,14 @@ import numpy as np
 import torch
 
 from p2pcompute import crypto
-from p2pcompute.errors import DatasetUnavailable, InvalidManifest
-from p2pcompute.runs.models import DataShape
-from p2pcompute.runs.schema import FILE_NAME, SHA256_HEX, Choice, Dec, Int, ListOf, Param, Schema, Str
+from p2pcompute.errors import DatasetUnavailable
+from p2pcompute.runs.dataset_specs import BYTE_VOCAB, dataset_spec
+from p2pcompute.runs.model_specs import DataShape
 
 BATCH_DOMAIN = b"p2pc/batch/v1"
 EVAL_DOMAIN = b"p2pc/eval/v1"
-# Inputs of one sample may hold at most this many values (a 3x512x512 image is 786k): keeps a
-# manifest from asking every volunteer for gigabytes per batch.
-MAX_SAMPLE_VALUES = 1 << 20
 # A local data file is read whole into memory and hashed; beyond this a volunteer's RAM is at risk.
 MAX_DATA_FILE_BYTES = 4 << 30
-BYTE_VOCAB = 256  # text datasets are byte-level: one token per byte
-
-REQUIRED_SHA256 = Str(64, r"[0-9a-f]{64}", "sha256 hex digest (64 lower-case hex digits)")
 
 
 class Dataset:
@@ -68,7 +61,7 @@ class SyntheticDataset(Dataset):
     outputs plus Gaussian noise."""
 
     def __init__(self, cfg: Mapping[str, Any]):
-        self.shape = _synthetic_shape(cfg)
+        self.shape = dataset_spec("synthetic").data_shape(cfg)
         self.noise = float(cfg["noise"])
         features, hidden = math.prod(self.shape.input_shape), cfg["teacher_hidden"]
         teacher = torch.Generator().manual_seed(cfg["seed"])
@@ -82,10 +75,6 @@ class SyntheticDataset(Dataset):
         if self.shape.task == "regression":
             return x, noisy
         return x, noisy.argmax(dim=1)
-
-
-def _synthetic_shape(cfg: Mapping[str, Any]) -> DataShape:
-    return DataShape(cfg["task"], tuple(cfg["input_shape"]), cfg["outputs"])
 
 
 # ---- local array files ----------------------------------------------------------------------------
@@ -111,7 +100,7 @@ class ArrayDataset(Dataset):
     """Samples drawn uniformly (with replacement) from .npy arrays the researcher shipped out of band."""
 
     def __init__(self, cfg: Mapping[str, Any], data_dir: Path | None):
-        self.shape = _array_shape(cfg)
+        self.shape = dataset_spec("arrays").data_shape(cfg)
         inputs = self._load(data_dir, cfg["inputs"], cfg["inputs_sha256"], "inputs")
         targets = self._load(data_dir, cfg["targets"], cfg["targets_sha256"], "targets")
         if inputs.ndim == 0 or inputs.shape[1:] != self.shape.input_shape or not np.issubdtype(inputs.dtype, np.floating):
@@ -142,10 +131,6 @@ class ArrayDataset(Dataset):
         return self.inputs[index], self.targets[index]
 
 
-def _array_shape(cfg: Mapping[str, Any]) -> DataShape:
-    return DataShape(cfg["task"], tuple(cfg["input_shape"]), cfg["outputs"])
-
-
 # ---- byte-level text ------------------------------------------------------------------------------
 
 
@@ -163,10 +148,6 @@ class TextDataset(Dataset):
         starts = torch.randint(len(self.tokens) - self.seq_len, (size,), generator=generator)
         windows = torch.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()]).long()
         return windows[:, :-1], windows[:, 1:]
-
-
-def _text_shape(cfg: Mapping[str, Any]) -> DataShape:
-    return DataShape("lm", (cfg["seq_len"],), BYTE_VOCAB)
 
 
 def default_stdlib_dir() -> Path:
@@ -206,80 +187,18 @@ def _open_pystdlib(cfg: Mapping[str, Any], data_dir: Path | None, stdlib_dir: Pa
     return TextDataset(corpus, cfg["seq_len"], "dataset pystdlib")
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetEntry:
-    schema: Schema
-    data_shape: Callable[[Mapping[str, Any]], DataShape]
-    open: Callable[[Mapping[str, Any], Path | None, Path | None], Dataset]
-
-
-_SHAPE = ListOf(Int(1, 4096), 1, 3)
-
-DATASETS: dict[str, DatasetEntry] = {
-    "synthetic": DatasetEntry(
-        Schema(
-            Param("task", Choice(("regression", "classification"))),
-            Param("input_shape", _SHAPE, doc="shape of one input, e.g. [32] or [1, 8, 8]"),
-            Param("outputs", Int(1, 4096), doc="regression dims or number of classes"),
-            Param("noise", Dec("0", "10"), "0.1"),
-            Param("seed", Int(0, (1 << 63) - 1), doc="fixes the true function"),
-            Param("teacher_hidden", Int(1, 1024), 32),
-        ),
-        _synthetic_shape,
-        lambda cfg, data_dir, stdlib_dir: SyntheticDataset(cfg),
-    ),
-    "arrays": DatasetEntry(
-        Schema(
-            Param("task", Choice(("regression", "classification"))),
-            Param("inputs", FILE_NAME, doc=".npy float array [N, *input_shape], in the node's data directory"),
-            Param("inputs_sha256", REQUIRED_SHA256),
-            Param("targets", FILE_NAME, doc=".npy array: float [N, outputs] or integer labels [N]"),
-            Param("targets_sha256", REQUIRED_SHA256),
-            Param("input_shape", _SHAPE),
-            Param("outputs", Int(1, 1 << 20)),
-        ),
-        _array_shape,
-        lambda cfg, data_dir, stdlib_dir: ArrayDataset(cfg, data_dir),
-    ),
-    "text": DatasetEntry(
-        Schema(
-            Param("file", FILE_NAME, doc="a text (any bytes) file in the node's data directory"),
-            Param("sha256", REQUIRED_SHA256),
-            Param("seq_len", Int(2, 4096)),
-        ),
-        _text_shape,
-        lambda cfg, data_dir, stdlib_dir: TextDataset(
-            _read_checked(data_dir, cfg["file"], cfg["sha256"], "text"), cfg["seq_len"], f"dataset file {cfg['file']}"),
-    ),
-    "pystdlib": DatasetEntry(
-        Schema(
-            Param("seq_len", Int(2, 4096)),
-            Param("packages", ListOf(Str(64, r"[A-Za-z_][A-Za-z0-9_]*", "module name"), 0, 256, unique=True), (),
-                  doc="top-level stdlib packages/modules to use; empty: all"),
-            Param("sha256", SHA256_HEX, "", doc="sha256 of the corpus; empty: not checked (Python versions differ)"),
-        ),
-        _text_shape,
-        _open_pystdlib,
-    ),
+_OPENERS: dict[str, Callable[[Mapping[str, Any], Path | None, Path | None], Dataset]] = {
+    "synthetic": lambda cfg, data_dir, stdlib_dir: SyntheticDataset(cfg),
+    "arrays": lambda cfg, data_dir, stdlib_dir: ArrayDataset(cfg, data_dir),
+    "text": lambda cfg, data_dir, stdlib_dir: TextDataset(
+        _read_checked(data_dir, cfg["file"], cfg["sha256"], "text"), cfg["seq_len"], f"dataset file {cfg['file']}"),
+    "pystdlib": _open_pystdlib,
 }
-
-
-def dataset_entry(name: str, where: str = "dataset.name") -> DatasetEntry:
-    entry = DATASETS.get(name) if isinstance(name, str) else None
-    if entry is None:
-        raise InvalidManifest(f"{where}: unknown dataset {name!r} (the zoo has: {', '.join(DATASETS)})")
-    return entry
-
-
-def data_shape(name: str, config: Mapping[str, Any], where: str = "dataset") -> DataShape:
-    shape = dataset_entry(name).data_shape(config)
-    if math.prod(shape.input_shape) > MAX_SAMPLE_VALUES:
-        raise InvalidManifest(f"{where}.input_shape: {math.prod(shape.input_shape)} values per sample is above "
-                              f"the limit of {MAX_SAMPLE_VALUES}")
-    return shape
 
 
 def open_dataset(name: str, config: Mapping[str, Any], data_dir: Path | None = None,
                  stdlib_dir: Path | None = None) -> Dataset:
-    """Open a dataset on this machine; DatasetUnavailable if its files are missing or do not match."""
-    return dataset_entry(name).open(config, data_dir, stdlib_dir)
+    """Open a dataset on this machine; DatasetUnavailable if its files are missing or do not match.
+    `data_dir` holds the files a researcher shipped out of band; `stdlib_dir` overrides the stdlib location."""
+    dataset_spec(name)
+    return _OPENERS[name](config, data_dir, stdlib_dir)

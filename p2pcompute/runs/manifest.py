@@ -21,8 +21,9 @@ import msgpack
 
 from p2pcompute import crypto
 from p2pcompute.errors import InvalidManifest, InvalidMessage
-from p2pcompute.runs import datasets, models, optimizers
-from p2pcompute.runs.models import DataShape
+from p2pcompute.identity import peer_id_from_public_key, public_key_from_peer_id
+from p2pcompute.runs import dataset_specs, model_specs, optimizers
+from p2pcompute.runs.model_specs import DataShape
 from p2pcompute.runs.schema import Bool, Choice, Dec, Int, ListOf, Param, Schema, Str
 
 VERSION = 1
@@ -178,8 +179,8 @@ class Manifest:
         """Validate a parsed TOML document; every error names the offending field."""
         sections = ("model", "dataset", "optimizer", "averaging", "hardware", "credits")
         top = TOP.parse(raw, "", ignore=sections)
-        model = _zoo_section(raw, "model", lambda n: models.model_entry(n, "model.name").schema)
-        dataset = _zoo_section(raw, "dataset", lambda n: datasets.dataset_entry(n, "dataset.name").schema)
+        model = _zoo_section(raw, "model", lambda n: model_specs.model_spec(n, "model.name").schema)
+        dataset = _zoo_section(raw, "dataset", lambda n: dataset_specs.dataset_spec(n, "dataset.name").schema)
         optimizer = _zoo_section(raw, "optimizer", lambda n: optimizers.optimizer_schema(n, "optimizer.name"))
         averaging = Averaging(**AVERAGING.parse(raw.get("averaging", {}), "averaging"))
         hardware = HardwareRequirements(**HARDWARE.parse(raw.get("hardware", {}), "hardware"))
@@ -195,8 +196,8 @@ class Manifest:
         if self.target_batch_size < self.batch_size_per_step:
             raise InvalidManifest(f"target_batch_size ({self.target_batch_size}) must be at least "
                                   f"batch_size_per_step ({self.batch_size_per_step})")
-        shape = datasets.data_shape(self.dataset.name, self.dataset.as_dict())
-        models.check_model(self.model.name, self.model.as_dict(), shape)
+        shape = dataset_specs.data_shape(self.dataset.name, self.dataset.as_dict())
+        model_specs.check_model(self.model.name, self.model.as_dict(), shape)
         optimizers.check_optimizer(self.optimizer.name, self.optimizer.as_dict())
         a = self.averaging
         _require(a.request_timeout < a.matchmaking_time, "averaging.request_timeout",
@@ -214,8 +215,6 @@ class Manifest:
         _require(not (a.mode == "local" and a.delay_state_averaging), "averaging.delay_state_averaging",
                  "is not supported with mode = \"local\" (hivemind stalls every step in that combination)")
         for peer_id in self.credits.validators:
-            from p2pcompute.identity import public_key_from_peer_id
-
             try:
                 public_key_from_peer_id(peer_id)
             except InvalidMessage as e:
@@ -226,8 +225,8 @@ class Manifest:
     def to_wire(self) -> bytes:
         return msgpack.packb([
             VERSION, self.name, self.description, self.batch_size_per_step, self.target_batch_size, self.max_epochs,
-            _encode_zoo(self.model, models.model_entry(self.model.name).schema),
-            _encode_zoo(self.dataset, datasets.dataset_entry(self.dataset.name).schema),
+            _encode_zoo(self.model, model_specs.model_spec(self.model.name).schema),
+            _encode_zoo(self.dataset, dataset_specs.dataset_spec(self.dataset.name).schema),
             _encode_zoo(self.optimizer, optimizers.optimizer_schema(self.optimizer.name)),
             AVERAGING.encode(dataclasses.asdict(self.averaging)),
             HARDWARE.encode(dataclasses.asdict(self.hardware)),
@@ -244,8 +243,8 @@ class Manifest:
             raise InvalidManifest(f"manifest: unsupported version {items[0]!r} (this node reads version {VERSION})")
         raw: dict[str, Any] = dict(zip(TOP.names, items[1:6]))
         for (section, lookup), wire in zip(
-            (("model", lambda n: models.model_entry(n, "model.name").schema),
-             ("dataset", lambda n: datasets.dataset_entry(n, "dataset.name").schema),
+            (("model", lambda n: model_specs.model_spec(n, "model.name").schema),
+             ("dataset", lambda n: dataset_specs.dataset_spec(n, "dataset.name").schema),
              ("optimizer", lambda n: optimizers.optimizer_schema(n, "optimizer.name"))), items[6:9]):
             if not isinstance(wire, list) or len(wire) != 2:
                 raise InvalidManifest(f"{section}: expected [name, values]")
@@ -280,11 +279,11 @@ class Manifest:
 
     @property
     def data_shape(self) -> DataShape:
-        return datasets.data_shape(self.dataset.name, self.dataset.as_dict())
+        return dataset_specs.data_shape(self.dataset.name, self.dataset.as_dict())
 
     @property
     def parameter_count(self) -> int:
-        return models.model_entry(self.model.name).count_parameters(self.model.as_dict())
+        return model_specs.model_spec(self.model.name).count_parameters(self.model.as_dict())
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly view (decimals as strings) for CLI output."""
@@ -319,8 +318,6 @@ class SignedManifest:
 
     @property
     def publisher_peer_id(self) -> str:
-        from p2pcompute.identity import peer_id_from_public_key
-
         return peer_id_from_public_key(self.publisher).to_base58()
 
     def to_wire(self) -> bytes:

@@ -1,0 +1,1 @@
+"""Training: the trainer around hivemind.Optimizer, compression, idle policy, checkpoints, the peer worker."""

@@ -1,0 +1,166 @@
+"""Our subclasses of hivemind's averagers and Optimizer: startable from any thread, every round observed for credit claims.
+
+Two changes to hivemind's behaviour, both by subclassing:
+
+* hivemind starts an averager with `run_in_background`, which calls `signal.signal(SIGINT, SIG_IGN)`
+  in the *parent*: that works only in the main thread and silently disables Ctrl-C for the whole
+  node. Ours ignore SIGINT in the averager child instead, so a trainer can (re)join a run from any
+  thread (pause/resume) and the node keeps its Ctrl-C handling.
+* Every averaging round (gradients and state) carries our payload in hivemind's all-gather: the
+  averager sends `[hivemind's own gather value, payload]` and a `RoundObserver` records, per
+  round, the group members and every member's payload. This is where signed claims ride (DESIGN:
+  Credits). hivemind reads the gathered values only when `sync_epoch_when_averaging=True`, which we
+  never set; otherwise it only counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import signal
+import threading
+from functools import partial
+from typing import Any, Callable, Optional
+
+import hivemind
+from hivemind.averaging import DecentralizedAverager
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+
+logger = logging.getLogger(__name__)
+
+MAX_RECORDED_ROUNDS = 256  # rounds kept in memory for the claims layer to pick up (a few minutes of epochs)
+# How long a stopping averager waits for the DHT process to have read its last requests (see _shutdown).
+DHT_BARRIER_TIMEOUT = 5.0
+
+Payload = Callable[[str], Any]  # round kind ("gradients" / "state") -> msgpack-able data sent to group mates
+
+
+@dataclasses.dataclass(frozen=True)
+class AveragingRound:
+    """One finished averaging round as this peer saw it."""
+
+    kind: str  # "gradients" or "state"
+    ok: bool
+    members: tuple[bytes, ...]  # PeerIDs of the group (bytes), in hivemind's order; empty if the round failed
+    payloads: dict[bytes, Any]  # PeerID -> the payload that member sent (untrusted; the claims layer checks it)
+    error: str = ""
+
+
+class RoundObserver:
+    """Supplies our gather payload for each round and records the outcome of every round (thread-safe)."""
+
+    def __init__(self, payload: Payload | None = None, max_rounds: int = MAX_RECORDED_ROUNDS):
+        self._payload = payload
+        self._lock = threading.Lock()
+        self._rounds: collections.deque[AveragingRound] = collections.deque(maxlen=max_rounds)
+
+    def payload(self, kind: str) -> Any:
+        return self._payload(kind) if self._payload is not None else None
+
+    def record(self, kind: str, control) -> None:
+        """Done-callback of a StepControl (runs in hivemind's future thread)."""
+        error = "cancelled" if control.cancelled() else control.exception(timeout=0)
+        if error is not None:
+            entry = AveragingRound(kind, False, (), {}, repr(error)[:200])
+        else:
+            gathered = control.result(timeout=0) or {}
+            members = tuple(peer.to_bytes() for peer in gathered)
+            payloads = {peer.to_bytes(): _our_part(value) for peer, value in gathered.items()}
+            entry = AveragingRound(kind, True, members, payloads)
+        with self._lock:
+            self._rounds.append(entry)
+
+    def rounds(self) -> list[AveragingRound]:
+        with self._lock:
+            return list(self._rounds)
+
+
+def _our_part(value: Any) -> Any:
+    return value[1] if isinstance(value, list) and len(value) == 2 else None
+
+
+class _ObservedAverager(DecentralizedAverager):
+    """Mixin placed right above DecentralizedAverager in the MRO, so hivemind's own `super().step(...)`
+    calls (GradientAverager.schedule_step, TrainingStateAverager._do) pass through `step` here."""
+
+    _observer: RoundObserver
+    _round_kind: str
+
+    def step(self, gather: Any = None, scheduled_time: Optional[float] = None, weight: Optional[float] = None,
+             timeout: Optional[float] = None, allow_retries: bool = True, require_trigger: bool = False,
+             wait: bool = True):
+        control = super().step([gather, self._observer.payload(self._round_kind)], scheduled_time, weight,
+                               timeout, allow_retries, require_trigger, wait=False)
+        control.add_done_callback(partial(self._observer.record, self._round_kind))
+        return control.result() if wait else control
+
+    def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
+        self.start()
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    def run(self):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+        super().run()
+
+    async def _shutdown(self, timeout: Optional[float]) -> None:
+        await super()._shutdown(timeout)
+        # Each DHT request carries an MPFuture whose pipe the DHT process fetches from *this* process
+        # (multiprocessing's resource sharer). A request still queued when we exit fails there and the
+        # DHT process sleeps wait_timeout (3 s) after each such failure, stalling every other caller.
+        # One last round trip, answered only after all our earlier requests were read, prevents that.
+        try:
+            await asyncio.wait_for(self.dht.run_coroutine(_dht_barrier, return_future=True), DHT_BARRIER_TIMEOUT)
+        except asyncio.TimeoutError:
+            logger.warning("the DHT did not answer the averager's last request within %.0f s", DHT_BARRIER_TIMEOUT)
+
+
+async def _dht_barrier(_dht, _node) -> None:
+    return None
+
+
+class ObservedGradientAverager(GradientAverager, _ObservedAverager):
+    def __init__(self, *args, observer: RoundObserver, **kwargs):
+        self._observer, self._round_kind = observer, "gradients"
+        super().__init__(*args, **kwargs)
+
+
+class ObservedStateAverager(TrainingStateAverager, _ObservedAverager):
+    def __init__(self, *args, observer: RoundObserver, **kwargs):
+        self._observer, self._round_kind = observer, "state"
+        super().__init__(*args, **kwargs)
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer whose gradient and state averagers are the observed ones above."""
+
+    def __init__(self, *, observer: RoundObserver, use_local_updates: bool = False, **kwargs):
+        self._observer = observer
+        if not use_local_updates:
+            kwargs["grad_averager_factory"] = partial(ObservedGradientAverager, observer=observer)
+        super().__init__(use_local_updates=use_local_updates, **kwargs)
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        # hivemind.Optimizer._make_state_averager with our class (hivemind builds its class directly), and
+        # initialize_optimizer=False: the optimizer factory must allocate its state itself (see
+        # runs.optimizers.optimizer_factory(with_state=True)); hivemind's own way shifts Adam's step count.
+        return ObservedStateAverager(
+            observer=self._observer,
+            initialize_optimizer=False,
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )

@@ -1,0 +1,574 @@
+"""Our averaging path: hivemind averagers whose all-reduce sends raw tensor frames on a libp2p stream, tuned settings, round timing and traffic counters."""
+
+# Why (measured on the 2-core dev box, see docs/benchmarks.md "Training / averaging"): hivemind's
+# all-reduce moves every 512 KB part as a protobuf message; on the way each part is copied ~9 times
+# in Python (tobytes, protobuf field, SerializeToString, stream buffer, bytes(), ParseFromString,
+# .buffer, bytearray, torch.cat) and its results are concatenated on the event loop. Ours keeps
+# hivemind's matchmaking, load balancing, part split (TensorPartContainer), reduction and sender
+# banning (TensorPartReducer, AllReduceRunner), and replaces only the data plane:
+#
+# * one binary libp2p stream per (sender, reducer) pair on the node's own host (no second stack);
+# * parts are written as raw bytes straight from the averaged tensors' shared memory (no copy for
+#   "none"), fp16 parts are a single cast; any other hivemind codec (8-bit, adaptive) travels as its
+#   serialized runtime_pb2.Tensor in the same framing;
+# * results are applied in place, part by part, as they arrive (no torch.cat, no full-size delta);
+# * without compression the reducer returns the average itself, so every peer ends up bit-identical;
+#   with a lossy codec it returns (average - what it decoded from you), as hivemind does, so codec
+#   error lands on the difference, not on the values.
+#
+# Wire format of the stream `<prefix>::p2pcompute.aggregate/1` (all integers little-endian):
+#   sender -> reducer: header  "P2AR" | u8 version=1 | u8 codec | u16 len(group_id) | f64 weight | group_id
+#                      then, per part the reducer owns, in order: u32 length | payload
+#   reducer -> sender: per part: u8 status | u32 length | payload   (status 0 = averaged part;
+#                      any other status is an error code from hivemind's averaging_pb2.MessageCode,
+#                      sent with length 0, after which the reducer closes the stream)
+#   codec 0 RAW:      payload = the part's bytes in the tensor's own dtype (reply: the average, same dtype)
+#   codec 1 FP16:     payload = float16 bytes (reply: float16 delta)
+#   codec 2 HIVEMIND: payload = a serialized hivemind runtime_pb2.Tensor (reply: same, delta)
+# Every length is checked against the part shape the receiver expects before reading the payload.
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import struct
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.compression import (
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    deserialize_torch_tensor,
+    serialize_torch_tensor,
+)
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.timed_storage import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+# ---- tuned settings ---------------------------------------------------------------------------------
+# Part size: with raw frames the per-part cost is one stream frame, so parts can be large; 4 MiB was the
+# fastest of 0.5/1/2/4/8/16 MiB for 10M-25M floats here (fewer event-loop wake-ups) while a 25M-float
+# tensor still splits into >= 12 parts per peer, enough to overlap sending, reducing and replying.
+PART_SIZE_BYTES = 4 * 2**20
+# A peer silent for this long between two frames is dropped from the round. hivemind defaults it to
+# matchmaking_time (seconds), which on a loaded 2-core box cut CPU-bound rounds in half; 30 s is far
+# above any frame gap we measured (< 1 s) and still bounds a dead peer.
+NEXT_CHUNK_TIMEOUT = 30.0
+# Matchmaking: a group of peers on one LAN/loopback forms in ~0.05-0.2 s; 2 s leaves room for a loaded
+# machine, and request_timeout must stay below it (hivemind stalls otherwise, see DESIGN.md).
+MIN_MATCHMAKING_TIME = 2.0
+REQUEST_TIMEOUT = 1.0
+# Upper bound on a whole all-reduce once the group is formed (25M floats take < 2 s here; slow links
+# are the caller's to raise it for: 25M floats over 20 Mbit/s take ~80 s).
+ALLREDUCE_TIMEOUT = 120.0
+# A reducer waits this long for a sender's header, and for its group to be registered, before closing.
+HEADER_TIMEOUT = 10.0
+
+PROTOCOL_SUFFIX = "p2pcompute.aggregate/1"
+_MAGIC, _VERSION = b"P2AR", 1
+_HEADER = struct.Struct("<4sBBHd")
+_PART = struct.Struct("<I")
+_REPLY = struct.Struct("<BI")
+MAX_GROUP_ID_BYTES = 256  # hivemind group ids are 20-32 bytes; anything longer is not one of ours
+# A HIVEMIND-codec payload is a protobuf around the encoded part: shape, dtype and a codebook (8-bit: 256
+# floats) on top of at most the raw size. This slack bounds what a peer may make us read beyond that.
+HIVEMIND_PAYLOAD_SLACK = 64 * 1024
+STATUS_OK = 0
+
+RAW, FP16, HIVEMIND = 0, 1, 2
+CODEC_NAMES = {RAW: "none", FP16: "fp16", HIVEMIND: "hivemind"}
+
+
+def codec_of(compression: CompressionBase) -> int:
+    """The wire codec for a hivemind compression: exact types get the fast paths, anything else travels
+    as hivemind's own serialized tensor (8-bit, adaptive, user-defined)."""
+    if type(compression) is NoCompression:
+        return RAW
+    if type(compression) is Float16Compression:
+        return FP16
+    return HIVEMIND
+
+
+def averager_options(part_size_bytes: int = PART_SIZE_BYTES) -> dict:
+    """Averager-only keyword arguments of our tuned path (for hivemind.Optimizer's `averager_opts`; its
+    timeouts are Optimizer arguments of their own: next_chunk_timeout, averaging_timeout, matchmaking_time)."""
+    return dict(part_size_bytes=part_size_bytes)
+
+
+def tuned_options(*, compression: Optional[CompressionBase] = None, part_size_bytes: int = PART_SIZE_BYTES,
+                  min_matchmaking_time: float = MIN_MATCHMAKING_TIME, request_timeout: float = REQUEST_TIMEOUT,
+                  next_chunk_timeout: float = NEXT_CHUNK_TIMEOUT,
+                  allreduce_timeout: float = ALLREDUCE_TIMEOUT) -> dict:
+    """Every keyword argument of a DecentralizedAverager that we choose instead of inheriting hivemind's."""
+    options = dict(part_size_bytes=part_size_bytes, min_matchmaking_time=min_matchmaking_time,
+                   request_timeout=request_timeout, next_chunk_timeout=next_chunk_timeout,
+                   allreduce_timeout=allreduce_timeout)
+    if compression is not None:
+        options["compression"] = compression
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundStats:
+    """One averaging round as this peer saw it (times in seconds, bytes of our frames on the stream)."""
+
+    matchmaking_s: float  # from step() reaching the averager process to the group being formed
+    allreduce_s: float  # from the group being formed to the averaged tensors written back
+    group_size: int
+    bytes_sent: int
+    bytes_received: int
+    failed_fraction: float  # share of our values whose reducer failed (kept at their local value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """What our averager moved since it started, all rounds together (frames on our streams)."""
+
+    bytes_sent: int
+    bytes_received: int
+    rounds: int
+
+
+# slots of the shared stats buffer (float64, written by the averager process, read by the trainer)
+(_STEP_STARTED, _GROUP_FORMED, _ALLREDUCE_DONE, _GROUP_SIZE, _SENT, _RECEIVED, _FAILED,
+ _TOTAL_SENT, _TOTAL_RECEIVED, _ROUNDS, _N_STATS) = range(11)
+
+
+class _RoundCounters:
+    """Bytes and failures of one all-reduce runner."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+        self.failed_values = 0
+
+
+class RawAllReduceRunner(AllReduceRunner):
+    """hivemind's butterfly all-reduce (same part split, reducer, banning and timeouts) whose parts travel
+    as raw frames on binary libp2p streams and whose results are applied to the local tensors in place."""
+
+    def __init__(self, *, protocol: str, alpha: float, compression: CompressionBase,
+                 part_size_bytes: int, tensor_infos: Optional[Sequence[CompressionInfo]] = None, **kwargs):
+        tensors = kwargs["tensors"]
+        if tensor_infos is None:
+            tensor_infos = tuple(CompressionInfo.from_tensor(x, key=i) for i, x in enumerate(tensors))
+        super().__init__(compression=compression, part_size_bytes=part_size_bytes, tensor_infos=tensor_infos,
+                         **kwargs)
+        self.protocol, self.alpha, self.compression = protocol, alpha, compression
+        self.codec = codec_of(compression)
+        self.counters = _RoundCounters()
+        container = self.tensor_part_container
+        infos = _part_infos(tensors, tensor_infos, compression, part_size_bytes, container.num_parts_by_tensor)
+        my_index = self.ordered_peer_ids.index(self.peer_id)
+        # parts (views of the local tensors) and their infos, per peer in group order
+        self.parts_by_peer: list[tuple[torch.Tensor, ...]] = []
+        self.infos_by_peer: list[tuple[CompressionInfo, ...]] = []
+        start = 0
+        for index, count in enumerate(container.num_parts_by_peer):
+            parts = self.parts_for_local_averaging if index == my_index else container.get_raw_input_parts(index)
+            self.parts_by_peer.append(tuple(parts))
+            self.infos_by_peer.append(tuple(infos[start:start + count]))
+            start += count
+        if self.codec == FP16 and not all(x.is_floating_point() for x in tensors):
+            raise ValueError("fp16 compression needs floating-point tensors")
+
+    # ---- driving the round ----------------------------------------------------------------------------
+    async def run_inplace(self) -> None:
+        """Run the round; every part's result is written into the local tensors as soon as it arrives."""
+        pending = set()
+        my_index = self.ordered_peer_ids.index(self.peer_id)
+        if self.tensor_part_container.num_parts_by_peer[my_index] != 0:
+            pending.add(asyncio.create_task(self._handle_missing_senders()))
+        try:
+            if not self.sender_peer_ids:
+                self.finalize()
+            elif self.peer_id in self.sender_peer_ids:
+                exchanges = [asyncio.create_task(self._exchange_with(peer_id))
+                             for peer_id, parts in zip(self.ordered_peer_ids, self.parts_by_peer) if parts]
+                pending.update(exchanges)
+                await asyncio.gather(*exchanges)
+                if self.counters.failed_values:
+                    total = sum(p.numel() for parts in self.parts_by_peer for p in parts)
+                    logger.warning(f"Averaging: received {100 * (1 - self.counters.failed_values / total):.1f}% "
+                                   f"of results; the rest keeps its local values")
+                self.finalize()
+            else:  # auxiliary peer: reduces for others, sends nothing
+                await self.tensor_part_reducer.finished.wait()
+                self.finalize()
+        except BaseException as e:
+            self.finalize(exception=e)
+            raise
+        finally:
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, AllreduceException, OSError):
+                    await task
+
+    async def _exchange_with(self, peer_id: PeerID) -> None:
+        """Send our parts that `peer_id` reduces and apply what it returns; a failure keeps local values."""
+        index = self.ordered_peer_ids.index(peer_id)
+        parts = self.parts_by_peer[index]
+        applied = 0
+        try:
+            if peer_id == self.peer_id:
+                sender_index = self.sender_peer_ids.index(peer_id)
+                for part_index, part in enumerate(parts):
+                    average = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, part, weight=self.weight)
+                    self._apply_average(part, average)
+                    applied += 1
+            else:
+                applied = await self._exchange_remote(peer_id, parts, self.infos_by_peer[index])
+        except (AllreduceException, P2PDaemonError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError,
+                ValueError) as e:
+            logger.debug(f"All-reduce with {peer_id} failed after {applied}/{len(parts)} parts: {e!r}")
+        finally:
+            self.counters.failed_values += sum(p.numel() for p in parts[applied:])
+
+    async def _exchange_remote(self, peer_id: PeerID, parts, infos) -> int:
+        _, reader, writer = await self._p2p.call_binary_stream_handler(peer_id, self.protocol)
+        applied = 0
+        try:
+            header = _HEADER.pack(_MAGIC, _VERSION, self.codec, len(self.group_id), self.weight) + self.group_id
+            writer.write(header)
+            self.counters.sent += len(header)
+            done_sending = asyncio.Event()
+            sending = asyncio.create_task(self._send_parts(parts, infos, writer, done_sending))
+            try:
+                if self.should_delay_results(self.peer_id):
+                    await done_sending.wait()
+                for part, info in zip(parts, infos):
+                    payload = await self._read_reply(reader, part, self.reducer_timeout)
+                    await self._apply_reply(part, payload)
+                    applied += 1
+                await sending
+            finally:
+                sending.cancel()
+        finally:
+            writer.close()
+        return applied
+
+    async def _send_parts(self, parts, infos, writer: asyncio.StreamWriter, done: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        encoded = None
+        for position, (part, info) in enumerate(zip(parts, infos)):
+            if encoded is None:
+                encoded = self._encode_later(loop, part, info)
+            payload = await encoded
+            # start encoding the next part (in a worker thread) while this one is being written
+            encoded = (self._encode_later(loop, *parts_and_infos) if (parts_and_infos := _next(parts, infos, position))
+                       else None)
+            writer.write(_PART.pack(len(payload)))
+            writer.write(payload)
+            self.counters.sent += _PART.size + len(payload)
+            await writer.drain()
+        done.set()
+
+    def _encode_later(self, loop, part: torch.Tensor, info: CompressionInfo) -> asyncio.Future:
+        if self.codec == RAW:  # zero copy: the bytes of the shared-memory tensor itself
+            future = loop.create_future()
+            future.set_result(_raw_bytes(part))
+            return future
+        return loop.run_in_executor(None, self._encode, part, info)
+
+    def _encode(self, part: torch.Tensor, info: CompressionInfo) -> memoryview | bytes:
+        if self.codec == FP16:
+            return _fp16_bytes(part)
+        return self.compression.compress(part, info).SerializeToString()
+
+    async def _read_reply(self, reader: asyncio.StreamReader, part: torch.Tensor, timeout: Optional[float]) -> bytes:
+        status, length = _REPLY.unpack(await asyncio.wait_for(reader.readexactly(_REPLY.size), timeout))
+        if status != STATUS_OK:
+            raise AllreduceException(f"reducer replied {_status_name(status)}")
+        _check_length(self.codec, part, length)
+        payload = await asyncio.wait_for(reader.readexactly(length), timeout)
+        self.counters.received += _REPLY.size + length
+        return payload
+
+    async def _apply_reply(self, part: torch.Tensor, payload: bytes) -> None:
+        if self.codec == RAW:
+            self._apply_average(part, _from_raw(payload, part))
+        elif self.codec == FP16:
+            part.add_(_from_fp16(payload, part), alpha=self.alpha)
+        else:
+            delta = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: _from_hivemind(runtime_pb2.Tensor.FromString(payload), part))
+            part.add_(delta.to(part.dtype), alpha=self.alpha)
+
+    def _apply_average(self, part: torch.Tensor, average: torch.Tensor) -> None:
+        if self.alpha == 1.0:
+            part.copy_(average)
+        else:
+            part.add_(average.to(part.dtype) - part, alpha=self.alpha)
+
+    # ---- serving one sender (we are its reducer) ------------------------------------------------------
+    async def serve_sender(self, sender: PeerID, codec: int, weight: float,
+                           reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Reduce the parts `sender` streams to us and reply with the result of each (see module header)."""
+        rejection = self._reason_to_reject(sender, codec, weight)
+        if rejection is not None:
+            _write_status(writer, rejection)
+            return
+        sender_index = self.sender_peer_ids.index(sender)
+        self.active_senders.add(sender)
+        if len(self.active_senders) == len(self.sender_peer_ids):
+            self.all_senders_started.set()
+        parts, loop = self.parts_for_local_averaging, asyncio.get_running_loop()
+        delayed: list[bytes] = []  # client-mode senders get their results only after they finished sending
+        delay = self.should_delay_results(sender)
+        received = 0
+        try:
+            for part_index, part in enumerate(parts):
+                (length,) = _PART.unpack(await asyncio.wait_for(reader.readexactly(_PART.size), self.sender_timeout))
+                _check_length(codec, part, length)
+                payload = await asyncio.wait_for(reader.readexactly(length), self.sender_timeout)
+                self.counters.received += _PART.size + length
+                if codec == RAW:
+                    theirs, their_type = _from_raw(payload, part), None
+                else:
+                    theirs, their_type = await loop.run_in_executor(None, _decode_part, codec, payload, part)
+                try:
+                    average = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, theirs, weight)
+                except BannedException:
+                    logger.debug(f"Sender {sender} was banned during the round")
+                    return
+                received += 1
+                reply = _raw_bytes(average.to(part.dtype)) if codec == RAW else await loop.run_in_executor(
+                    None, _encode_delta, codec, average, theirs, their_type)
+                frame = _REPLY.pack(STATUS_OK, len(reply))
+                self.counters.sent += len(frame) + len(reply)
+                if delay:
+                    delayed.append(frame + bytes(reply))
+                else:
+                    writer.write(frame)
+                    writer.write(reply)
+                    await writer.drain()
+            for frame in delayed:
+                writer.write(frame)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, AllreduceException) as e:
+            logger.debug(f"Sender {sender} failed after {received}/{len(parts)} parts: {e!r}")
+            _write_status(writer, averaging_pb2.INTERNAL_ERROR)
+        finally:
+            if received != len(parts):
+                await self._ban_sender(sender)
+
+    def _reason_to_reject(self, sender: PeerID, codec: int, weight: float) -> Optional[int]:
+        if self._future.cancelled():
+            return averaging_pb2.CANCELLED
+        if self._future.done():
+            return averaging_pb2.INTERNAL_ERROR
+        if sender not in self.sender_peer_ids or codec != self.codec or not np.isfinite(weight) or weight < 0:
+            return averaging_pb2.PROTOCOL_VIOLATION
+        return None
+
+
+# ---- the averagers ----------------------------------------------------------------------------------
+class RoundTimingMixin:
+    """Put in front of a hivemind averager class: each round's matchmaking and all-reduce times (and, with
+    our data plane, its traffic) are kept in shared memory for `last_round()` / `traffic()`."""
+
+    def __init__(self, *args, **kwargs):
+        # created before hivemind's __init__, which may fork the averager process
+        self._stats = torch.zeros(_N_STATS, dtype=torch.float64).share_memory_()
+        super().__init__(*args, **kwargs)
+
+    async def _step(self, *, step, future_for_init):
+        self._stats[_STEP_STARTED] = time.perf_counter()
+        return await super()._step(step=step, future_for_init=future_for_init)
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        stats = self._stats
+        stats[_GROUP_FORMED] = time.perf_counter()
+        stats[_GROUP_SIZE] = len(group_info.peer_ids)
+        stats[_SENT] = stats[_RECEIVED] = stats[_FAILED] = 0
+        try:
+            return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        finally:
+            stats[_ALLREDUCE_DONE] = time.perf_counter()
+            stats[_ROUNDS] += 1
+
+    def last_round(self) -> RoundStats:
+        """Timing and traffic of the latest round that formed a group (zeros before the first one)."""
+        s = self._stats.tolist()
+        return RoundStats(matchmaking_s=max(0.0, s[_GROUP_FORMED] - s[_STEP_STARTED]),
+                          allreduce_s=max(0.0, s[_ALLREDUCE_DONE] - s[_GROUP_FORMED]), group_size=int(s[_GROUP_SIZE]),
+                          bytes_sent=int(s[_SENT]), bytes_received=int(s[_RECEIVED]), failed_fraction=s[_FAILED])
+
+    def traffic(self) -> Traffic:
+        """Bytes of all rounds since start (counted by our data plane; zeros on hivemind's own)."""
+        s = self._stats.tolist()
+        return Traffic(bytes_sent=int(s[_TOTAL_SENT]), bytes_received=int(s[_TOTAL_RECEIVED]), rounds=int(s[_ROUNDS]))
+
+
+class RawAllReduceMixin(RoundTimingMixin):
+    """Put in front of a hivemind averager class: its all-reduce runs on our raw-frame data plane
+    (see the top of this module), with round timing and traffic counters."""
+
+    @property
+    def raw_protocol(self) -> str:
+        return f"{self.prefix}::{PROTOCOL_SUFFIX}"
+
+    # hivemind registers its rpc_* handlers here when the averager process starts and removes them on shutdown
+    async def add_p2p_handlers(self, p2p: P2P, wrapper=None, *, namespace: Optional[str] = None,
+                               balanced: bool = False) -> None:
+        await super().add_p2p_handlers(p2p, wrapper, namespace=namespace, balanced=balanced)
+        await p2p.add_binary_stream_handler(self.raw_protocol, self._serve_raw_stream, balanced=balanced)
+
+    async def remove_p2p_handlers(self, p2p: P2P, *, namespace: Optional[str] = None) -> None:
+        await super().remove_p2p_handlers(p2p, namespace=namespace)
+        await p2p.remove_binary_stream_handler(self.raw_protocol)
+
+    async def _serve_raw_stream(self, stream_info, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        try:
+            magic, version, codec, id_length, weight = _HEADER.unpack(
+                await asyncio.wait_for(reader.readexactly(_HEADER.size), HEADER_TIMEOUT))
+            if magic != _MAGIC or version != _VERSION or id_length > MAX_GROUP_ID_BYTES:
+                _write_status(writer, averaging_pb2.PROTOCOL_VIOLATION)
+                return
+            group_id = await asyncio.wait_for(reader.readexactly(id_length), HEADER_TIMEOUT)
+            if group_id not in self._running_groups:
+                # the leader may have started the round before its message reached us (as in hivemind)
+                await asyncio.wait_for(self._pending_groups_registered.wait(), HEADER_TIMEOUT)
+            future = self._running_groups.get(group_id)
+            if future is None:
+                _write_status(writer, averaging_pb2.BAD_GROUP_ID)
+                return
+            runner = await asyncio.wait_for(future, HEADER_TIMEOUT)
+            await runner.serve_sender(stream_info.peer_id, codec, weight, reader, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+            logger.debug(f"Raw all-reduce stream from {stream_info.peer_id} dropped: {e!r}")
+        finally:
+            writer.close()
+
+    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
+                                      group_id: Optional[bytes] = None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = RawAllReduceRunner(
+            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, protocol=self.raw_protocol, alpha=self._averaging_alpha, **kwargs)
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        try:
+            await runner.run_inplace()
+            if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        finally:
+            total = max(1, sum(t.numel() for t in tensors))
+            c, stats = runner.counters, self._stats
+            stats[_SENT] += c.sent
+            stats[_RECEIVED] += c.received
+            stats[_FAILED] += c.failed_values / total
+            stats[_TOTAL_SENT] += c.sent
+            stats[_TOTAL_RECEIVED] += c.received
+
+
+class TunedAverager(RawAllReduceMixin, DecentralizedAverager):
+    """DecentralizedAverager on our data plane. Pass `**tuned_options(...)` for our settings."""
+
+
+class TunedGradientAverager(RawAllReduceMixin, GradientAverager):
+    """GradientAverager on our data plane (hivemind.Optimizer: `grad_averager_factory=TunedGradientAverager`)."""
+
+
+class TunedStateAverager(RawAllReduceMixin, TrainingStateAverager):
+    """TrainingStateAverager on our data plane (parameter averaging for local updates, DiLoCo-style)."""
+
+
+# ---- codecs and framing helpers ---------------------------------------------------------------------
+def _part_infos(tensors, tensor_infos, compression: CompressionBase, part_size_bytes: int,
+                num_parts_by_tensor: Sequence[int]) -> list[CompressionInfo]:
+    """CompressionInfo of every part, in hivemind's split order (the same rule as TensorPartContainer)."""
+    infos = []
+    for tensor, info, count in zip(tensors, tensor_infos, num_parts_by_tensor):
+        bytes_per_value = tensor.element_size() * compression.estimate_compression_ratio(info)
+        part_size_values = int(part_size_bytes / bytes_per_value)
+        infos.extend(info.get_part(i, part_size_values) for i in range(count))
+    return infos
+
+
+def _next(parts, infos, position: int):
+    return (parts[position + 1], infos[position + 1]) if position + 1 < len(parts) else None
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's memory as bytes, without a copy (parts are contiguous slices of flat tensors)."""
+    return memoryview(tensor.detach().contiguous().view(torch.uint8).numpy())
+
+
+def _fp16_bytes(tensor: torch.Tensor) -> memoryview:
+    half = tensor.detach().clamp(Float16Compression.FP16_MIN, Float16Compression.FP16_MAX).to(torch.float16)
+    return memoryview(half.view(torch.uint8).numpy())
+
+
+def _from_raw(payload: bytes, like: torch.Tensor) -> torch.Tensor:
+    # read-only view of the received bytes: only ever read (accumulated, copied), never written
+    return torch.from_numpy(np.frombuffer(payload, dtype=np.uint8)).view(like.dtype).view(like.shape)
+
+
+def _from_fp16(payload: bytes, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(payload, dtype=np.float16)).to(like.dtype).view(like.shape)
+
+
+def _from_hivemind(message: runtime_pb2.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if tuple(message.size) != tuple(like.shape):
+        raise ValueError(f"part of shape {tuple(message.size)} where {tuple(like.shape)} was expected")
+    return deserialize_torch_tensor(message)
+
+
+def _decode_part(codec: int, payload: bytes, like: torch.Tensor) -> tuple[torch.Tensor, Optional[int]]:
+    """A sender's part and, for hivemind codecs, its compression type (the reply is encoded the same way)."""
+    if codec == FP16:
+        return _from_fp16(payload, like), None
+    message = runtime_pb2.Tensor.FromString(payload)
+    return _from_hivemind(message, like).to(like.dtype), message.compression
+
+
+def _encode_delta(codec: int, average: torch.Tensor, theirs: torch.Tensor,
+                  compression_type: Optional[int]) -> memoryview | bytes:
+    delta = average - theirs
+    if codec == FP16:
+        return _fp16_bytes(delta)
+    return serialize_torch_tensor(delta, compression_type).SerializeToString()
+
+
+def _check_length(codec: int, part: torch.Tensor, length: int) -> None:
+    if codec == RAW:
+        expected = part.numel() * part.element_size()
+    elif codec == FP16:
+        expected = part.numel() * 2
+    else:
+        if length > part.numel() * part.element_size() + HIVEMIND_PAYLOAD_SLACK:
+            raise ValueError(f"frame of {length} bytes for a part of {part.numel()} values")
+        return
+    if length != expected:
+        raise ValueError(f"frame of {length} bytes where {expected} were expected")
+
+
+def _write_status(writer: asyncio.StreamWriter, status: int) -> None:
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.write(_REPLY.pack(status, 0))
+
+
+def _status_name(status: int) -> str:
+    try:
+        return averaging_pb2.MessageCode.Name(status)
+    except ValueError:
+        return f"status {status}"

@@ -1,0 +1,97 @@
+"""Checkpoints: a zoo model's state_dict and epoch in a file that loads with torch.load(weights_only=True); fetching one from the swarm."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from p2pcompute.errors import InvalidMessage, NotFound
+from p2pcompute.runs.manifest import Manifest
+from p2pcompute.runs.models import build_model
+
+FORMAT = "p2pc-checkpoint/v1"
+# A checkpoint file holds only tensors, ints and strings: torch.load(weights_only=True) refuses anything
+# else, so a file from the network cannot run code. Its size is bounded by the model size cap.
+
+
+def checkpoint_name(manifest: Manifest, epoch: int) -> str:
+    return f"{manifest.name}-{manifest.run_id_hex[:12]}-epoch{epoch:06d}.pt"
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, manifest: Manifest, epoch: int) -> Path:
+    """Write atomically: {"format", "run_id", "model" (zoo name), "epoch", "state_dict"}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "run_id": manifest.run_id_hex, "model": manifest.model.name, "epoch": int(epoch),
+               "state_dict": state}
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check the file's structure (weights_only: no code runs); InvalidMessage if malformed."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise NotFound(f"checkpoint {path} does not exist") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:  # torch's errors for unreadable/unsafe files
+        raise InvalidMessage(f"{path} is not a loadable checkpoint: {str(e).splitlines()[0][:200]}") from None
+    if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("run_id"), str)
+            and isinstance(data.get("epoch"), int) and isinstance(data.get("state_dict"), dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data["state_dict"].items())):
+        raise InvalidMessage(f"{path} is not a {FORMAT} file")
+    return data
+
+
+def load_checkpoint(path: str | Path, manifest: Manifest) -> tuple[nn.Module, int]:
+    """The run's zoo model with the checkpoint's parameters, and its epoch."""
+    data = read_checkpoint(path)
+    if data["run_id"] != manifest.run_id_hex:
+        raise InvalidMessage(f"{path} belongs to run {data['run_id'][:16]}..., not {manifest.run_id_hex[:16]}...")
+    model = build_model(manifest.model.name, manifest.model.as_dict(), manifest.init_seed)
+    try:
+        model.load_state_dict(data["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise InvalidMessage(f"{path}: parameters do not fit the run's model: {str(e).splitlines()[0]}") from None
+    return model, data["epoch"]
+
+
+def fetch_checkpoint(dht, manifest: Manifest, path: str | Path, timeout: float) -> int:
+    """Download the current parameters from a peer training the run and write them as a checkpoint;
+    returns the epoch. Uses hivemind's state download (the one late joiners use), as a client."""
+    from p2pcompute.runs.optimizers import optimizer_factory
+    from p2pcompute.training.averagers import ObservedStateAverager, RoundObserver
+
+    prefix = f"{manifest.hivemind_prefix}_state_averager"
+    donors = dht.get(f"{prefix}.all_averagers", latest=True, return_future=True).result(timeout)
+    if donors is None or not isinstance(donors.value, dict) or not any(
+            isinstance(v.value, (int, float)) for v in donors.value.values()):
+        raise NotFound(f"no peer of run {manifest.run_id_hex[:16]}... offers its state (is anyone training it?)")
+    model = build_model(manifest.model.name, manifest.model.as_dict(), manifest.init_seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))  # sentinel: any NaN left after the download means nothing arrived
+    averager = ObservedStateAverager(
+        observer=RoundObserver(), dht=dht, prefix=prefix, start=True,
+        optimizer=optimizer_factory(manifest.optimizer.name, manifest.optimizer.as_dict(), with_state=True),
+        params=list(model.parameters()), client_mode=True, allow_state_sharing=False, initialize_optimizer=False,
+        min_matchmaking_time=float(manifest.averaging.matchmaking_time),
+        request_timeout=float(manifest.averaging.request_timeout),
+        next_chunk_timeout=float(manifest.averaging.next_chunk_timeout),
+    )
+    try:
+        averager.load_state_from_peers(timeout=timeout)
+        if any(torch.isnan(param).any() for param in model.parameters()):
+            raise NotFound(f"no peer of run {manifest.run_id_hex[:16]}... sent its state within {timeout:.0f} s")
+        save_checkpoint(path, model, manifest, averager.local_epoch)
+        return averager.local_epoch
+    finally:
+        averager.shutdown()

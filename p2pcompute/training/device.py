@@ -1,0 +1,56 @@
+"""Training device choice (CPU/CUDA), GPU memory cap and mixed precision, through documented torch APIs only."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from p2pcompute.errors import TrainingError
+
+
+def select_device(preference: str, allowed: tuple[str, ...]) -> torch.device:
+    """`preference` is the node config's device ("auto", "cpu", "cuda" or "cuda:N"); `allowed` the run's
+    hardware.devices. auto: CUDA when present and allowed, else CPU."""
+    cuda_ok = torch.cuda.is_available() and "cuda" in allowed
+    if preference == "auto":
+        if cuda_ok:
+            return torch.device("cuda", torch.cuda.current_device())
+        if "cpu" in allowed:
+            return torch.device("cpu")
+        raise TrainingError("the run needs a CUDA GPU and none is available")
+    device = torch.device(preference)
+    if device.type not in allowed:
+        raise TrainingError(f"the run trains on {'/'.join(allowed)}, not on {device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device cuda was asked for but torch sees no CUDA GPU")
+    return device
+
+
+def limit_memory(device: torch.device, fraction: float) -> None:
+    """Cap this process's share of the GPU's memory (the caching allocator refuses beyond it)."""
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bfloat16 where the GPU supports it (no loss scaling needed), else float16; None on CPU (fp32)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> "torch.amp.GradScaler | None":
+    """Loss scaling for float16 autocast. Gradients are accumulated by hivemind in separate buffers
+    (reuse_grad_buffers=False), so the standard torch scaler is the right one (hivemind.GradScaler is
+    for reuse_grad_buffers=True): it unscales the model's grads and skips the step on inf/nan."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)

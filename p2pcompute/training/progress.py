@@ -1,0 +1,169 @@
+"""Training progress in the DHT: one record per peer under a per-run key, and the run status read from them.
+
+Key `p2pc/v1/progress/<run id hex>`, subkey = the peer's PeerID bytes (an owned subkey: with the
+swarm's OwnerSignatureValidator only that peer can write it, and its DHT process signs it), value =
+`ProgressRecord.to_wire()`: msgpack [version, epoch, samples_done, loss (micro-units, -1 unknown),
+samples/s (milli-units), status, reason, time (ms), device]. Integers only, so the bytes are canonical
+and could be signed or quoted in a claim as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import msgpack
+
+from p2pcompute.errors import InvalidMessage
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+PROGRESS_KEY_PREFIX = "p2pc/v1/progress/"
+MAX_RECORD_BYTES = 1024  # a record is ~60 bytes; bounds decoding of what other peers stored
+STATUSES = ("joining", "training", "paused", "finished", "stopped", "failed")
+MAX_REASON = 200
+_MAX_INT = 1 << 62
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressRecord:
+    epoch: int
+    samples_done: int  # samples this peer trained on in this run, all epochs
+    loss_micro: int  # recent training loss x 1e6, or -1 when not known yet
+    samples_per_second_milli: int
+    status: str
+    reason: str  # why paused/failed; empty otherwise
+    time_ms: int  # the publisher's wall clock
+    device: str
+
+    @classmethod
+    def make(cls, *, epoch: int, samples_done: int, loss: float | None, samples_per_second: float, status: str,
+             reason: str, now: float, device: str) -> "ProgressRecord":
+        loss_micro = -1 if loss is None or not math.isfinite(loss) else min(_MAX_INT, max(0, round(loss * 1e6)))
+        sps_milli = min(_MAX_INT, max(0, round(samples_per_second * 1000))) if math.isfinite(samples_per_second) else 0
+        return cls(epoch, samples_done, loss_micro, sps_milli, status, reason[:MAX_REASON], int(now * 1000),
+                   device[:16])
+
+    @property
+    def loss(self) -> float | None:
+        return None if self.loss_micro < 0 else self.loss_micro / 1e6
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_per_second_milli / 1000
+
+    def to_wire(self) -> bytes:
+        return msgpack.packb([VERSION, self.epoch, self.samples_done, self.loss_micro, self.samples_per_second_milli,
+                              self.status, self.reason, self.time_ms, self.device])
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "ProgressRecord":
+        if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
+            raise InvalidMessage("progress record must be at most 1 KiB of bytes")
+        try:
+            items = msgpack.unpackb(data, raw=False, max_map_len=0, max_bin_len=0)
+        except (ValueError, msgpack.UnpackException):
+            raise InvalidMessage("progress record is not msgpack") from None
+        if not isinstance(items, list) or len(items) != 9 or items[0] != VERSION:
+            raise InvalidMessage("progress record has the wrong shape or version")
+        _, epoch, samples, loss, sps, status, reason, time_ms, device = items
+        ints = (epoch, samples, sps, time_ms)
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _MAX_INT for v in ints):
+            raise InvalidMessage("progress record has a bad number")
+        if isinstance(loss, bool) or not isinstance(loss, int) or not -1 <= loss <= _MAX_INT:
+            raise InvalidMessage("progress record has a bad loss")
+        if status not in STATUSES or not isinstance(reason, str) or len(reason) > MAX_REASON:
+            raise InvalidMessage("progress record has a bad status")
+        if not isinstance(device, str) or len(device) > 16:
+            raise InvalidMessage("progress record has a bad device")
+        return cls(epoch, samples, loss, sps, status, reason, time_ms, device)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "samples_done": self.samples_done, "loss": self.loss,
+                "samples_per_second": self.samples_per_second, "status": self.status, "reason": self.reason,
+                "time": self.time_ms / 1000, "device": self.device}
+
+
+def progress_key(run_id: bytes) -> str:
+    return PROGRESS_KEY_PREFIX + bytes(run_id).hex()
+
+
+def publish_progress(dht, run_id: bytes, peer_id, record: ProgressRecord, expiration_time: float):
+    """Store (or refresh) this peer's record without waiting; returns the DHT's future."""
+    return dht.store(progress_key(run_id), subkey=peer_id.to_bytes(), value=record.to_wire(),
+                     expiration_time=expiration_time, return_future=True)
+
+
+def wait_for_peers(dht, run_id: bytes, peer_id, count: int, timeout: float, stop, now, poll: float = 0.25) -> int:
+    """Announce ourselves as joining and wait until `count` peers (us included) have records for the run,
+    so that a small swarm starts together; returns how many there are. `stop` (an Event) ends the wait
+    early; `now` is the wall clock. Raises TrainingError when they do not show up within `timeout`."""
+    from hivemind.utils import get_dht_time
+
+    from p2pcompute.errors import TrainingError
+
+    deadline = now() + timeout
+    joining = ProgressRecord.make(epoch=0, samples_done=0, loss=None, samples_per_second=0.0, status="joining",
+                                  reason=f"waiting for {count} peers", now=now(), device="")
+    while True:
+        publish_progress(dht, run_id, peer_id, joining, get_dht_time() + max(timeout, poll * 4))
+        present = len(fetch_progress(dht, run_id, timeout=max(poll, 1.0)))
+        if present >= count or stop.is_set():
+            return present
+        if now() > deadline:
+            raise TrainingError(f"only {present} of {count} peers joined run {bytes(run_id).hex()[:16]}... "
+                                f"within {timeout:.0f} s")
+        stop.wait(poll)
+
+
+def fetch_progress(dht, run_id: bytes, timeout: float | None = None) -> dict[str, ProgressRecord]:
+    """Every live peer's record for a run, keyed by base58 PeerID; malformed ones are logged and skipped."""
+    from hivemind.p2p import PeerID
+
+    found = dht.get(progress_key(run_id), latest=True, return_future=True).result(timeout)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    records = {}
+    for subkey, item in found.value.items():
+        try:
+            if not isinstance(subkey, bytes):
+                raise InvalidMessage("subkey is not a peer id")
+            records[PeerID(subkey).to_base58()] = ProgressRecord.from_wire(item.value)
+        except InvalidMessage as e:
+            logger.info("skipping a malformed progress record: %s", e)
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatus:
+    """The run as the swarm reports it: epoch, loss, throughput and who is training."""
+
+    epoch: int
+    loss: float | None  # mean of the training peers' recent losses at the newest epoch
+    samples_per_second: float
+    samples_done: int
+    training_peers: int
+    peers: dict[str, ProgressRecord]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "loss": self.loss, "samples_per_second": self.samples_per_second,
+                "samples_done": self.samples_done, "training_peers": self.training_peers,
+                "peers": {peer: record.to_json() for peer, record in sorted(self.peers.items())}}
+
+
+def summarize(records: dict[str, ProgressRecord]) -> RunStatus:
+    """Pure: fold peers' records into the run's status."""
+    training = [r for r in records.values() if r.status == "training"]
+    epoch = max((r.epoch for r in records.values()), default=0)
+    losses = [r.loss for r in training if r.epoch >= epoch - 1 and r.loss is not None]
+    return RunStatus(
+        epoch=epoch,
+        loss=sum(losses) / len(losses) if losses else None,
+        samples_per_second=sum(r.samples_per_second for r in training),
+        samples_done=sum(r.samples_done for r in records.values()),
+        training_peers=len(training),
+        peers=dict(records),
+    )

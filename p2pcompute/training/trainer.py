@@ -1,0 +1,357 @@
+"""The trainer: one run on this node, driven through hivemind.Optimizer (build, late join, train, pause/resume, progress, checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from hivemind.utils import get_dht_time
+
+from p2pcompute.errors import TrainingError
+from p2pcompute.runs.datasets import batch_for, open_dataset
+from p2pcompute.runs.manifest import Manifest, SignedManifest
+from p2pcompute.runs.models import build_model, loss_function
+from p2pcompute.runs.optimizers import optimizer_factory
+from p2pcompute.training import device as devices
+from p2pcompute.training.averagers import AveragingRound, RoundObserver, SwarmOptimizer
+from p2pcompute.training.checkpoint import checkpoint_name, save_checkpoint
+from p2pcompute.training.compression import compression_for
+from p2pcompute.training.local import evaluate_loss
+from p2pcompute.training.progress import ProgressRecord, publish_progress
+
+logger = logging.getLogger(__name__)
+
+# Seconds between progress records in the DHT: `run status` is at most this stale, and a swarm of
+# hundreds of peers stores well under the DHT's ~40-180 stores/s measured here.
+PROGRESS_PERIOD = 2.0
+# A progress record outlives several missed refreshes; a peer that died leaves `run status` this fast.
+PROGRESS_TTL = 30.0
+LOSS_EMA_ALPHA = 0.1  # smoothing of the reported training loss (about the last 10 steps)
+MAX_CONTRIBUTIONS = 1024  # epochs of per-epoch sample counts kept for the claims layer
+# Extra seconds, beyond hivemind's own averaging and shutdown timeouts, that shutdown() waits for the
+# training thread to let go: the thread may be inside one averaging round when asked to stop.
+SHUTDOWN_MARGIN = 10.0
+
+STATUSES = ("starting", "joining", "training", "paused", "finished", "stopped", "failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerOptions:
+    """Node-local settings (not part of the run): where to train and where files are."""
+
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (the node config's `device`)
+    max_memory_fraction: float = 0.9  # GPU memory cap for this process
+    mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + loss scaling)
+    data_dir: Path | None = None  # where out-of-band dataset files are kept
+    stdlib_dir: Path | None = None  # override the Python stdlib location (pystdlib dataset)
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 0  # save a checkpoint every this many epochs; 0: never
+    max_epochs: int | None = None  # stop at this epoch; None: the manifest's max_epochs (0 = no end)
+    progress_period: float = PROGRESS_PERIOD
+    progress_ttl: float = PROGRESS_TTL
+    # claims hook: (round kind) -> data sent to group mates in each averaging round; None: [epoch, samples]
+    round_payload: Callable[[str], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerStatus:
+    run_id: str
+    status: str
+    reason: str
+    epoch: int
+    global_epoch: int
+    peers: int  # peers the swarm progress shows (hivemind's tracker)
+    loss: float | None
+    samples_per_second: float
+    samples_done: int
+    device: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Trainer:
+    """Trains one run on this node. `start()` builds everything and joins (raising on a bad setup);
+    a background thread then trains until max_epochs, `shutdown()` or an error. `pause()`/`resume()`
+    are the idle policy's hooks: pausing leaves the averaging group cleanly (hivemind's shutdown,
+    which also withdraws our progress), resuming joins again and catches up from peers if behind.
+
+    The DHT must have been started with this node's identity (the PeerID seeds our batches).
+    """
+
+    def __init__(self, dht, run: Manifest | SignedManifest, identity, options: TrainerOptions = TrainerOptions(),
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+        self.dht = dht
+        self.manifest = run.manifest if isinstance(run, SignedManifest) else run
+        self.identity = identity
+        self.options = options
+        self._clock, self._wall_clock = clock, wall_clock
+        self._observer = RoundObserver(options.round_payload or self._default_payload)
+        self._lock = threading.RLock()  # held during a training step; checkpoints and evals take it too
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._pause_reason: str | None = None
+        self._thread: threading.Thread | None = None
+        self._opt: SwarmOptimizer | None = None
+        self._saved_opt_state: dict | None = None
+        self._status, self._reason = "starting", ""
+        self._epoch = 0
+        self._step_in_epoch = 0
+        self._samples_in_epoch = 0
+        self._samples_done = 0
+        self._contributions: dict[int, int] = {}
+        self._loss_ema: float | None = None
+        self._rate_mark = (0.0, 0)  # (clock, samples_done) at the last throughput measurement
+        self._samples_per_second = 0.0
+        self._next_publish = 0.0
+        max_epochs = options.max_epochs if options.max_epochs is not None else self.manifest.max_epochs
+        self.max_epochs = max_epochs
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> "Trainer":
+        if self.dht.peer_id != self.identity.peer_id:
+            raise TrainingError("the DHT runs under another identity than the trainer's (batches are seeded by it)")
+        m = self.manifest
+        self.device = devices.select_device(self.options.device, m.hardware.devices)
+        devices.limit_memory(self.device, self.options.max_memory_fraction)
+        self._amp_dtype = devices.autocast_dtype(self.device) if self.options.mixed_precision else None
+        self._scaler = devices.grad_scaler(self.device, self._amp_dtype)
+        self.dataset = open_dataset(m.dataset.name, m.dataset.as_dict(), self.options.data_dir,
+                                    self.options.stdlib_dir)
+        self.model = build_model(m.model.name, m.model.as_dict(), m.init_seed).to(self.device)
+        self._loss_fn = loss_function(self.dataset.shape.task)
+        self._rate_mark = (self._clock(), 0)
+        self._join()
+        self._thread = threading.Thread(target=self._run, name=f"trainer-{m.run_id_hex[:8]}", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop training, leave the averaging group and withdraw from the run (idempotent)."""
+        self._stop.set()
+        self._wakeup.set()
+        if timeout is None:
+            a = self.manifest.averaging
+            timeout = float(a.averaging_timeout + a.shutdown_timeout) + SHUTDOWN_MARGIN
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("the training thread did not stop within %.0f s", timeout)
+        elif self._opt is not None:
+            self._leave("stopped", "")
+
+    def __enter__(self) -> "Trainer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until training ends (finished, failed or stopped); True if it has."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ---- idle policy hooks --------------------------------------------------------------------------
+
+    def pause(self, reason: str) -> None:
+        """Leave the averaging group after the current step and stop training until resume()."""
+        self._pause_reason = reason or "paused"
+        self._wakeup.set()
+
+    def resume(self) -> None:
+        self._pause_reason = None
+        self._wakeup.set()
+
+    # ---- what others read ---------------------------------------------------------------------------
+
+    def status(self) -> TrainerStatus:
+        opt = self._opt
+        tracker = opt.tracker if opt is not None else None
+        return TrainerStatus(
+            run_id=self.manifest.run_id_hex, status=self._status, reason=self._reason, epoch=self._epoch,
+            global_epoch=tracker.global_epoch if tracker is not None else self._epoch,
+            peers=tracker.global_progress.num_peers if tracker is not None else 0,
+            loss=self._loss_ema, samples_per_second=self._samples_per_second, samples_done=self._samples_done,
+            device=str(getattr(self, "device", "")),
+        )
+
+    def rounds(self) -> list[AveragingRound]:
+        """Averaging rounds this peer took part in: group members and each member's payload (claims hook)."""
+        return self._observer.rounds()
+
+    def contributions(self) -> dict[int, int]:
+        """epoch -> samples this peer accumulated toward that epoch's update (0 if they were discarded)."""
+        with self._lock:
+            return dict(self._contributions)
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write the current parameters (between steps); default path: checkpoint_dir/<run>-epochN.pt."""
+        with self._lock:
+            if path is None:
+                if self.options.checkpoint_dir is None:
+                    raise TrainingError("no checkpoint directory configured")
+                path = Path(self.options.checkpoint_dir) / checkpoint_name(self.manifest, self._epoch)
+            return save_checkpoint(path, self.model, self.manifest, self._epoch)
+
+    def evaluate(self, size: int) -> float:
+        """Loss on the run's fixed held-out batch (the same on every machine)."""
+        with self._lock, devices.autocast(self.device, self._amp_dtype):
+            return evaluate_loss(self.model, self.dataset, self.manifest.run_id, size, self.device)
+
+    # ---- the training thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.max_epochs and self._epoch >= self.max_epochs:
+                    self._set_status("finished", f"reached epoch {self.max_epochs}")
+                    break
+                if self._pause_reason is not None:
+                    self._idle_while_paused()
+                    continue
+                self._train_step()
+                self._maybe_publish()
+        except Exception as e:  # the thread's last resort: recorded in the status and the log, then we leave
+            logger.exception("training failed")
+            self._set_status("failed", f"{type(e).__name__}: {e}"[:200])
+        finally:
+            if self._opt is not None:
+                final = self._status if self._status in ("finished", "failed") else "stopped"
+                self._leave(final, self._reason)
+
+    def _train_step(self) -> None:
+        with self._lock:
+            m, opt = self.manifest, self._opt
+            epoch = opt.local_epoch
+            if epoch != self._epoch:  # hivemind moved us (state loaded from peers on its own)
+                self._new_epoch(epoch, completed=False)
+            x, y = batch_for(self.dataset, m.run_id, self.identity.peer_id.to_bytes(), epoch, self._step_in_epoch,
+                             m.batch_size_per_step)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with devices.autocast(self.device, self._amp_dtype):
+                loss = self._loss_fn(self.model(x), y)
+            if self._scaler is not None:
+                self._scaler.scale(loss).backward()
+                self._scaler.step(opt)
+                self._scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            opt.zero_grad()
+            self._step_in_epoch += 1
+            self._samples_in_epoch += m.batch_size_per_step
+            self._samples_done += m.batch_size_per_step
+            value = float(loss.detach())
+            self._loss_ema = value if self._loss_ema is None else (
+                (1 - LOSS_EMA_ALPHA) * self._loss_ema + LOSS_EMA_ALPHA * value)
+            if opt.local_epoch != epoch:
+                self._new_epoch(opt.local_epoch, completed=opt.local_epoch == epoch + 1)
+
+    def _new_epoch(self, epoch: int, completed: bool) -> None:
+        """Bookkeeping at an epoch change: what we contributed, batch counters, periodic checkpoints."""
+        self._contributions[self._epoch] = self._samples_in_epoch if completed else 0
+        while len(self._contributions) > MAX_CONTRIBUTIONS:
+            del self._contributions[min(self._contributions)]
+        self._epoch, self._step_in_epoch, self._samples_in_epoch = epoch, 0, 0
+        every = self.options.checkpoint_every
+        if every and self.options.checkpoint_dir is not None and epoch % every == 0:
+            self.save_checkpoint()
+        self._next_publish = 0.0  # tell the swarm about the new epoch right away
+
+    def _idle_while_paused(self) -> None:
+        if self._opt is not None:
+            with self._lock:
+                self._leave("paused", self._pause_reason or "")
+        self._set_status("paused", self._pause_reason or "")
+        self._publish()
+        self._wakeup.wait(self.options.progress_period)
+        self._wakeup.clear()
+        if self._pause_reason is None and not self._stop.is_set():
+            self._join()
+
+    # ---- joining and leaving the averaging group ----------------------------------------------------
+
+    def _join(self) -> None:
+        """Create hivemind's optimizer (averagers, progress tracker) and catch up with the swarm."""
+        m, a = self.manifest, self.manifest.averaging
+        codec = compression_for(a.compression)
+        opt = SwarmOptimizer(
+            observer=self._observer,
+            dht=self.dht, run_id=m.hivemind_prefix,
+            target_batch_size=m.target_batch_size, batch_size_per_step=m.batch_size_per_step,
+            optimizer=optimizer_factory(m.optimizer.name, m.optimizer.as_dict(), with_state=True),
+            params=list(self.model.parameters()),
+            use_local_updates=a.mode == "local",
+            average_state_every=a.average_state_every,
+            delay_state_averaging=a.delay_state_averaging,
+            matchmaking_time=float(a.matchmaking_time),
+            averaging_timeout=float(a.averaging_timeout),
+            allreduce_timeout=float(a.allreduce_timeout),
+            next_chunk_timeout=float(a.next_chunk_timeout),
+            load_state_timeout=float(a.load_state_timeout),
+            shutdown_timeout=float(a.shutdown_timeout),
+            grad_compression=codec,
+            state_averaging_compression=codec,
+            averager_opts=dict(request_timeout=float(a.request_timeout), target_group_size=a.target_group_size,
+                               part_size_bytes=a.part_size_bytes, declare_state_period=float(a.declare_state_period)),
+            tracker_opts=dict(min_refresh_period=float(a.min_refresh_period),
+                              max_refresh_period=float(a.max_refresh_period),
+                              default_refresh_period=float(a.default_refresh_period),
+                              metadata_expiration=float(a.metadata_expiration)),
+        )
+        if self._saved_opt_state is not None:
+            opt.load_state_dict(self._saved_opt_state)
+            self._saved_opt_state = None
+        self._opt = opt
+        if opt.tracker.global_epoch > opt.local_epoch:
+            self._set_status("joining", f"catching up from epoch {opt.local_epoch} to {opt.tracker.global_epoch}")
+            self._publish()
+            opt.load_state_from_peers()
+        if opt.local_epoch != self._epoch:
+            self._new_epoch(opt.local_epoch, completed=False)
+        self._set_status("training", "")
+        self._publish()
+
+    def _leave(self, status: str, reason: str) -> None:
+        """Shut hivemind's optimizer down (goodbye to the tracker, pending rounds cancelled or finished
+        with zero weight, averagers stopped), keeping the model and optimizer state for a later resume."""
+        opt, self._opt = self._opt, None
+        self._saved_opt_state = opt.state_dict()
+        opt.shutdown()
+        self._set_status(status, reason)
+        self._publish()
+
+    # ---- progress -------------------------------------------------------------------------------------
+
+    def _default_payload(self, kind: str) -> list[int]:
+        return [self._epoch, self._samples_in_epoch]
+
+    def _set_status(self, status: str, reason: str) -> None:
+        self._status, self._reason = status, reason
+
+    def _maybe_publish(self) -> None:
+        if self._clock() >= self._next_publish:
+            self._publish()
+
+    def _publish(self) -> None:
+        now = self._clock()
+        mark_time, mark_samples = self._rate_mark
+        if now - mark_time > 0:
+            self._samples_per_second = (self._samples_done - mark_samples) / (now - mark_time)
+        self._rate_mark = (now, self._samples_done)
+        self._next_publish = now + self.options.progress_period
+        status = "joining" if self._status == "starting" else self._status
+        record = ProgressRecord.make(
+            epoch=self._epoch, samples_done=self._samples_done, loss=self._loss_ema,
+            samples_per_second=self._samples_per_second if status == "training" else 0.0,
+            status=status, reason=self._reason, now=self._wall_clock(), device=str(self.device))
+        publish_progress(self.dht, self.manifest.run_id, self.identity.peer_id, record,
+                         get_dht_time() + self.options.progress_ttl)
