@@ -11,7 +11,12 @@ measures side by side:
 and prints the ratio ingest/raw (goal: >= 0.8). Repeats interleave the two and keep the best of each, to
 damp noise from other processes.
 
-    python scripts/bench_ledger.py --entries 20000 --witnesses 3 --batch 500 --repeat 3
+Sync part: for each ledger size and difference d, replica B (a copy of A minus d entries) reconciles once
+with A over two real p2pd hosts on 127.0.0.1; prints time, bytes each way and round trips, next to the bytes
+of the smallest naive exchange (every id once).
+
+    python scripts/bench_ledger.py --part ingest --entries 20000 --witnesses 3 --batch 500 --repeat 3
+    python scripts/bench_ledger.py --part sync --sync-sizes 10000 100000 1000000 --sync-diffs 0 10 1000
 """
 
 from __future__ import annotations
@@ -78,6 +83,99 @@ def time_ingest(wires: list[bytes], batch: int, directory: Path) -> float:
     return elapsed
 
 
+# ---- sync: two real libp2p hosts on 127.0.0.1, replicas that differ by d entries -----------------------
+
+
+def publish_entries(n: int, seed: str, authors: int = 1000) -> list[bytes]:
+    """n cheap valid entries (run publications, one signature each) from `authors` authors, chains in order."""
+    keys = [label_key(f"sync {seed} author {i}") for i in range(min(authors, n) or 1)]
+    chains = ChainBuilder()
+    policy = CreditPolicy.create(1000, 1)
+    return [chains.publish(keys[i % len(keys)], b"%s manifest %d" % (seed.encode(), i), policy,
+                           1_700_000_000_000 + i).wire for i in range(n)]
+
+
+def build_store(path: Path, wires: list[bytes], batch: int = 5000) -> None:
+    with Store(path, durable=False) as store:
+        for i in range(0, len(wires), batch):
+            store.append(wires[i : i + batch])
+
+
+def copy_store(src: Path, dst: Path) -> None:
+    import shutil
+    import sqlite3
+
+    conn = sqlite3.connect(src)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    shutil.copyfile(src, dst)
+
+
+async def measure_sync(a_path: Path, b_path: Path) -> dict:
+    """B reconciles with A once over real p2pd hosts; returns seconds, bytes both ways, entries moved."""
+    from hivemind.p2p import P2P
+
+    from p2pcompute.ledger.sync import LedgerSync, Replica
+
+    kwargs = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, auto_nat=False, nat_port_map=False)
+    p2p_a = await P2P.create(**kwargs)
+    p2p_b = await P2P.create(initial_peers=[str(m) for m in await p2p_a.get_visible_maddrs()], **kwargs)
+    store_a, store_b = Store(a_path), Store(b_path)
+    try:
+        t_index = time.perf_counter()
+        replica_a, replica_b = Replica(store_a), Replica(store_b)
+        index_s = (time.perf_counter() - t_index) / 2
+        sync_a = LedgerSync(p2p_a, replica_a, sync_interval=0)
+        sync_b = LedgerSync(p2p_b, replica_b, sync_interval=0)
+        await sync_a.start()
+        await sync_b.start()
+        start = time.perf_counter()
+        diff = await sync_b.sync_with(p2p_a.peer_id)
+        elapsed = time.perf_counter() - start
+        if store_a.count() != store_b.count():
+            raise SystemExit(f"replicas differ after sync: {store_a.count()} vs {store_b.count()}")
+        await sync_a.shutdown()
+        await sync_b.shutdown()
+        return {"seconds": elapsed, "sent": sync_b.stats.bytes_sent, "received": sync_b.stats.bytes_received,
+                "moved": len(diff.missing_here), "rounds": diff.rounds, "index_s": index_s}
+    finally:
+        store_a.close()
+        store_b.close()
+        await p2p_b.shutdown()
+        await p2p_a.shutdown()
+
+
+def run_sync_bench(sizes: list[int], diffs: list[int], directory: Path, console: Console) -> None:
+    import asyncio
+
+    table = Table(title="Ledger sync: replica B reconciles with A once (real p2pd hosts on 127.0.0.1)")
+    for column in ("ledger size", "difference", "sync s", "bytes B->A", "bytes A->B", "round trips",
+                   "naive id list bytes", "ours / naive", "index build s"):
+        table.add_column(column, justify="right")
+    for size in sizes:
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            tmp = Path(tmp)
+            t0 = time.perf_counter()
+            base = tmp / "base.sqlite"
+            build_store(base, publish_entries(size, f"base{size}"))
+            console.print(f"built a {size}-entry replica in {time.perf_counter() - t0:.0f} s")
+            for d in diffs:
+                a, b = tmp / f"a{d}.sqlite", tmp / f"b{d}.sqlite"
+                copy_store(base, a)
+                copy_store(base, b)
+                if d:
+                    build_store(a, publish_entries(d, f"extra{size}-{d}", authors=max(1, d // 10)))
+                r = asyncio.run(measure_sync(a, b))
+                naive = 32 * (size + d)  # the smallest full-set exchange: every id once
+                total = r["sent"] + r["received"]
+                table.add_row(f"{size:,}", f"{d:,}", f"{r['seconds']:.3f}", f"{r['sent']:,}", f"{r['received']:,}",
+                              str(r["rounds"] + (1 if d else 0)), f"{naive:,}", f"{total / naive:.4f}",
+                              f"{r['index_s']:.2f}")
+                for path in (a, b):
+                    path.unlink()
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=20_000)
@@ -86,7 +184,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="entries per append (one transaction, one fsync)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the fresh store goes")
+    parser.add_argument("--part", choices=["ingest", "sync", "all"], default="all")
+    parser.add_argument("--sync-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--sync-diffs", type=int, nargs="+", default=[0, 10, 1000])
     args = parser.parse_args()
+    if args.part in ("ingest", "all"):
+        run_ingest_bench(args)
+    if args.part in ("sync", "all"):
+        run_sync_bench(args.sync_sizes, args.sync_diffs, args.dir, Console(width=160))
+
+
+def run_ingest_bench(args) -> None:
 
     t0 = time.perf_counter()
     wires, signatures = generate(args.entries, args.claimants, args.witnesses, seed=1)

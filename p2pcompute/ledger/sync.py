@@ -47,15 +47,22 @@ class SyncError(InvalidMessage):
 # ---- framing -------------------------------------------------------------------------------------
 
 
-async def write_frame(writer: asyncio.StreamWriter, obj: Any) -> None:
+async def write_frame(writer: asyncio.StreamWriter, obj: Any) -> int:
+    """Send one frame; returns the bytes written."""
     data = msgpack.packb(obj, use_bin_type=True)
     if len(data) > MAX_FRAME:
         raise SyncError(f"refusing to send a {len(data)}-byte frame")
     writer.write(len(data).to_bytes(4, "big") + data)
     await writer.drain()
+    return 4 + len(data)
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:
+    return (await read_frame_sized(reader))[0]
+
+
+async def read_frame_sized(reader: asyncio.StreamReader) -> tuple[Any, int]:
+    """Read one frame, refusing it before reading if it announces more than MAX_FRAME; (object, bytes read)."""
     header = await reader.readexactly(4)
     length = int.from_bytes(header, "big")
     if length > MAX_FRAME:
@@ -63,7 +70,7 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
     data = await reader.readexactly(length)
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_FRAME,
-                               max_array_len=MAX_FETCH_IDS * 16, max_map_len=0, max_ext_len=0)
+                               max_array_len=MAX_FETCH_IDS * 16, max_map_len=0, max_ext_len=0), 4 + length
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
         raise SyncError(f"malformed msgpack frame: {e}") from None
 
@@ -317,8 +324,10 @@ class LedgerSync:
         async def _call():
             _info, reader, writer = await self.p2p.call_binary_stream_handler(peer_id, PROTOCOL)
             try:
-                await write_frame(writer, [VERSION, op, payload])
-                return await read_frame(reader)
+                self.stats.bytes_sent += await write_frame(writer, [VERSION, op, payload])
+                reply, size = await read_frame_sized(reader)
+                self.stats.bytes_received += size
+                return reply
             finally:
                 writer.close()
 
