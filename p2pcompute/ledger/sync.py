@@ -162,7 +162,7 @@ class Replica:
     def __init__(self, store: Store):
         self.store = store
         self.index = PrefixIndex(self._all_ids())
-        self._listeners: list[Callable[[list[bytes]], None]] = []
+        self._listeners: list[Callable[[list[bytes], bytes | None], None]] = []
 
     def _all_ids(self) -> Iterable[bytes]:
         lo = b""
@@ -173,12 +173,13 @@ class Replica:
                 return
             lo = ids[-1] + b"\x00"
 
-    def on_added(self, listener: Callable[[list[bytes]], None]) -> None:
+    def on_added(self, listener: Callable[[list[bytes], bytes | None], None]) -> None:
+        """`listener(ids, source)` hears of every added entry; source is the peer that sent them (None: local)."""
         self._listeners.append(listener)
 
-    def append(self, items: Iterable) -> AppendResult:
+    def append(self, items: Iterable, source: bytes | None = None) -> AppendResult:
         result = self.store.append(items)
-        self._added(result.added)
+        self._added(result.added, source)
         return result
 
     def append_local(self, signer, kind: str, body, now: int):
@@ -186,12 +187,12 @@ class Replica:
         self._added([entry.id])
         return entry
 
-    def _added(self, ids) -> None:
+    def _added(self, ids, source: bytes | None = None) -> None:
         if not ids:
             return
         self.index.add(ids)
         for listener in self._listeners:
-            listener(list(ids))
+            listener(list(ids), source)
 
     def ids_under(self, prefix: str) -> list[bytes]:
         lo, hi = reconcile.prefix_bounds(prefix)
@@ -280,6 +281,9 @@ class LedgerSync:
                 reply = [0, result]
             except (SyncError, InvalidEntry) as e:
                 reply = [1, str(e)[:500]]
+            except StoreError as e:  # our disk, not the peer's fault: tell it, log it
+                logger.error("ledger store failed while serving %s: %s", _short(peer), e)
+                reply = [1, "the responder's store failed"]
             await write_frame(writer, reply)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, SyncError) as e:
             logger.info("ledger request from %s failed: %s", _short(peer), e)
@@ -313,7 +317,7 @@ class LedgerSync:
     async def _ingest_from(self, peer: bytes, raws: list[bytes]) -> AppendResult:
         """Validate and store entries a peer sent (in a worker thread: signature checks and an fsync)."""
         try:
-            return await asyncio.to_thread(self.replica.append, raws)
+            return await asyncio.to_thread(self.replica.append, raws, peer)
         except InvalidEntry as e:
             self.limits.ban(peer, str(e))
             raise
@@ -409,7 +413,7 @@ class LedgerSync:
             if peers:
                 await self._sync_quietly(self.rng.choice(peers).to_bytes())
 
-    def _schedule_push(self, ids: list[bytes]) -> None:
+    def _schedule_push(self, ids: list[bytes], source: bytes | None) -> None:
         loop = self._loop
         if loop is None:
             return
@@ -418,16 +422,18 @@ class LedgerSync:
         except RuntimeError:
             running = None
         if running is loop:
-            self._spawn(self._push_new(ids))
+            self._spawn(self._push_new(ids, source))
         else:
-            loop.call_soon_threadsafe(lambda: self._spawn(self._push_new(ids)))
+            loop.call_soon_threadsafe(lambda: self._spawn(self._push_new(ids, source)))
 
-    async def _push_new(self, ids: list[bytes]) -> None:
+    async def _push_new(self, ids: list[bytes], source: bytes | None) -> None:
+        """Flood newly added entries on to up to PUSH_FANOUT peers, never back to the peer they came from."""
         try:
             peers = await self._connected_peers()
         except (ControlFailure, DispatchFailure, P2PDaemonError, ConnectionError) as e:  # anti-entropy will retry
             logger.info("listing peers failed: %s", e)
             return
+        peers = [p for p in peers if p.to_bytes() != source]
         for peer_id in self.rng.sample(peers, min(PUSH_FANOUT, len(peers))):
             try:
                 await self._push_to(peer_id, ids)
