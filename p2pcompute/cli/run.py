@@ -50,3 +50,43 @@ def list_runs(data_dir: str | None, as_json: bool) -> None:
         )
 
     emit(runs, as_json, render)
+
+
+@run.command("status")
+@click.argument("run_ref", metavar="RUN")
+@data_dir_option
+@json_option
+def status(run_ref: str, data_dir: str | None, as_json: bool) -> None:
+    """Epoch, loss, samples/s and the peers training RUN (id prefix or name), as the swarm reports it."""
+    report = ControlClient(resolve_data_dir(data_dir)).call("runs/status", {"run": run_ref})
+
+    def render(r: dict) -> None:
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        console.print(f"[bold]{r['name']}[/] {r['run_id'][:16]}  epoch {r['epoch']}/{r['max_epochs'] or '∞'}  "
+                      f"loss {loss}  {r['samples_per_second']:.1f} samples/s  "
+                      f"{r['training_peers']} peers training", highlight=False)
+        print_table(None, ["peer", "status", "epoch", "loss", "samples/s", "samples"],
+                    [(peer[-12:], p["status"], p["epoch"], "-" if p["loss"] is None else f"{p['loss']:.4f}",
+                      f"{p['samples_per_second']:.1f}", p["samples_done"]) for peer, p in r["peers"].items()])
+
+    emit(report, as_json, render)
+
+
+@run.command("checkpoint")
+@click.argument("run_ref", metavar="RUN")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="File to write; loads with torch.load(..., weights_only=True).")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+              help="Seconds to wait for a peer's state.")
+@data_dir_option
+@json_option
+def checkpoint(run_ref: str, output: str, timeout: float, data_dir: str | None, as_json: bool) -> None:
+    """Fetch RUN's current parameters from the swarm and write them to a checkpoint file."""
+    from pathlib import Path
+
+    path = Path(output).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = ControlClient(resolve_data_dir(data_dir), timeout=timeout + 30).call(
+        "runs/checkpoint", {"run": run_ref, "path": str(path), "timeout": timeout})
+    emit(report, as_json, lambda r: console.print(f"wrote {r['path']} (epoch {r['epoch']}, from {r['source']})",
+                                                 highlight=False))

@@ -47,13 +47,14 @@ class Node:
         self.run_id = b""
         self._hardware = hardware.Hardware("none", "", 0) if role == "bootstrap" else None
         self._stop = threading.Event()
-        self._dht_lock = threading.Lock()  # the DHT handle's pipe is shared by the API and refresher threads
+        self.dht_lock = threading.RLock()  # the DHT handle's pipe is shared by the API, refresher and supervisor
         self._refresher: threading.Thread | None = None
         self._known_peers: list[PeerRecord] = []
         self.store = None  # ledger.store.Store
         self.replica = None  # ledger.sync.Replica
         self.loop = None  # node.loop.BackgroundLoop running our libp2p protocols
         self.sync = None  # ledger.sync.LedgerSync
+        self.supervisor = None  # node.training.TrainingSupervisor
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -84,6 +85,10 @@ class Node:
             self._add_routes(self.control)
             self.control.start()
             write_private(data_dir / MULTIADDRS_FILENAME, ("\n".join(self.maddrs) + "\n").encode())
+            if self.role == "node":
+                from p2pcompute.node.training import TrainingSupervisor
+
+                self.supervisor = TrainingSupervisor(self).start()
         except BaseException:
             self.shutdown()
             raise
@@ -118,6 +123,9 @@ class Node:
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self.supervisor is not None:
+            self.supervisor.shutdown()  # leaves the averaging group cleanly first
+            self.supervisor = None
         if self.control is not None:
             self.control.shutdown()
             self.control = None
@@ -149,6 +157,33 @@ class Node:
     def request_stop(self) -> None:
         self._stop.set()
 
+    # ---- training (called by the supervisor) ---------------------------------------------------
+
+    @property
+    def hardware(self) -> hardware.Hardware:
+        return self._hardware
+
+    def set_training_state(self, status: str, run_id: bytes) -> None:
+        """What our peer record says: idle / starting / training / paused, and which run."""
+        record_status = {"starting": "training"}.get(status, status)
+        if (record_status, run_id) != (self.status, self.run_id):
+            self.status, self.run_id = record_status, run_id
+            if self.dht is not None and not self._stop.is_set():
+                try:
+                    self._publish()
+                except Exception as e:  # the refresher publishes again within TTL/3
+                    logger.info("could not publish the peer record now: %s", e)
+
+    def round_payload(self, signed):
+        """The data our trainer sends to group mates in each averaging round (credits hook)."""
+        return None
+
+    def on_trainer_started(self, trainer, signed) -> None:
+        pass
+
+    def on_trainer_stopped(self, trainer) -> None:
+        pass
+
     # ---- peer record ----------------------------------------------------------------------------
 
     def peer_record(self) -> PeerRecord:
@@ -172,7 +207,7 @@ class Node:
     def _publish(self, ttl: float | None = None) -> bool:
         from p2pcompute.swarm.dht import publish_peer_record
 
-        with self._dht_lock:
+        with self.dht_lock:
             return publish_peer_record(self.dht, self.peer_record(), ttl or self.config.record_ttl)
 
     def _refresh_loop(self) -> None:
@@ -190,7 +225,7 @@ class Node:
     def fetch_peers(self) -> list[PeerRecord]:
         from p2pcompute.swarm.dht import fetch_peer_records
 
-        with self._dht_lock:
+        with self.dht_lock:
             peers = fetch_peer_records(self.dht)
         return [p for p in peers if p.status != "stopped"]
 
@@ -207,6 +242,7 @@ class Node:
             "multiaddrs": self.maddrs,
             "peers_known": len(self._known_peers),
             "current_run": self.run_id.hex() or None,
+            "training": self.supervisor.status() if self.supervisor is not None else None,
             "credits": self._own_credits(),
             "ledger_entries": self.store.count() if self.store is not None else None,
             "device": self._hardware.device,
@@ -247,7 +283,7 @@ class Node:
         signed = sign_manifest(manifest, self.identity)
         entry = self.replica.append_local(self.identity, KIND_RUN_PUBLISH, RunPublish.from_manifest(manifest),
                                           int(self.clock() * 1000))
-        with self._dht_lock:
+        with self.dht_lock:
             announced = announce_run(self.dht, signed, dht_time())
         return {"run_id": manifest.run_id_hex, "name": manifest.name, "entry_id": entry.id.hex(),
                 "announced": announced, "publisher": self.identity.peer_id_b58}
@@ -256,7 +292,7 @@ class Node:
         """Runs the swarm knows (DHT) and this replica has recorded (ledger), with who trains them now."""
         from p2pcompute.swarm.runs import fetch_runs
 
-        with self._dht_lock:
+        with self.dht_lock:
             announced = fetch_runs(self.dht)
         training: dict[str, list[str]] = {}
         for peer in self._known_peers:
@@ -270,6 +306,53 @@ class Node:
                             in_ledger=run_hex in recorded, peers_training=training.get(run_hex, [])))
         return out
 
+    def _find_run(self, wanted: str):
+        """A run announced in the swarm, by id prefix (>= 4 hex digits) or exact name."""
+        from p2pcompute.errors import NotFound
+        from p2pcompute.node.training import MIN_RUN_PREFIX
+        from p2pcompute.swarm.runs import fetch_runs
+
+        if not isinstance(wanted, str) or not wanted:
+            raise UsageError("give a run id (or its first 4+ hex digits) or the run's name")
+        with self.dht_lock:
+            runs = fetch_runs(self.dht)
+        matches = {r.run_id: r for r in runs if r.manifest.name == wanted
+                   or (len(wanted) >= MIN_RUN_PREFIX and r.run_id.hex().startswith(wanted.lower()))}
+        if not matches:
+            raise NotFound(f"no run {wanted!r} is announced in the swarm")
+        if len(matches) > 1:
+            raise UsageError(f"{wanted!r} matches {len(matches)} runs; give more of the run id")
+        return next(iter(matches.values()))
+
+    def _api_run_status(self, args: dict) -> dict:
+        from p2pcompute.training.progress import fetch_progress, summarize
+
+        signed = self._find_run(args.get("run"))
+        with self.dht_lock:
+            records = fetch_progress(self.dht, signed.run_id, timeout=30)
+        return dict(summarize(records).to_json(), run_id=signed.run_id.hex(), name=signed.manifest.name,
+                    max_epochs=signed.manifest.max_epochs, target_batch_size=signed.manifest.target_batch_size)
+
+    def _api_run_checkpoint(self, args: dict) -> dict:
+        """Write the run's current parameters to args["path"]: from our own trainer if we train the run,
+        else downloaded from a peer that does."""
+        from pathlib import Path
+
+        from p2pcompute.training.checkpoint import fetch_checkpoint
+
+        signed = self._find_run(args.get("run"))
+        path = args.get("path")
+        if not isinstance(path, str) or not Path(path).is_absolute():
+            raise UsageError("path must be an absolute file path")
+        sup = self.supervisor
+        trainer = sup.trainer if sup is not None and sup.signed is not None and sup.signed.run_id == signed.run_id \
+            else None
+        if trainer is not None:
+            written = trainer.save_checkpoint(path)
+            return {"path": str(written), "epoch": trainer.status().epoch, "source": "this node"}
+        epoch = fetch_checkpoint(self.dht, signed.manifest, path, timeout=float(args.get("timeout", 60)))
+        return {"path": path, "epoch": epoch, "source": "a peer"}
+
     def _api_peers(self, _args: dict) -> list[dict]:
         self._known_peers = self.fetch_peers()
         me = self.identity.peer_id.to_bytes()
@@ -281,6 +364,8 @@ class Node:
         control.route("POST", "ledger/sync", self._api_ledger_sync)
         control.route("POST", "runs/publish", self._api_publish_run)
         control.route("GET", "runs", self._api_runs)
+        control.route("POST", "runs/status", self._api_run_status)
+        control.route("POST", "runs/checkpoint", self._api_run_checkpoint)
         control.route("POST", "shutdown", lambda _args: (self.request_stop(), "stopping")[1])
 
 
