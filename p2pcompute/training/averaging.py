@@ -77,6 +77,10 @@ REQUEST_TIMEOUT = 1.0
 ALLREDUCE_TIMEOUT = 120.0
 # A reducer waits this long for a sender's header, and for its group to be registered, before closing.
 HEADER_TIMEOUT = 10.0
+# Every live group mate opens its streams within milliseconds of the group forming; one that has not
+# started sending after this long (it died during matchmaking) is dropped then, not after the (longer)
+# gap allowed between two frames of a slow link. hivemind uses next_chunk_timeout for both.
+SENDER_START_TIMEOUT = 5.0
 
 PROTOCOL_SUFFIX = "p2pcompute.aggregate/1"
 _MAGIC, _VERSION = b"P2AR", 1
@@ -187,6 +191,17 @@ class RawAllReduceRunner(AllReduceRunner):
             raise ValueError("fp16 compression needs floating-point tensors")
 
     # ---- driving the round ----------------------------------------------------------------------------
+    async def _handle_missing_senders(self):
+        """Ban senders that never started within SENDER_START_TIMEOUT (or sender_timeout, if shorter)."""
+        timeout = SENDER_START_TIMEOUT if self.sender_timeout is None else min(self.sender_timeout,
+                                                                                 SENDER_START_TIMEOUT)
+        try:
+            await asyncio.wait_for(self.all_senders_started.wait(), timeout)
+        except asyncio.TimeoutError:
+            for peer_id in self.sender_peer_ids:
+                if peer_id not in self.active_senders and peer_id not in self.banned_senders:
+                    await self._ban_sender(peer_id)
+
     async def run_inplace(self) -> None:
         """Run the round; every part's result is written into the local tensors as soon as it arrives."""
         pending = set()
@@ -514,7 +529,9 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def _fp16_bytes(tensor: torch.Tensor) -> memoryview:
-    half = tensor.detach().clamp(Float16Compression.FP16_MIN, Float16Compression.FP16_MAX).to(torch.float16)
+    # cast, then clamp the half-size result: out-of-range values became +-inf and clamp to +-65504, the same
+    # values hivemind's clamp-then-cast gives, without a full-precision temporary
+    half = tensor.detach().to(torch.float16).clamp_(Float16Compression.FP16_MIN, Float16Compression.FP16_MAX)
     return memoryview(half.view(torch.uint8).numpy())
 
 
@@ -524,7 +541,8 @@ def _from_raw(payload: bytes, like: torch.Tensor) -> torch.Tensor:
 
 
 def _from_fp16(payload: bytes, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(payload, dtype=np.float16)).to(like.dtype).view(like.shape)
+    # stays float16: accumulate (add_), subtract and add_ into float32 promote on the fly, no converted copy
+    return torch.from_numpy(np.frombuffer(payload, dtype=np.float16)).view(like.shape)
 
 
 def _from_hivemind(message: runtime_pb2.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise NotFound(f"checkpoint {path} does not exist") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:  # torch's errors for unreadable/unsafe files
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # unreadable or unsafe
         raise InvalidMessage(f"{path} is not a loadable checkpoint: {str(e).splitlines()[0][:200]}") from None
     if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("run_id"), str)
             and isinstance(data.get("epoch"), int) and isinstance(data.get("state_dict"), dict)

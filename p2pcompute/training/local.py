@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -23,17 +24,28 @@ def evaluate_loss(model: nn.Module, dataset: Dataset, run_id: bytes, size: int,
         return float(loss_function(dataset.shape.task)(model(x.to(device)), y.to(device)))
 
 
-def train_locally(manifest: Manifest, steps: int, batch_size: int, data_dir: Path | None = None,
+def train_locally(manifest: Manifest, epochs: Sequence[Sequence[tuple[bytes, int]]], data_dir: Path | None = None,
                   dataset: Dataset | None = None) -> tuple[nn.Module, Dataset]:
-    """`steps` optimizer steps of `batch_size` samples each, from the run's initial model: what the swarm
-    computes when every epoch's averaged gradient covers `batch_size` samples."""
+    """One optimizer step per epoch, from the run's initial model, over that epoch's batches: for each
+    (peer id, steps) of epochs[e], the batches batch_for(run, peer, e, s) for s < steps, all together.
+
+    Given the peers and step counts of a swarm's epochs, this recomputes the swarm on the very samples
+    its peers drew (hivemind weights each peer's gradient by its sample count, so an epoch's averaged
+    gradient is the mean over all of them): the auditor's view. `single_process(...)` plans a plain run."""
     dataset = dataset or open_dataset(manifest.dataset.name, manifest.dataset.as_dict(), data_dir)
     model = build_model(manifest.model.name, manifest.model.as_dict(), manifest.init_seed)
     optimizer = optimizer_factory(manifest.optimizer.name, manifest.optimizer.as_dict())(model.parameters())
     loss_fn = loss_function(dataset.shape.task)
-    for step in range(steps):
-        x, y = batch_for(dataset, manifest.run_id, REFERENCE_PEER, step, 0, batch_size)
+    size = manifest.batch_size_per_step
+    for epoch, contributions in enumerate(epochs):
+        batches = [batch_for(dataset, manifest.run_id, peer, epoch, step, size)
+                   for peer, steps in contributions for step in range(steps)]
         optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
+        loss_fn(model(torch.cat([x for x, _ in batches])), torch.cat([y for _, y in batches])).backward()
         optimizer.step()
     return model, dataset
+
+
+def single_process(epochs: int, steps_per_epoch: int) -> list[list[tuple[bytes, int]]]:
+    """The plan of one process taking `steps_per_epoch` local batches per optimizer step."""
+    return [[(REFERENCE_PEER, steps_per_epoch)] for _ in range(epochs)]

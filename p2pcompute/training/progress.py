@@ -97,28 +97,6 @@ def publish_progress(dht, run_id: bytes, peer_id, record: ProgressRecord, expira
                      expiration_time=expiration_time, return_future=True)
 
 
-def wait_for_peers(dht, run_id: bytes, peer_id, count: int, timeout: float, stop, now, poll: float = 0.25) -> int:
-    """Announce ourselves as joining and wait until `count` peers (us included) have records for the run,
-    so that a small swarm starts together; returns how many there are. `stop` (an Event) ends the wait
-    early; `now` is the wall clock. Raises TrainingError when they do not show up within `timeout`."""
-    from hivemind.utils import get_dht_time
-
-    from p2pcompute.errors import TrainingError
-
-    deadline = now() + timeout
-    joining = ProgressRecord.make(epoch=0, samples_done=0, loss=None, samples_per_second=0.0, status="joining",
-                                  reason=f"waiting for {count} peers", now=now(), device="")
-    while True:
-        publish_progress(dht, run_id, peer_id, joining, get_dht_time() + max(timeout, poll * 4))
-        present = len(fetch_progress(dht, run_id, timeout=max(poll, 1.0)))
-        if present >= count or stop.is_set():
-            return present
-        if now() > deadline:
-            raise TrainingError(f"only {present} of {count} peers joined run {bytes(run_id).hex()[:16]}... "
-                                f"within {timeout:.0f} s")
-        stop.wait(poll)
-
-
 def fetch_progress(dht, run_id: bytes, timeout: float | None = None) -> dict[str, ProgressRecord]:
     """Every live peer's record for a run, keyed by base58 PeerID; malformed ones are logged and skipped."""
     from hivemind.p2p import PeerID

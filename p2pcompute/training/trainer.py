@@ -36,6 +36,10 @@ MAX_CONTRIBUTIONS = 1024  # epochs of per-epoch sample counts kept for the claim
 # Extra seconds, beyond hivemind's own averaging and shutdown timeouts, that shutdown() waits for the
 # training thread to let go: the thread may be inside one averaging round when asked to stop.
 SHUTDOWN_MARGIN = 10.0
+# min_peers: how long the first epoch waits for the other peers before going on with who is there
+# (several cold process starts on a loaded 2-core machine).
+MIN_PEERS_TIMEOUT = 120.0
+PEER_POLL = 0.1  # seconds between looks at hivemind's view of the swarm while waiting for peers
 
 STATUSES = ("starting", "joining", "training", "paused", "finished", "stopped", "failed")
 
@@ -52,6 +56,10 @@ class TrainerOptions:
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 0  # save a checkpoint every this many epochs; 0: never
     max_epochs: int | None = None  # stop at this epoch; None: the manifest's max_epochs (0 = no end)
+    # Hold the first epoch after one local step until hivemind sees this many peers training (us included):
+    # peers starting together would otherwise finish epoch 0 alone, each on its own gradient, and diverge.
+    min_peers: int = 1
+    min_peers_timeout: float = MIN_PEERS_TIMEOUT
     progress_period: float = PROGRESS_PERIOD
     progress_ttl: float = PROGRESS_TTL
     # claims hook: (round kind) -> data sent to group mates in each averaging round; None: [epoch, samples]
@@ -109,6 +117,7 @@ class Trainer:
         self._rate_mark = (0.0, 0)  # (clock, samples_done) at the last throughput measurement
         self._samples_per_second = 0.0
         self._next_publish = 0.0
+        self._peers_deadline: float | None = None  # set while the first epoch waits for min_peers
         max_epochs = options.max_epochs if options.max_epochs is not None else self.manifest.max_epochs
         self.max_epochs = max_epochs
 
@@ -127,6 +136,8 @@ class Trainer:
         self.model = build_model(m.model.name, m.model.as_dict(), m.init_seed).to(self.device)
         self._loss_fn = loss_function(self.dataset.shape.task)
         self._rate_mark = (self._clock(), 0)
+        if self.options.min_peers > 1:
+            self._peers_deadline = self._clock() + self.options.min_peers_timeout
         self._join()
         self._thread = threading.Thread(target=self._run, name=f"trainer-{m.run_id_hex[:8]}", daemon=True)
         self._thread.start()
@@ -217,6 +228,10 @@ class Trainer:
                 if self._pause_reason is not None:
                     self._idle_while_paused()
                     continue
+                if self._waiting_for_peers():
+                    self._maybe_publish()
+                    self._stop.wait(PEER_POLL)
+                    continue
                 self._train_step()
                 self._maybe_publish()
         except Exception as e:  # the thread's last resort: recorded in the status and the log, then we leave
@@ -254,6 +269,19 @@ class Trainer:
                 (1 - LOSS_EMA_ALPHA) * self._loss_ema + LOSS_EMA_ALPHA * value)
             if opt.local_epoch != epoch:
                 self._new_epoch(opt.local_epoch, completed=opt.local_epoch == epoch + 1)
+
+    def _waiting_for_peers(self) -> bool:
+        """After our first step (which makes hivemind report us to the others), hold the first epoch until
+        hivemind's progress tracker counts min_peers peers, or the wait times out."""
+        if self._peers_deadline is None or self._samples_in_epoch == 0:
+            return False
+        seen = self._opt.tracker.global_progress.num_peers
+        if seen >= self.options.min_peers or self._clock() > self._peers_deadline:
+            if seen < self.options.min_peers:
+                logger.warning("going on with %d of %d peers", seen, self.options.min_peers)
+            self._peers_deadline = None
+            return False
+        return True
 
     def _new_epoch(self, epoch: int, completed: bool) -> None:
         """Bookkeeping at an epoch change: what we contributed, batch counters, periodic checkpoints."""

@@ -26,7 +26,6 @@ from pathlib import Path
 STATUS_PERIOD = 1.0  # seconds between status-file rewrites: tests and the demo poll it
 MAX_ROUNDS_IN_STATUS = 32  # the newest averaging rounds written to the status file
 DHT_STARTUP_TIMEOUT = 30.0  # p2pd start and bootstrap on a loaded machine
-MIN_PEERS_TIMEOUT = 120.0  # --min-peers: how long to wait for the others to start (several cold starts on 2 cores)
 
 logger = logging.getLogger("p2pcompute.training.worker")
 
@@ -44,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--status-file", type=Path, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--min-peers", type=int, default=1,
-                        help="wait until this many peers (this one included) are present before training")
+                        help="hold the first epoch until this many peers (this one included) train")
     parser.add_argument("--max-epochs", type=int, default=None, help="stop at this epoch (default: the run's)")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="epochs between checkpoints (0: none)")
@@ -95,7 +94,6 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     from p2pcompute.identity import Identity
     from p2pcompute.runs.manifest import load_signed_or_spec
     from p2pcompute.swarm.dht import start_dht
-    from p2pcompute.training.progress import wait_for_peers
     from p2pcompute.training.trainer import Trainer, TrainerOptions
 
     identity = Identity.load_or_create(args.data_dir / "identity.key")
@@ -106,11 +104,9 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
         if args.ready_file is not None:
             write_atomic(args.ready_file, "".join(f"{m}\n" for m in dht.get_visible_maddrs()))
-        if args.min_peers > 1:
-            manifest = run.manifest if hasattr(run, "manifest") else run
-            wait_for_peers(dht, manifest.run_id, identity.peer_id, args.min_peers, MIN_PEERS_TIMEOUT, stop, time.time)
         options = TrainerOptions(device=args.device, data_dir=args.dataset_dir, max_epochs=args.max_epochs,
-                                 checkpoint_dir=args.data_dir / "checkpoints", checkpoint_every=args.checkpoint_every)
+                                 checkpoint_dir=args.data_dir / "checkpoints", checkpoint_every=args.checkpoint_every,
+                                 min_peers=args.min_peers)
         trainer = Trainer(dht, run, identity, options).start()
         deadline = time.monotonic() + args.max_seconds if args.max_seconds else float("inf")
         while not trainer.wait(STATUS_PERIOD) and not stop.is_set() and time.monotonic() < deadline:

@@ -1,0 +1,187 @@
+"""One trainer in this process on a real DHT: training, progress in the DHT, pause/resume, checkpoints saved and fetched."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from p2pcompute.errors import InvalidMessage, NotFound
+from p2pcompute.identity import Identity
+from p2pcompute.runs.manifest import Manifest
+from p2pcompute.swarm.dht import start_dht
+from p2pcompute.training.checkpoint import fetch_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from p2pcompute.training.local import evaluate_loss
+from p2pcompute.training.progress import ProgressRecord, fetch_progress, summarize
+from p2pcompute.training.trainer import Trainer, TrainerOptions
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+DEADLINE = 90.0  # seconds for any awaited state on a loaded 2-core machine (normally 1-5 s)
+
+SPEC = """
+name = "trainer-test"
+batch_size_per_step = 16
+target_batch_size = 64
+
+[model]
+name = "mlp"
+in_features = 6
+hidden = [16]
+out_features = 1
+
+[dataset]
+name = "synthetic"
+task = "regression"
+input_shape = [6]
+outputs = 1
+seed = 11
+
+[optimizer]
+name = "adam"
+lr = 0.01
+
+[averaging]
+matchmaking_time = 1
+request_timeout = 0.5
+averaging_timeout = 15
+allreduce_timeout = 15
+next_chunk_timeout = 3
+load_state_timeout = 15
+declare_state_period = 2
+metadata_expiration = 10
+min_refresh_period = 0.2
+max_refresh_period = 2
+default_refresh_period = 0.5
+shutdown_timeout = 3
+"""
+
+
+def wait_for(predicate, what: str, timeout: float = DEADLINE):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def node(tmp_path):
+    identity = Identity.load_or_create(tmp_path / "node" / "identity.key")
+    dht = start_dht(identity, listen=LOOPBACK)
+    try:
+        yield identity, dht
+    finally:
+        dht.shutdown()
+
+
+def test_train_pause_resume_checkpoint_and_fetch(node, tmp_path):
+    identity, dht = node
+    manifest = Manifest.from_toml(SPEC)
+    reader_identity = Identity.load_or_create(tmp_path / "reader" / "identity.key")
+    reader = start_dht(reader_identity, listen=LOOPBACK, bootstrap=[str(dht.get_visible_maddrs()[0])])
+    trainer = Trainer(dht, manifest, identity,
+                      TrainerOptions(device="cpu", checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1))
+    try:
+        trainer.start()
+        initial = evaluate_loss(trainer.model, trainer.dataset, manifest.run_id, 512)
+        wait_for(lambda: trainer.status().epoch >= 3, "epoch 3")
+
+        # anyone can read the progress from the DHT
+        records = wait_for(lambda: fetch_progress(reader, manifest.run_id, timeout=10), "a progress record")
+        record = records[identity.peer_id.to_base58()]
+        assert record.status == "training" and record.device == "cpu" and record.loss is not None
+        assert summarize(records).training_peers == 1
+
+        # the current state can be fetched from the swarm by another node
+        fetched_epoch = fetch_checkpoint(reader, manifest, tmp_path / "fetched.pt", timeout=30)
+        model, epoch = load_checkpoint(tmp_path / "fetched.pt", manifest)
+        assert epoch == fetched_epoch >= 3
+        saved = [p for p in (tmp_path / "ckpt").iterdir() if p.name.endswith(f"epoch{epoch:06d}.pt")]
+        own, _ = load_checkpoint(saved[0], manifest)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), own.state_dict().values()))
+
+        trainer.pause("owner is gaming")
+        wait_for(lambda: trainer.status().status == "paused", "paused")
+        paused_at = trainer.status().epoch
+        assert trainer.status().reason == "owner is gaming"
+        wait_for(lambda: fetch_progress(reader, manifest.run_id, timeout=10)[identity.peer_id.to_base58()].status
+                 == "paused", "the paused record")
+        assert trainer.status().epoch == paused_at
+
+        trainer.resume()
+        wait_for(lambda: trainer.status().epoch >= paused_at + 2, "training after resume")
+        assert trainer.status().status == "training"
+        assert evaluate_loss(trainer.model, trainer.dataset, manifest.run_id, 512) < initial
+        contributions = trainer.contributions()
+        assert all(samples == manifest.target_batch_size for epoch, samples in contributions.items()
+                   if epoch not in (paused_at,)), contributions  # a lone peer steps at exactly the target
+    finally:
+        trainer.shutdown()
+        reader.shutdown()
+    assert trainer.status().status == "stopped"
+    final = save_checkpoint(tmp_path / "final.pt", trainer.model, manifest, trainer.status().epoch)
+    model, epoch = load_checkpoint(final, manifest)
+    assert epoch == trainer.status().epoch
+    assert evaluate_loss(model, trainer.dataset, manifest.run_id, 512) == pytest.approx(trainer.evaluate(512))
+
+
+def test_trainer_finishes_at_max_epochs(node, tmp_path):
+    identity, dht = node
+    trainer = Trainer(dht, Manifest.from_toml(SPEC), identity, TrainerOptions(device="cpu", max_epochs=3))
+    with trainer:
+        assert trainer.wait(DEADLINE)
+    status = trainer.status()
+    assert status.status == "finished" and status.epoch == 3 and status.samples_done >= 3 * 64
+
+
+def test_checkpoint_files_are_checked(tmp_path):
+    manifest = Manifest.from_toml(SPEC)
+    other = Manifest.from_toml(SPEC.replace("seed = 11", "seed = 12"))
+    model, _ = load_checkpoint(save_checkpoint(tmp_path / "a.pt", _model(manifest), manifest, 4), manifest)
+    assert read_checkpoint(tmp_path / "a.pt")["epoch"] == 4
+    with pytest.raises(InvalidMessage, match="belongs to run"):
+        load_checkpoint(tmp_path / "a.pt", other)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InvalidMessage, match="not a loadable checkpoint"):
+        read_checkpoint(tmp_path / "junk.pt")
+    torch.save({"format": "p2pc-checkpoint/v1", "run_id": manifest.run_id_hex, "epoch": 1,
+                "state_dict": {"net.1.weight": torch.zeros(2, 2)}}, tmp_path / "shape.pt")
+    with pytest.raises(InvalidMessage, match="do not fit"):
+        load_checkpoint(tmp_path / "shape.pt", manifest)
+    torch.save({"format": "p2pc-checkpoint/v1", "run_id": manifest.run_id_hex, "epoch": 1,
+                "state_dict": {"x": ProgressRecord}}, tmp_path / "code.pt")  # a pickled class: refused unread
+    with pytest.raises(InvalidMessage):
+        read_checkpoint(tmp_path / "code.pt")
+    with pytest.raises(NotFound):
+        read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_fetch_checkpoint_without_peers_is_not_found(node, tmp_path):
+    _, dht = node
+    with pytest.raises(NotFound, match="offers its state"):
+        fetch_checkpoint(dht, Manifest.from_toml(SPEC), tmp_path / "x.pt", timeout=5)
+
+
+def _model(manifest):
+    from p2pcompute.runs.models import build_model
+
+    return build_model(manifest.model.name, manifest.model.as_dict(), manifest.init_seed)
+
+
+def test_progress_records_round_trip_and_reject_garbage():
+    record = ProgressRecord.make(epoch=3, samples_done=100, loss=0.25, samples_per_second=12.5, status="training",
+                                 reason="", now=1000.0, device="cpu")
+    again = ProgressRecord.from_wire(record.to_wire())
+    assert again == record and again.loss == 0.25 and again.samples_per_second == 12.5
+    assert ProgressRecord.make(epoch=0, samples_done=0, loss=float("nan"), samples_per_second=0.0,
+                               status="joining", reason="", now=0.0, device="cpu").loss is None
+    import msgpack
+
+    for bad in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb([1, -1, 0, 0, 0, "training", "", 0, "cpu"]),
+                msgpack.packb([1, 0, 0, 0, 0, "dancing", "", 0, "cpu"]), msgpack.packb({"epoch": 1}), "text",
+                b"\x00" * 2000):
+        with pytest.raises(InvalidMessage):
+            ProgressRecord.from_wire(bad)
