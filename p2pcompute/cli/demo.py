@@ -19,14 +19,65 @@ from p2pcompute.node.launcher import NodeProcess
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 DISCOVERY_TIMEOUT = 90.0  # seconds for every node to see every other on a loaded 2-core machine
+TRAINING_TIMEOUT = 600.0  # seconds for the demo run to finish on a loaded 2-core machine (normally ~1 min)
+CREDITS_TIMEOUT = 60.0  # seconds for the last receipts to reach every replica
+
+# The demo's run: a small MLP learning a fixed random teacher on synthetic data (nothing to download).
+DEMO_SPEC = """
+name = "demo-mlp"
+description = "p2pc demo: an MLP learns a synthetic teacher function"
+batch_size_per_step = 64
+target_batch_size = 3072
+max_epochs = {epochs}
+
+[model]
+name = "mlp"
+in_features = 16
+hidden = [64, 64]
+out_features = 4
+activation = "relu"
+
+[dataset]
+name = "synthetic"
+task = "regression"
+input_shape = [16]
+outputs = 4
+noise = 0.05
+seed = 7
+
+[optimizer]
+name = "adam"
+lr = 0.01
+
+[averaging]
+mode = "gradients"
+compression = "none"
+average_state_every = 5
+matchmaking_time = 1.5
+request_timeout = 1
+averaging_timeout = 20
+allreduce_timeout = 20
+next_chunk_timeout = 5
+
+[hardware]
+min_memory_mb = 256
+devices = ["cpu", "cuda"]
+
+[credits]
+rate = 1000
+quorum = 1
+"""
 
 
 @click.command()
 @click.option("--nodes", "n_nodes", type=click.IntRange(1, 16), default=3, show_default=True,
               help="Number of volunteer nodes to start.")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="Epochs (hivemind global steps) of the demo run.")
 @click.option("--keep", is_flag=True, help="Keep the temp dir (logs, keys, ledgers) afterwards.")
-def demo(n_nodes: int, keep: bool) -> None:
-    """Start a bootstrap peer and N nodes on 127.0.0.1, show them find each other, then clean up.
+def demo(n_nodes: int, epochs: int, keep: bool) -> None:
+    """A local swarm on 127.0.0.1: a bootstrap peer and N nodes find each other, train a published run
+    together (loss going down), and earn credits in the replicated ledger; then everything is stopped.
 
     Every process is started in a temp dir and stopped on exit or Ctrl-C; nothing is left behind."""
     root = Path(tempfile.mkdtemp(prefix="p2pc-demo-"))
@@ -47,6 +98,14 @@ def demo(n_nodes: int, keep: bool) -> None:
         for node in nodes:
             node.wait_ready()
         _show_discovery(boot, nodes)
+        spec = root / "demo-run.toml"
+        spec.write_text(DEMO_SPEC.format(epochs=epochs))
+        published = ControlClient(nodes[0].data_dir).call("runs/publish", {"manifest": _manifest_hex(spec)})
+        console.print(f"published run [bold]{published['name']}[/] {published['run_id'][:16]} from node0; "
+                      f"every node picks it up", highlight=False)
+        losses = _show_training(nodes, published["run_id"], epochs)
+        _show_loss_curve(losses)
+        _show_credits(nodes)
     except KeyboardInterrupt:
         console.print("interrupted; stopping every process")
     finally:
@@ -58,6 +117,77 @@ def demo(n_nodes: int, keep: bool) -> None:
         else:
             shutil.rmtree(root, ignore_errors=True)
     console.print("[green]all demo processes stopped[/]")
+
+
+def _manifest_hex(spec: Path) -> str:
+    from p2pcompute.runs.manifest import Manifest
+
+    return Manifest.load(spec).to_wire().hex()
+
+
+def _show_training(nodes: list[NodeProcess], run_id: str, epochs: int) -> dict[int, float]:
+    """Live table of every node's trainer until the run reaches its last epoch; returns epoch -> loss."""
+    losses: dict[int, float] = {}
+    deadline = time.monotonic() + TRAINING_TIMEOUT
+    with Live(console=console, refresh_per_second=4) as live:
+        while True:
+            status = ControlClient(nodes[0].data_dir).call("runs/status", {"run": run_id})
+            if status["loss"] is not None:
+                losses.setdefault(status["epoch"], status["loss"])
+            live.update(_training_table(status, epochs))
+            if status["epoch"] >= epochs:
+                break
+            if time.monotonic() > deadline:
+                raise UsageError(f"the demo run did not finish within {TRAINING_TIMEOUT:.0f} s")
+            time.sleep(0.5)
+    return losses
+
+
+def _training_table(status: dict, epochs: int) -> Table:
+    loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
+    table = Table(title=f"run {status['name']}: epoch {status['epoch']}/{epochs}, loss {loss}, "
+                        f"{status['samples_per_second']:.0f} samples/s, {status['training_peers']} peers training")
+    for column in ("peer", "status", "epoch", "loss", "samples/s", "samples"):
+        table.add_column(column, justify="left" if column in ("peer", "status") else "right")
+    for peer, p in status["peers"].items():
+        table.add_row(peer[-12:], p["status"], str(p["epoch"]), "-" if p["loss"] is None else f"{p['loss']:.4f}",
+                      f"{p['samples_per_second']:.0f}", str(p["samples_done"]))
+    return table
+
+
+def _show_loss_curve(losses: dict[int, float]) -> None:
+    if len(losses) < 2:
+        return
+    epochs = sorted(losses)
+    first, last = losses[epochs[0]], losses[epochs[-1]]
+    table = Table(title="training loss (swarm mean) by epoch")
+    table.add_column("epoch", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("")
+    top = max(losses.values())
+    for epoch in epochs:
+        table.add_row(str(epoch), f"{losses[epoch]:.4f}", "█" * max(1, int(40 * losses[epoch] / top)))
+    console.print(table)
+    verdict = "went down" if last < first else "did not go down"
+    console.print(f"[bold]loss {verdict}: {first:.4f} -> {last:.4f}[/]", highlight=False)
+
+
+def _show_credits(nodes: list[NodeProcess]) -> None:
+    """Balances as every replica sees them, once the replicas agree."""
+    deadline = time.monotonic() + CREDITS_TIMEOUT
+    while True:
+        views = [ControlClient(n.data_dir).call("ledger/top", {}) for n in nodes]
+        if all(v == views[0] for v in views) and views[0] or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    table = Table(title="credits earned (micro-credits), replica of node0")
+    for column in ("peer", "credits", "samples", "receipts"):
+        table.add_column(column, justify="left" if column == "peer" else "right")
+    for row in views[0]:
+        table.add_row(row["peer_id"][-12:], str(row["credits"]), str(row["samples"]), str(row["receipts"]))
+    console.print(table)
+    agree = all(v == views[0] for v in views)
+    console.print(f"every node's replica holds the same balances: {agree}", highlight=False)
 
 
 def _show_discovery(boot: NodeProcess, nodes: list[NodeProcess]) -> None:

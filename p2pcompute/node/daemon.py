@@ -55,6 +55,7 @@ class Node:
         self.loop = None  # node.loop.BackgroundLoop running our libp2p protocols
         self.sync = None  # ledger.sync.LedgerSync
         self.supervisor = None  # node.training.TrainingSupervisor
+        self.credits = None  # credits.service.CreditsService of the run being (or last) trained
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class Node:
         self.loop.run(self.sync.start(), timeout=self.config.startup_timeout)
 
     def _stop_ledger(self) -> None:
+        self._stop_credits()
         if self.sync is not None:
             try:
                 self.loop.run(self.sync.shutdown(), timeout=10)
@@ -175,14 +177,41 @@ class Node:
                     logger.info("could not publish the peer record now: %s", e)
 
     def round_payload(self, signed):
-        """The data our trainer sends to group mates in each averaging round (credits hook)."""
-        return None
+        """What our trainer sends to group mates in each averaging round: the credits service's claims."""
+
+        def payload(kind: str):
+            service = self.credits
+            if service is None or service.signed.run_id != signed.run_id:
+                return None
+            return service.payload(kind)
+
+        return payload
 
     def on_trainer_started(self, trainer, signed) -> None:
-        pass
+        from p2pcompute.credits.service import CreditsService
+
+        self._stop_credits()
+        service = CreditsService(self.sync.p2p, self.replica, self.identity, signed, trainer)
+        self.loop.run(service.start(), timeout=30)
+        self.credits = service
 
     def on_trainer_stopped(self, trainer) -> None:
-        pass
+        service = self.credits
+        if service is not None and service.trainer is trainer and self.loop is not None:
+            try:
+                self.loop.run(service.finish(), timeout=60)
+            except TimeoutError:
+                logger.warning("the last claims were not witnessed in time")
+            except Exception:  # a credits bug must not take the training supervisor down with it
+                logger.exception("credits: finishing the run's claims failed")
+
+    def _stop_credits(self) -> None:
+        service, self.credits = self.credits, None
+        if service is not None and self.loop is not None:
+            try:
+                self.loop.run(service.shutdown(), timeout=30)
+            except TimeoutError:
+                logger.warning("the credits service did not stop in time")
 
     # ---- peer record ----------------------------------------------------------------------------
 
@@ -256,6 +285,16 @@ class Node:
         if self.store is None:
             return None
         return self.store.balance(self.identity.public_key).credits
+
+    def _api_ledger_top(self, args: dict) -> list[dict]:
+        """The leaderboard of this replica (what `p2pc ledger top` reads from the file)."""
+        from p2pcompute.identity import peer_id_b58
+
+        limit = args.get("limit", 20)
+        if type(limit) is not int or not 1 <= limit <= 1000:
+            raise UsageError("limit must be an integer in [1, 1000]")
+        return [{"peer_id": peer_id_b58(b.peer), "credits": b.credits, "samples": b.samples, "receipts": b.receipts}
+                for b in self.store.top(limit)]
 
     def _api_ledger_sync(self, args: dict) -> dict:
         """One reconciliation with the peer at args["maddr"] (…/p2p/<peer id>), now."""
@@ -362,6 +401,7 @@ class Node:
         control.route("GET", "status", lambda _args: self.status_report())
         control.route("GET", "peers", self._api_peers)
         control.route("POST", "ledger/sync", self._api_ledger_sync)
+        control.route("POST", "ledger/top", self._api_ledger_top)
         control.route("POST", "runs/publish", self._api_publish_run)
         control.route("GET", "runs", self._api_runs)
         control.route("POST", "runs/status", self._api_run_status)

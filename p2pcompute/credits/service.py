@@ -1,0 +1,304 @@
+"""Credits from training: claims ride in averaging rounds, group mates witness them over /p2pc/credits/1,
+and the claimant turns a quorum of witness signatures into a receipt in the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from p2pcompute.credits.claims import Claim, SignedClaim, WitnessSignature
+from p2pcompute.credits.witness import MAX_CLAIMS_PER_PAYLOAD, Observations, check_claim
+from p2pcompute.errors import InvalidMessage, MissingDependency, StoreError
+from p2pcompute.identity import PEER_ID_PREFIX, public_key_from_peer_id
+from p2pcompute.ledger.sync import CALL_TIMEOUT, SyncError, read_frame, write_frame
+
+if TYPE_CHECKING:
+    from p2pcompute.ledger.sync import Replica
+    from p2pcompute.runs.manifest import SignedManifest
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = "/p2pc/credits/1"
+POLL_PERIOD = 0.5  # seconds between looks at the trainer's finished rounds
+DIRECT_CLAIM_AFTER = 20.0  # seconds a claim may wait for witnesses from rounds before we ask mates directly
+MAX_PENDING_CLAIMS = 64  # our claims still lacking a quorum; older ones are given up (their epochs are long gone)
+MAX_REQUEST = 4096  # bytes: a credits request is one signed claim or one witness signature
+
+
+class CreditsService:
+    """One per trained run: `payload()` for the trainer's rounds, `start()`/`shutdown()` on the node's loop."""
+
+    def __init__(self, p2p, replica: "Replica", identity, signed: "SignedManifest", trainer,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
+        self.p2p, self.replica, self.identity, self.signed, self.trainer = p2p, replica, identity, signed, trainer
+        self.clock, self.monotonic = clock, monotonic
+        self.me = identity.public_key
+        self.observed = Observations()
+        self._lock = threading.Lock()  # payload() runs in the training thread, the rest on the loop
+        self._pending: dict[int, dict] = {}  # epoch -> {"signed": SignedClaim, "sigs": {key: sig}, "since": t}
+        self._done_epochs: set[int] = set()
+        self._members: dict[int, set[bytes]] = {}  # epoch -> group mates (public keys) of our round in it
+        self._last_round = None
+        self._task: asyncio.Task | None = None
+        self.receipts: list[bytes] = []  # entry ids of receipts this service appended
+
+    # ---- what rides in the averaging round ---------------------------------------------------------
+
+    def payload(self, kind: str) -> Any:
+        """[our epoch, [signed claims still lacking a quorum]] for gradient rounds; None for state rounds."""
+        if kind != "gradients":
+            return None
+        with self._lock:
+            claims = [p["signed"].to_wire() for _, p in sorted(self._pending.items())[-MAX_CLAIMS_PER_PAYLOAD:]]
+        return [self.trainer.status().epoch, claims]
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(PROTOCOL, self._handle)
+        self._task = asyncio.ensure_future(self._poll())
+
+    async def finish(self) -> None:
+        """The trainer stopped: ask round mates directly for the claims still open (the last epoch has no
+        later round to carry them). The handler stays, so mates that stop a moment later still get our
+        signatures, until `shutdown()`."""
+        try:
+            await asyncio.wait_for(self._process(final=True), 2 * CALL_TIMEOUT)
+        except asyncio.TimeoutError:
+            logger.info("gave up on the last witness signatures")
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.p2p.remove_binary_stream_handler(PROTOCOL)
+        except Exception as e:  # the daemon may already be gone at shutdown
+            logger.debug("could not remove the credits handler: %s", e)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_PERIOD)
+            try:
+                await self._process()
+            except (StoreError, InvalidMessage) as e:
+                logger.warning("credits: %s", e)
+
+    # ---- rounds -> observations, our claims, witness signatures for others --------------------------
+
+    def _new_rounds(self) -> list:
+        rounds = self.trainer.rounds()
+        if self._last_round is not None:
+            for i in range(len(rounds) - 1, -1, -1):
+                if rounds[i] is self._last_round:
+                    rounds = rounds[i + 1:]
+                    break
+        if rounds:
+            self._last_round = rounds[-1]
+        return rounds
+
+    async def _process(self, final: bool = False) -> None:
+        sends = []
+        for rnd in self._new_rounds():
+            if rnd.kind != "gradients" or not rnd.ok:
+                continue
+            declared = {}
+            for peer_id, payload in rnd.payloads.items():
+                epoch, claims = _parse_payload(payload)
+                if epoch is None:
+                    continue
+                key = _key_of(peer_id)
+                if key is None:
+                    continue
+                declared[key] = (epoch, claims)
+                self.observed.record(key, epoch)
+            mine = declared.get(self.me)
+            if mine is not None:
+                self._members.setdefault(mine[0], set()).update(k for k in declared if k != self.me)
+            for key, (_epoch, claims) in declared.items():
+                if key == self.me:
+                    continue
+                for wire in claims:
+                    sig = self._witness(wire, key)
+                    if sig is not None:
+                        sends.append((key, ["witness", [wire, sig.to_obj()]]))
+        self._make_claims()
+        for key, request in sends:
+            await self._send_quietly(key, request)
+        if final:
+            await self._ask_directly(older_than=0.0)
+        else:
+            await self._ask_directly(older_than=DIRECT_CLAIM_AFTER)
+        self._try_receipts()
+
+    def _witness(self, wire: Any, sender: bytes) -> WitnessSignature | None:
+        try:
+            signed = SignedClaim.from_wire(wire) if isinstance(wire, bytes) else None
+            if signed is None:
+                raise InvalidMessage("a claim must be bytes")
+            check_claim(signed, sender=sender, me=self.me, run_id=self.signed.run_id,
+                        publisher=self.signed.publisher, target_batch_size=self.signed.manifest.target_batch_size,
+                        observed=self.observed)
+        except InvalidMessage as e:
+            logger.info("not witnessing a claim of %s: %s", sender.hex()[:12], e)
+            return None
+        return signed.claim.witness(self.identity)
+
+    def _make_claims(self) -> None:
+        """Sign a claim for every finished epoch we contributed samples to and have no receipt for."""
+        for epoch, samples in self.trainer.contributions().items():
+            if samples <= 0 or epoch in self._done_epochs:
+                continue
+            with self._lock:
+                if epoch in self._pending:
+                    continue
+                claim = Claim(self.signed.run_id, self.signed.publisher, epoch, self.me, samples)
+                self._pending[epoch] = {"signed": claim.sign(self.identity), "sigs": {}, "since": self.monotonic()}
+                while len(self._pending) > MAX_PENDING_CLAIMS:
+                    dropped = min(self._pending)
+                    del self._pending[dropped]
+                    self._done_epochs.add(dropped)
+
+    async def _ask_directly(self, older_than: float) -> None:
+        """For claims that rounds did not get witnessed in time, ask the mates of that epoch's round."""
+        now = self.monotonic()
+        with self._lock:
+            due = [(e, p) for e, p in self._pending.items() if now - p["since"] >= older_than]
+        for epoch, pending in due:
+            for key in sorted(self._members.get(epoch, set()) - set(pending["sigs"])):
+                reply = await self._send_quietly(key, ["claim", pending["signed"].to_wire()])
+                if reply is not None:
+                    self._accept_signature(pending["signed"].to_wire(), reply, key)
+            pending["since"] = self.monotonic()  # next direct attempt after another DIRECT_CLAIM_AFTER
+
+    def _accept_signature(self, claim_wire: Any, sig_obj: Any, sender: bytes) -> None:
+        try:
+            sig = WitnessSignature.from_obj(sig_obj)
+        except (InvalidMessage, TypeError, ValueError) as e:
+            raise InvalidMessage(f"bad witness signature: {e}") from None
+        if sig.witness != sender:
+            raise InvalidMessage("a witness signature must come from the witness itself")
+        with self._lock:
+            pending = next((p for p in self._pending.values() if p["signed"].to_wire() == claim_wire), None)
+            if pending is None:
+                return  # not (or no longer) an open claim of ours
+            epoch = pending["signed"].claim.epoch
+            if sender not in self._members.get(epoch, ()):
+                raise InvalidMessage(f"the witness was not in our round of epoch {epoch}")
+            sig.verify(pending["signed"].claim)
+            pending["sigs"][sender] = sig
+
+    def _try_receipts(self) -> None:
+        """Append a receipt for each claim that has its quorum (the run's policy from our ledger replica)."""
+        from p2pcompute.credits.claims import Receipt
+        from p2pcompute.ledger.codec import KIND_RECEIPT, ReceiptBody
+
+        policy = self._policy()
+        if policy is None:
+            return
+        with self._lock:
+            ready = [(e, p) for e, p in self._pending.items() if len(p["sigs"]) >= policy.quorum]
+        for epoch, pending in ready:
+            receipt = Receipt.assemble(pending["signed"], pending["sigs"].values())
+            if len(receipt.witnesses) < policy.quorum:
+                continue
+            try:
+                entry = self.replica.append_local(self.identity, KIND_RECEIPT, ReceiptBody.create(receipt, policy),
+                                                  int(self.clock() * 1000))
+            except MissingDependency:
+                return  # the run's publication has not reached our replica yet: try again later
+            with self._lock:
+                self._pending.pop(epoch, None)
+                self._done_epochs.add(epoch)
+            self.receipts.append(entry.id)
+            logger.info("receipt for epoch %d: %d samples, %d witnesses", epoch, receipt.claim.samples,
+                        len(receipt.witnesses))
+
+    def _policy(self):
+        for run in self.replica.store.runs():
+            if run.run_id == self.signed.run_id and run.publisher == self.signed.publisher and run.counted:
+                return run.policy
+        return None
+
+    # ---- the protocol ----------------------------------------------------------------------------------
+
+    async def _send_quietly(self, key: bytes, request: list) -> Any:
+        from hivemind.p2p import PeerID
+
+        try:
+            return await self._call(PeerID(PEER_ID_PREFIX + key), request)
+        except (SyncError, InvalidMessage) as e:
+            logger.info("credits %s to %s failed: %s", request[0], key.hex()[:12], e)
+            return None
+
+    async def _call(self, peer_id, request: list) -> Any:
+        from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, DispatchFailure, P2PDaemonError
+
+        async def call():
+            _info, reader, writer = await self.p2p.call_binary_stream_handler(peer_id, PROTOCOL)
+            try:
+                await write_frame(writer, request)
+                return await read_frame(reader)
+            finally:
+                writer.close()
+
+        try:
+            reply = await asyncio.wait_for(call(), CALL_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, ControlFailure,
+                DispatchFailure, P2PDaemonError) as e:
+            raise SyncError(f"no answer: {e or 'timeout'}") from None
+        if not (isinstance(reply, list) and len(reply) == 2 and reply[0] in (0, 1)):
+            raise SyncError("malformed reply")
+        if reply[0] == 1:
+            raise SyncError(f"refused: {reply[1]}")
+        return reply[1]
+
+    async def _handle(self, stream_info, reader, writer) -> None:
+        sender = stream_info.peer_id.to_bytes()
+        try:
+            request = await asyncio.wait_for(read_frame(reader), CALL_TIMEOUT)
+            key = _key_of(sender)
+            if key is None:
+                raise InvalidMessage("only Ed25519 peers take part in credits")
+            if not (isinstance(request, list) and len(request) == 2 and request[0] in ("claim", "witness")):
+                raise InvalidMessage("expected [op, payload] with op claim or witness")
+            op, payload = request
+            if op == "claim":  # a mate asks us to witness its claim directly
+                sig = self._witness(payload, key)
+                if sig is None:
+                    raise InvalidMessage("not witnessed (see the witness's log for why)")
+                reply = [0, sig.to_obj()]
+            else:  # a mate sends us its signature on one of our claims
+                if not (isinstance(payload, list) and len(payload) == 2):
+                    raise InvalidMessage("witness payload must be [claim, signature]")
+                self._accept_signature(payload[0], payload[1], key)
+                reply = [0, None]
+        except (InvalidMessage, SyncError) as e:
+            reply = [1, str(e)[:300]]
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+            return
+        try:
+            await write_frame(writer, reply)
+        except ConnectionError as e:  # the asker hung up; it will ask again or go without our signature
+            logger.debug("credits reply not delivered: %s", e)
+        finally:
+            writer.close()
+
+
+def _parse_payload(payload: Any) -> tuple[int | None, list]:
+    """Our part of a member's gather value: [epoch, [claim bytes...]]; anything else counts as nothing."""
+    if (isinstance(payload, list) and len(payload) == 2 and type(payload[0]) is int and payload[0] >= 0
+            and isinstance(payload[1], list) and len(payload[1]) <= MAX_CLAIMS_PER_PAYLOAD):
+        return payload[0], payload[1]
+    return None, []
+
+
+def _key_of(peer_id: bytes) -> bytes | None:
+    try:
+        return public_key_from_peer_id(peer_id)
+    except InvalidMessage:
+        return None
