@@ -16,7 +16,7 @@ import torch
 
 from hivemind.p2p import PeerID
 
-from p2pcompute.runs.manifest import Manifest
+from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, Manifest, toml_lines
 from p2pcompute.training.checkpoint import load_checkpoint
 from p2pcompute.training.local import evaluate_loss, train_locally
 
@@ -52,19 +52,7 @@ lr = 0.01
 
 [averaging]
 average_state_every = 4
-matchmaking_time = 1
-request_timeout = 0.5
-averaging_timeout = 15
-allreduce_timeout = 15
-next_chunk_timeout = 3
-load_state_timeout = 15
-declare_state_period = 2
-metadata_expiration = 10
-min_refresh_period = 0.2
-max_refresh_period = 2
-default_refresh_period = 0.5
-shutdown_timeout = 3
-"""
+{toml_lines(LOCAL_NETWORK_AVERAGING)}"""
 
 
 class Worker:

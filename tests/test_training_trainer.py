@@ -9,7 +9,7 @@ import torch
 
 from p2pcompute.errors import InvalidMessage, NotFound
 from p2pcompute.identity import Identity
-from p2pcompute.runs.manifest import Manifest
+from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, Manifest, toml_lines
 from p2pcompute.swarm.dht import start_dht
 from p2pcompute.training.checkpoint import fetch_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from p2pcompute.training.local import evaluate_loss
@@ -19,7 +19,7 @@ from p2pcompute.training.trainer import Trainer, TrainerOptions
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 DEADLINE = 90.0  # seconds for any awaited state on a loaded 2-core machine (normally 1-5 s)
 
-SPEC = """
+SPEC = f"""
 name = "trainer-test"
 batch_size_per_step = 16
 target_batch_size = 64
@@ -42,19 +42,7 @@ name = "adam"
 lr = 0.01
 
 [averaging]
-matchmaking_time = 1
-request_timeout = 0.5
-averaging_timeout = 15
-allreduce_timeout = 15
-next_chunk_timeout = 3
-load_state_timeout = 15
-declare_state_period = 2
-metadata_expiration = 10
-min_refresh_period = 0.2
-max_refresh_period = 2
-default_refresh_period = 0.5
-shutdown_timeout = 3
-"""
+{toml_lines(LOCAL_NETWORK_AVERAGING)}"""
 
 
 def wait_for(predicate, what: str, timeout: float = DEADLINE):

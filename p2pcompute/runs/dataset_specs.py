@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 
 from p2pcompute.errors import InvalidManifest
 from p2pcompute.runs.model_specs import DataShape
-from p2pcompute.runs.schema import FILE_NAME, SHA256_HEX, Choice, Dec, Int, ListOf, Param, Schema, Str
+from p2pcompute.runs.schema import FILE_NAME, SHA256_HEX, Choice, Dec, Int, ListOf, Param, Schema, Str, zoo_lookup
 
 # Inputs of one sample may hold at most this many values (a 3x512x512 image is 786k): keeps a
 # manifest from asking every volunteer for gigabytes per batch.
@@ -79,10 +79,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def dataset_spec(name: str, where: str = "dataset.name") -> DatasetSpec:
-    spec = DATASETS.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise InvalidManifest(f"{where}: unknown dataset {name!r} (the zoo has: {', '.join(DATASETS)})")
-    return spec
+    return zoo_lookup(DATASETS, name, where, "dataset")
 
 
 def data_shape(name: str, config: Mapping[str, Any], where: str = "dataset") -> DataShape:

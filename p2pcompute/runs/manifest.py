@@ -67,6 +67,21 @@ AVERAGING = Schema(
     Param("shutdown_timeout", _SECONDS(), "5", doc="seconds to leave the averaging group cleanly"),
 )
 
+# [averaging] values for peers on one machine or a LAN (the demo, tests): groups form in 1 s and a silent
+# peer is dropped after 3 s; the defaults above are for the internet. Decimal strings, as in a spec.
+LOCAL_NETWORK_AVERAGING = {
+    "matchmaking_time": "1", "request_timeout": "0.5", "averaging_timeout": "15", "allreduce_timeout": "15",
+    "next_chunk_timeout": "3", "load_state_timeout": "15", "declare_state_period": "2",
+    "metadata_expiration": "10", "min_refresh_period": "0.2", "max_refresh_period": "2",
+    "default_refresh_period": "0.5", "shutdown_timeout": "3",
+}
+
+
+def toml_lines(values: Mapping[str, Any]) -> str:
+    """`key = "value"` lines for a TOML table (decimal strings are accepted wherever numbers are)."""
+    return "".join(f'{key} = "{value}"\n' for key, value in values.items())
+
+
 HARDWARE = Schema(
     Param("min_memory_mb", Int(0, 1 << 22), 0, doc="device memory (GPU) or RAM (CPU) a peer needs"),
     Param("devices", ListOf(Choice(("cpu", "cuda")), 1, 2, unique=True), ("cpu", "cuda")),

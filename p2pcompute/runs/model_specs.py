@@ -7,7 +7,7 @@ import math
 from typing import Any, Callable, Mapping
 
 from p2pcompute.errors import InvalidManifest
-from p2pcompute.runs.schema import Choice, Int, ListOf, Param, Schema
+from p2pcompute.runs.schema import Choice, Int, ListOf, Param, Schema, zoo_lookup
 
 # The largest model a manifest may ask for: GPT-2-medium size. In fp32 with Adam that is ~5.6 GB of
 # weights, gradients and optimizer state, the most a volunteer's 8-12 GB consumer GPU can train.
@@ -125,10 +125,7 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def model_spec(name: str, where: str = "model.name") -> ModelSpec:
-    spec = MODELS.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise InvalidManifest(f"{where}: unknown model {name!r} (the zoo has: {', '.join(MODELS)})")
-    return spec
+    return zoo_lookup(MODELS, name, where, "model")
 
 
 def check_model(name: str, config: Mapping[str, Any], shape: DataShape, where: str = "model") -> int:

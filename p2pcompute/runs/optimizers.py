@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from p2pcompute.errors import InvalidManifest
-from p2pcompute.runs.schema import Bool, Dec, Param, Schema
+from p2pcompute.runs.schema import Bool, Dec, Param, Schema, zoo_lookup
 
 if TYPE_CHECKING:
     import torch
@@ -27,10 +27,7 @@ OPTIMIZERS: dict[str, Schema] = {
 
 
 def optimizer_schema(name: str, where: str = "optimizer.name") -> Schema:
-    schema = OPTIMIZERS.get(name) if isinstance(name, str) else None
-    if schema is None:
-        raise InvalidManifest(f"{where}: unknown optimizer {name!r} (choose one of: {', '.join(OPTIMIZERS)})")
-    return schema
+    return zoo_lookup(OPTIMIZERS, name, where, "optimizer")
 
 
 def check_optimizer(name: str, config: Mapping[str, Any], where: str = "optimizer") -> None:

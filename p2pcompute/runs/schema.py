@@ -232,6 +232,14 @@ class Schema:
             raise InvalidManifest(f"{_join(where, p.name)}: {e}") from None
 
 
+def zoo_lookup(table: Mapping[str, Any], name: Any, where: str, what: str) -> Any:
+    """The zoo entry called `name`, or InvalidManifest naming the field and listing the choices."""
+    entry = table.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise InvalidManifest(f"{where}: unknown {what} {_show(name)} (the zoo has: {', '.join(table)})")
+    return entry
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
