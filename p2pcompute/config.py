@@ -124,6 +124,8 @@ FIELDS: dict[str, _Field] = {
     "max_memory_fraction": _Field("training", _number(0.05, 1.0), "cap on the GPU memory fraction we may use"),
     "idle_gpu_util": _Field("training", _number(0, 100), "GPU utilisation (%) by others above which we pause"),
     "schedule": _Field("training", _str(256), "windows when training is allowed, e.g. '22:00-07:00,12:00-13:00'"),
+    "min_peers": _Field("training", _number(1, 1000, integer=True),
+                        "hold a run's first epoch until this many peers train it (local swarms, demos)"),
     "sync_interval": _Field("ledger", _number(0, 3600), "seconds between ledger anti-entropy rounds (0: off)"),
 }
 
@@ -141,6 +143,7 @@ DEFAULTS: dict[str, Any] = {
     "max_memory_fraction": 0.9,
     "idle_gpu_util": 10,
     "schedule": "",
+    "min_peers": 1,
     "sync_interval": 10.0,
 }
 
@@ -161,6 +164,7 @@ class NodeConfig:
     max_memory_fraction: float
     idle_gpu_util: float
     schedule: str
+    min_peers: int
     sync_interval: float
 
     @property

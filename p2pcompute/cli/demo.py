@@ -92,7 +92,7 @@ def demo(n_nodes: int, epochs: int, keep: bool) -> None:
         for i in range(n_nodes):
             node = NodeProcess(["node", "start"], root / f"node{i}",
                                ["--listen", LOOPBACK, "--bootstrap", boot.loopback_maddr(), "--name", f"demo-{i}",
-                                "--record-ttl", "10"])
+                                "--record-ttl", "10", "--sync-interval", "2", "--min-peers", str(n_nodes)])
             procs.append(node.start(wait=False))
             nodes.append(node)
         for node in nodes:

@@ -73,13 +73,14 @@ def node() -> None:
 @click.option("--public/--local", default=None, help="Enable NAT traversal and relays (default: --local).")
 @click.option("--record-ttl", type=float, default=None, help="Seconds our peer record lives without refresh.")
 @click.option("--sync-interval", type=float, default=None, help="Seconds between ledger anti-entropy rounds.")
+@click.option("--min-peers", type=int, default=None, help="Hold a run's first epoch until this many peers train it.")
 @ready_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the startup report as JSON.")
 def node_start(data_dir, config_file, listen, announce, bootstrap, name, run, device, public, record_ttl,
-               sync_interval, ready_file, as_json) -> None:
+               sync_interval, min_peers, ready_file, as_json) -> None:
     """Run a node in the foreground until Ctrl-C / SIGTERM."""
     overrides = dict(listen=listen, announce=announce, bootstrap=bootstrap, name=name, run=run, device=device,
-                     public=public, record_ttl=record_ttl, sync_interval=sync_interval)
+                     public=public, record_ttl=record_ttl, sync_interval=sync_interval, min_peers=min_peers)
     _start("node", data_dir, config_file, overrides, ready_file, as_json)
 
 

@@ -119,7 +119,7 @@ class TrainingSupervisor:
         options = TrainerOptions(
             device=config.device, max_memory_fraction=config.max_memory_fraction,
             data_dir=config.data_dir / "datasets", checkpoint_dir=config.data_dir / "checkpoints",
-            round_payload=self.node.round_payload(signed),
+            round_payload=self.node.round_payload(signed), min_peers=config.min_peers,
         )
         self.signed = signed
         self.node.set_training_state("starting", signed.run_id)

@@ -1,0 +1,138 @@
+"""End to end: three nodes train a published run; every contributor gets a witnessed receipt per epoch,
+balances equal samples x rate on every replica, and `ledger verify` catches a changed byte."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from conftest import p2pc_json, run_p2pc, wait_until
+from p2pcompute.credits.witness import Observations, check_claim
+from p2pcompute.credits.claims import Claim
+from p2pcompute.errors import InvalidMessage
+from p2pcompute.identity import Identity
+
+EPOCHS = 5
+RATE = 1000
+QUORUM = 2
+SPEC = f"""
+name = "credits-e2e"
+description = "three peers, witnessed receipts"
+batch_size_per_step = 32
+target_batch_size = 384
+max_epochs = {EPOCHS}
+
+[model]
+name = "mlp"
+in_features = 8
+hidden = [32]
+out_features = 2
+activation = "relu"
+
+[dataset]
+name = "synthetic"
+task = "regression"
+input_shape = [8]
+outputs = 2
+noise = 0.1
+seed = 3
+
+[optimizer]
+name = "adam"
+lr = 0.01
+
+[averaging]
+mode = "gradients"
+compression = "none"
+average_state_every = 5
+matchmaking_time = 1.5
+request_timeout = 1
+averaging_timeout = 20
+allreduce_timeout = 20
+next_chunk_timeout = 5
+
+[hardware]
+min_memory_mb = 64
+devices = ["cpu", "cuda"]
+
+[credits]
+rate = {RATE}
+quorum = {QUORUM}
+"""
+
+
+def receipts_in(data_dir: Path) -> list[dict]:
+    proc = run_p2pc("ledger", "export", "--format", "jsonl", "--data-dir", str(data_dir), check=True)
+    return [e for e in map(json.loads, proc.stdout.splitlines()) if e["kind"] == "receipt"]
+
+
+def test_training_run_pays_every_contributor(own_swarm, tmp_path):
+    own_swarm.start_bootstrap()
+    nodes = [own_swarm.start_node(f"n{i}", "--sync-interval", "1", "--min-peers", "3") for i in range(3)]
+    spec = tmp_path / "run.toml"
+    spec.write_text(SPEC)
+    run_id = p2pc_json("run", "publish", str(spec), "--data-dir", str(nodes[0].data_dir))["run_id"]
+
+    def all_done():
+        status = p2pc_json("run", "status", run_id, "--data-dir", str(nodes[1].data_dir))
+        return status["epoch"] >= EPOCHS and all(p["status"] == "finished" for p in status["peers"].values()) \
+            and len(status["peers"]) == 3
+
+    wait_until(all_done, timeout=300, interval=1, what="the run to finish on all three peers")
+    peers = {n.peer_id for n in nodes}
+
+    def receipts_everywhere():  # every contributor's receipts for every epoch, on every replica
+        views = [receipts_in(n.data_dir) for n in nodes]
+        ids = [{r["id"] for r in v} for v in views]
+        epochs = {(r["body"]["claim"]["peer"], r["body"]["claim"]["epoch"]) for r in views[0]}
+        return all(i == ids[0] for i in ids) and epochs >= {(p, e) for p in peers for e in range(EPOCHS)} and views
+
+    views = wait_until(receipts_everywhere, timeout=120, interval=1, what="receipts for every peer and epoch")
+    for receipt in views[0]:
+        claim = receipt["body"]["claim"]
+        assert claim["run_id"] == run_id
+        witnesses = {w["peer"] for w in receipt["body"]["witnesses"]}
+        assert len(witnesses) >= QUORUM and claim["peer"] not in witnesses and witnesses <= peers
+        assert receipt["author"] == claim["peer"]
+        assert receipt["body"]["micro_credits"] == claim["samples"] * RATE
+    for node in nodes:
+        for peer in peers:
+            balance = p2pc_json("ledger", "balance", peer, "--data-dir", str(node.data_dir))
+            assert balance["micro_credits"] == balance["samples"] * RATE > 0
+        assert p2pc_json("ledger", "verify", "--data-dir", str(node.data_dir))["ok"]
+
+    # stop one node, change one byte of one stored receipt in its file: verify names that entry
+    victim = nodes[2]
+    victim.stop()
+    target = views[0][0]["id"]
+    db = sqlite3.connect(victim.data_dir / "ledger.sqlite")
+    raw = bytearray(db.execute("SELECT raw FROM entries WHERE id = ?", (bytes.fromhex(target),)).fetchone()[0])
+    raw[len(raw) // 2] ^= 0x01
+    db.execute("UPDATE entries SET raw = ? WHERE id = ?", (bytes(raw), bytes.fromhex(target)))
+    db.commit()
+    db.close()
+    proc = run_p2pc("ledger", "verify", "--data-dir", str(victim.data_dir))
+    assert proc.returncode != 0 and target in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_witness_rules():
+    me, mate, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    run_id, publisher = b"\x01" * 32, Identity.generate().public_key
+    observed = Observations()
+    observed.record(mate.public_key, 3)
+    claim = Claim(run_id, publisher, 3, mate.public_key, 100).sign(mate)
+    kwargs = dict(me=me.public_key, run_id=run_id, publisher=publisher, target_batch_size=384, observed=observed)
+    check_claim(claim, sender=mate.public_key, **kwargs)  # seen in epoch 3: witnessed
+    bad = [
+        (claim, dict(sender=stranger.public_key)),  # relayed by someone else
+        (Claim(run_id, publisher, 4, mate.public_key, 100).sign(mate), dict(sender=mate.public_key)),  # not seen
+        (Claim(b"\x02" * 32, publisher, 3, mate.public_key, 100).sign(mate), dict(sender=mate.public_key)),
+        (Claim(run_id, publisher, 3, mate.public_key, 10_000).sign(mate), dict(sender=mate.public_key)),  # too many
+    ]
+    for signed, extra in bad:
+        try:
+            check_claim(signed, **extra, **kwargs)
+        except InvalidMessage:
+            continue
+        raise AssertionError(f"witnessed a bad claim: {signed.claim}")
