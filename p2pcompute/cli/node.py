@@ -99,12 +99,30 @@ def node_status(data_dir, as_json) -> None:
             ("uptime", f"{r['uptime_s']:.0f} s"),
             ("peers known", r["peers_known"]),
             ("current run", r["current_run"] or "-"),
+            *(_training_rows(r.get("training"))),
+            ("credits", "-" if r.get("credits") is None else f"{r['credits'] / 1_000_000:.6f}"),
+            ("ledger entries", r.get("ledger_entries", "-")),
             ("device", f"{r['device']} {r['device_name']}".strip()),
             ("multiaddrs", "\n".join(r["multiaddrs"])),
         ]
         print_fields("node status", rows)
 
     emit(report, as_json, render)
+
+
+def _training_rows(training: dict | None) -> list[tuple[str, str]]:
+    if not training:
+        return []
+    rows = [("training", training["reason"])]
+    trainer = training.get("trainer")
+    if trainer:
+        loss = "-" if trainer["loss"] is None else f"{trainer['loss']:.4f}"
+        rows.append(("run progress", f"{training['run']['name']}: {trainer['status']}, epoch {trainer['epoch']} "
+                                     f"(swarm {trainer['global_epoch']}), loss {loss}, "
+                                     f"{trainer['samples_per_second']:.1f} samples/s, {trainer['peers']} peers"))
+    if training.get("idle"):
+        rows.append(("idle policy", ("train: " if training["idle"]["train"] else "pause: ") + training["idle"]["reason"]))
+    return rows
 
 
 @node.command("stop")
