@@ -56,6 +56,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.timed_storage import get_dht_time
+from google.protobuf.message import DecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,12 @@ logger = logging.getLogger(__name__)
 # fastest of 0.5/1/2/4/8/16 MiB for 10M-25M floats here (fewer event-loop wake-ups) while a 25M-float
 # tensor still splits into >= 12 parts per peer, enough to overlap sending, reducing and replying.
 PART_SIZE_BYTES = 4 * 2**20
-# A peer silent for this long between two frames is dropped from the round. hivemind defaults it to
-# matchmaking_time (seconds), which on a loaded 2-core box cut CPU-bound rounds in half; 30 s is far
-# above any frame gap we measured (< 1 s) and still bounds a dead peer.
-NEXT_CHUNK_TIMEOUT = 30.0
+# A peer silent for this long between two frames is dropped from the round (a reducer gets twice as long).
+# hivemind defaults it to matchmaking_time, which on a loaded 2-core box cut CPU-bound rounds in half.
+# Frame gaps here are < 1 s on loopback and ~(group size - 1) x part size / bandwidth on a slow link
+# (2 x 1.7 s for 3 peers at 20 Mbit/s). A peer killed mid-round is usually noticed at once (its stream
+# closes), but p2pd does not always reset the streams of a vanished peer: then this bounds the stall.
+NEXT_CHUNK_TIMEOUT = 15.0
 # Matchmaking: a group of peers on one LAN/loopback forms in ~0.05-0.2 s; 2 s leaves room for a loaded
 # machine, and request_timeout must stay below it (hivemind stalls otherwise, see DESIGN.md).
 MIN_MATCHMAKING_TIME = 2.0
@@ -81,6 +84,8 @@ HEADER_TIMEOUT = 10.0
 # started sending after this long (it died during matchmaking) is dropped then, not after the (longer)
 # gap allowed between two frames of a slow link. hivemind uses next_chunk_timeout for both.
 SENDER_START_TIMEOUT = 5.0
+# Opening a stream to a group mate that died after matchmaking makes p2pd dial it; bounded by this.
+STREAM_OPEN_TIMEOUT = 5.0
 
 PROTOCOL_SUFFIX = "p2pcompute.aggregate/1"
 _MAGIC, _VERSION = b"P2AR", 1
@@ -92,6 +97,9 @@ MAX_GROUP_ID_BYTES = 256  # hivemind group ids are 20-32 bytes; anything longer 
 # floats) on top of at most the raw size. This slack bounds what a peer may make us read beyond that.
 HIVEMIND_PAYLOAD_SLACK = 64 * 1024
 STATUS_OK = 0
+# what decoding an untrusted frame raises: bad length/shape (ValueError), protobuf (DecodeError), a codec's
+# numpy/torch errors (TypeError, RuntimeError)
+BAD_INPUT = (ValueError, TypeError, RuntimeError, DecodeError)
 
 RAW, FP16, HIVEMIND = 0, 1, 2
 CODEC_NAMES = {RAW: "none", FP16: "fp16", HIVEMIND: "hivemind"}
@@ -249,14 +257,16 @@ class RawAllReduceRunner(AllReduceRunner):
                     applied += 1
             else:
                 applied = await self._exchange_remote(peer_id, parts, self.infos_by_peer[index])
-        except (AllreduceException, P2PDaemonError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError,
-                ValueError) as e:
+        except (AllreduceException, P2PDaemonError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
             logger.debug(f"All-reduce with {peer_id} failed after {applied}/{len(parts)} parts: {e!r}")
+        except BAD_INPUT as e:
+            logger.warning(f"Reducer {peer_id} sent a bad result for part #{applied}: {e!r}")
         finally:
             self.counters.failed_values += sum(p.numel() for p in parts[applied:])
 
     async def _exchange_remote(self, peer_id: PeerID, parts, infos) -> int:
-        _, reader, writer = await self._p2p.call_binary_stream_handler(peer_id, self.protocol)
+        _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer_id, self.protocol),
+                                                   STREAM_OPEN_TIMEOUT)
         applied = 0
         try:
             header = _HEADER.pack(_MAGIC, _VERSION, self.codec, len(self.group_id), self.weight) + self.group_id
@@ -291,7 +301,7 @@ class RawAllReduceRunner(AllReduceRunner):
             writer.write(_PART.pack(len(payload)))
             writer.write(payload)
             self.counters.sent += _PART.size + len(payload)
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), self.sender_timeout)  # a reducer that stopped reading
         done.set()
 
     def _encode_later(self, loop, part: torch.Tensor, info: CompressionInfo) -> asyncio.Future:
@@ -372,13 +382,17 @@ class RawAllReduceRunner(AllReduceRunner):
                 else:
                     writer.write(frame)
                     writer.write(reply)
-                    await writer.drain()
+                    # a sender that stopped reading would block this handler (and the round) forever
+                    await asyncio.wait_for(writer.drain(), self.sender_timeout)
             for frame in delayed:
                 writer.write(frame)
-                await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, AllreduceException) as e:
+                await asyncio.wait_for(writer.drain(), self.sender_timeout)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
             logger.debug(f"Sender {sender} failed after {received}/{len(parts)} parts: {e!r}")
             _write_status(writer, averaging_pb2.INTERNAL_ERROR)
+        except BAD_INPUT as e:  # a frame we cannot decode: the sender is dropped from this round
+            logger.warning(f"Sender {sender} sent a bad part #{received}: {e!r}")
+            _write_status(writer, averaging_pb2.PROTOCOL_VIOLATION)
         finally:
             if received != len(parts):
                 await self._ban_sender(sender)

@@ -1,0 +1,728 @@
+#!/usr/bin/env python
+"""Training/averaging benchmark: our averaging path vs gloo all-reduce, bytes per sample, compute utilisation under bandwidth caps.
+
+Parts, all measured side by side in one run:
+  (a) all-reduce round time on 127.0.0.1 of 1M/10M/25M float32 between 2 and 4 processes: torch.distributed
+      gloo vs hivemind 1.1.12's own data plane vs ours (p2pcompute.training.averaging, fp32 and fp16), with
+      matchmaking time apart, CPU seconds per round (averager process vs p2pd), ratios to gloo.
+  (b) TODO: samples/s of k collaborating peers vs one process alone, with the trainer (see main()).
+  (c) bytes each peer sends per training sample: every-step gradient averaging vs local updates (parameters
+      averaged every H steps, DiLoCo-style) x compression none/fp16/8-bit, counted by our averager and on
+      the peer's veth (the wire, TLS/TCP/IP and DHT traffic included).
+  (d) 2 peers in network namespaces made here (veth pairs to a bridge in a namespace of its own, tc tbf caps
+      per peer in both directions): fraction of wall time each peer spends computing (6.3M-param MLP
+      forward/backward/SGD) rather than waiting on averaging, every-step vs local updates (blocking, and
+      overlapped with the next H steps).
+
+Usage (as root for (d)):  python scripts/bench_training.py [--parts a,c,d] [--repeats 3] [--json FILE]
+Internal: --worker allreduce|train (one peer process; started by this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+os.environ.setdefault("GOLOG_LOG_LEVEL", "fatal")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# ---- limits: every wait in this script is bounded by one of these -------------------------------------
+PEER_START_TIMEOUT = 60.0  # p2pd + DHT start and bootstrap file on a loaded 2-core box
+BARRIER_TIMEOUT = 120.0  # peers waiting for each other between benchmark phases
+ALLREDUCE_RUN_TIMEOUT = 900.0  # one whole part (a) run of all sizes and variants for one group size
+TRAIN_GRACE = 90.0  # beyond its measured window, how long a training peer may take to warm up and leave
+STEP_TIMEOUT = 60.0  # matchmaking of one averaging step (peers are started together)
+ROUND_TIMEOUT = 120.0  # one all-reduce once the group formed: 25 MB over 20 Mbit/s takes ~10 s
+SHUTDOWN_WAIT = 10.0  # after SIGTERM, before SIGKILL
+# A training peer stops at the first round after its window where a mate's window is over too; if rounds
+# keep failing it stops this long after its window anyway (its mate's pending round then times out).
+OVERRUN_LIMIT = 30.0
+
+# ---- part (a) ------------------------------------------------------------------------------------------
+SIZES = (1_000_000, 10_000_000, 25_000_000)
+GROUP_SIZES = (2, 4)
+ROUNDS = 5  # measured rounds per size and variant, after one warm-up round
+VARIANTS = ("hivemind", "ours", "ours-fp16")
+GLOO_PORT_BASE = 29620
+TABLE_WIDTH = 180  # the tables are wide; a narrower console would wrap every cell
+
+# ---- parts (c) and (d) ---------------------------------------------------------------------------------
+NS_PREFIX = "p2pcb-"  # every namespace this script makes starts with this; leftovers are removed at start
+BRIDGE_NS, BRIDGE = NS_PREFIX + "br", "br0"
+SUBNET = "10.77.0"  # only inside our namespaces; nothing routes there from the root namespace
+PEER_HOST_BASE = 10  # peer i is 10.77.0.(10+i)
+TRAIN_PEERS = 2
+CAPS_MBIT = (100, 20)
+WINDOW_S = 25.0  # measured seconds of training per configuration
+WARMUP_STEPS = 3
+MLP_SHAPE = (512, 2048, 2048, 512)  # 6.3M parameters, the model DESIGN.md's measurements used
+BATCH = 192  # ~0.1 s forward/backward/SGD on one core here: compute that a 100 Mbit/s link can keep up with
+LOCAL_STEPS = 50  # H: local steps between parameter averaging rounds (~5 s of compute)
+TBF_BURST = "256kb"  # >= rate/HZ at 100 Mbit/s; small enough not to hide the cap
+TBF_LATENCY = "400ms"  # queue length of the cap: TCP sees a bottleneck, not drops
+TRAIN_CONFIGS = (  # (mode, compression); mode: every-step | local | local-overlap | none (no averaging)
+    ("every-step", "none"), ("every-step", "fp16"), ("every-step", "8bit"),
+    ("local", "fp16"),
+    ("local-overlap", "none"), ("local-overlap", "fp16"), ("local-overlap", "8bit"),
+)
+CAPPED_20_CONFIGS = (("every-step", "fp16"), ("local", "fp16"), ("local-overlap", "fp16"), ("local-overlap", "8bit"))
+
+
+# =========================================================================================================
+# helpers shared by the orchestrator and the workers
+# =========================================================================================================
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU seconds of one process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_named(parent: int, name: str) -> list[int]:
+    """PIDs of the processes called `name` anywhere below `parent`."""
+    table = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = Path(stat).read_text()
+            table[int(stat.split("/")[2])] = (text[text.index("(") + 1:text.rindex(")")],
+                                              int(text.rsplit(")", 1)[1].split()[1]))
+    below, frontier = set(), {parent}
+    while frontier:
+        frontier = {pid for pid, (_, ppid) in table.items() if ppid in frontier and pid not in below}
+        below |= frontier
+    return [pid for pid in below if table[pid][0] == name]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def wait_for_file(path: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text()
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear within {timeout:.0f} s")
+
+
+def barrier(directory: Path, name: str, rank: int, world: int, timeout: float = BARRIER_TIMEOUT) -> None:
+    """All `world` peers reach `name` before any goes on (files in a shared temp dir)."""
+    write_atomic(directory / f"barrier-{name}-{rank}", "")
+    for other in range(world):
+        wait_for_file(directory / f"barrier-{name}-{other}", timeout)
+
+
+def make_dht(host: str, initial_peers: list[str]):
+    import hivemind
+
+    return hivemind.DHT(start=True, initial_peers=initial_peers or None, host_maddrs=[f"/ip4/{host}/tcp/0"],
+                        use_relay=False, use_auto_relay=False, auto_nat=False, nat_port_map=False,
+                        startup_timeout=PEER_START_TIMEOUT)
+
+
+def join_swarm(directory: Path, rank: int, host: str):
+    """Peer 0 starts the DHT others bootstrap from (its maddrs in `boot`); returns this peer's DHT."""
+    if rank == 0:
+        dht = make_dht(host, [])
+        write_atomic(directory / "boot", "\n".join(str(m) for m in dht.get_visible_maddrs()))
+        return dht
+    return make_dht(host, wait_for_file(directory / "boot", PEER_START_TIMEOUT).split())
+
+
+def codec(name: str):
+    from p2pcompute.training.compression import compression_for
+
+    return compression_for(name)
+
+
+# =========================================================================================================
+# part (a) worker: gloo all-reduce, then hivemind's and our averagers, same tensors, same processes
+# =========================================================================================================
+def worker_allreduce(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # like gloo's one reduction thread; the box has 2 cores for all peers
+    directory, rank, world = Path(args.dir), args.rank, args.world
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    out = {"gloo": {}, "averagers": {}}
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=world)
+    for size in sizes:
+        tensor = torch.randn(size, generator=torch.Generator().manual_seed(rank))
+        dist.all_reduce(tensor)  # warm-up: connections, buffers
+        times, cpu0 = [], time.process_time()
+        for _ in range(args.rounds):
+            dist.barrier()
+            started = time.perf_counter()
+            dist.all_reduce(tensor)
+            tensor.div_(world)
+            times.append(time.perf_counter() - started)
+        out["gloo"][size] = {"seconds": times, "cpu_per_round": (time.process_time() - cpu0) / args.rounds}
+        del tensor
+    dist.destroy_process_group()
+
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+
+    from p2pcompute.training.averaging import RoundTimingMixin, TunedAverager, tuned_options
+
+    class TimedHivemindAverager(RoundTimingMixin, DecentralizedAverager):
+        """hivemind's own data plane, with our round timing (and our timeouts, so rounds complete)."""
+
+    dht = join_swarm(directory, rank, "127.0.0.1")
+    try:
+        p2pd = children_named(dht.pid, "p2pd")
+        for variant in VARIANTS:
+            for size in sizes:
+                if variant == "hivemind":
+                    cls, options = TimedHivemindAverager, tuned_options(part_size_bytes=DEFAULT_PART_SIZE_BYTES)
+                else:
+                    cls, options = TunedAverager, tuned_options(compression=codec(
+                        "fp16" if variant == "ours-fp16" else "none"))
+                tensor = torch.randn(size, generator=torch.Generator().manual_seed(rank))
+                expected = sum(torch.randn(size, generator=torch.Generator().manual_seed(r)) for r in range(world))
+                expected /= world
+                averager = cls([tensor], dht, start=True, prefix=f"bench_{variant.replace('-', '_')}_{size}",
+                               target_group_size=world, min_group_size=world, **options)
+                try:
+                    rounds, cpu0 = [], None
+                    for index in range(args.rounds + 1):
+                        if index == 1:
+                            cpu0 = (cpu_seconds(averager.pid), sum(map(cpu_seconds, p2pd)))
+                        started = time.perf_counter()
+                        gathered = averager.step(timeout=STEP_TIMEOUT)
+                        wall = time.perf_counter() - started
+                        stats = averager.last_round()
+                        if index == 0:  # the first round alone must give the exact mean; later ones keep it
+                            with averager.get_tensors() as (result,):
+                                error = float((result - expected).abs().max())
+                            warmup = {"group": len(gathered or {}), "failed": stats.failed_fraction}
+                        else:
+                            rounds.append({"wall": wall, "matchmaking": stats.matchmaking_s,
+                                           "allreduce": stats.allreduce_s, "group": len(gathered or {}),
+                                           "sent": stats.bytes_sent, "failed": stats.failed_fraction})
+                    cpu1 = (cpu_seconds(averager.pid), sum(map(cpu_seconds, p2pd)))
+                    with averager.get_tensors() as (result,):
+                        final_error = float((result - expected).abs().max())
+                    out["averagers"][f"{variant}/{size}"] = {
+                        "rounds": rounds, "max_abs_error": error, "final_max_abs_error": final_error, "warmup": warmup,
+                        "cpu_averager": (cpu1[0] - cpu0[0]) / args.rounds, "cpu_p2pd": (cpu1[1] - cpu0[1]) / args.rounds}
+                    # peers leave together: a peer that shut down at once could cut a mate's last frames short
+                    barrier(directory, f"{variant}-{size}", rank, world)
+                finally:
+                    averager.shutdown()
+                del tensor, expected
+    finally:
+        dht.shutdown()
+    write_atomic(directory / f"result-{rank}.json", json.dumps(out))
+
+
+# =========================================================================================================
+# parts (c)/(d) worker: a training loop on a real MLP, averaging every step or every H steps
+# =========================================================================================================
+@dataclasses.dataclass
+class Clock:
+    """Seconds of each kind inside the measured window [start, end) (intervals are clipped to it)."""
+
+    start: float
+    end: float
+    compute: float = 0.0
+    waiting: float = 0.0
+
+    def add(self, kind: str, t0: float, t1: float) -> None:
+        inside = max(0.0, min(t1, self.end) - max(t0, self.start))
+        setattr(self, kind, getattr(self, kind) + inside)
+
+
+def veth_bytes(device: str) -> tuple[int, int]:
+    base = Path(f"/sys/class/net/{device}/statistics")
+    return int((base / "tx_bytes").read_text()), int((base / "rx_bytes").read_text())
+
+
+def worker_train(args) -> None:
+    import torch
+    from hivemind.averaging.matchmaking import MatchmakingException
+    from hivemind.averaging.partition import AllreduceException
+
+    from p2pcompute.training.averaging import TunedAverager, tuned_options
+
+    torch.set_num_threads(1)
+    directory, rank, world, mode = Path(args.dir), args.rank, args.world, args.mode
+    torch.manual_seed(0)  # same initial model on every peer, as after load_state_from_peers
+    layers = []
+    for fan_in, fan_out in zip(MLP_SHAPE[:-1], MLP_SHAPE[1:]):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    generator = torch.Generator().manual_seed(1000 + rank)
+    target_map = torch.randn(MLP_SHAPE[0], MLP_SHAPE[-1], generator=torch.Generator().manual_seed(7))
+
+    def compute_step() -> None:
+        x = torch.randn(BATCH, MLP_SHAPE[0], generator=generator)
+        loss = torch.nn.functional.mse_loss(model(x), x @ target_map)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+
+    dht = join_swarm(directory, rank, args.host)
+    averager = None
+    if mode != "none":
+        if mode == "every-step":
+            compute_step()  # gradients exist, so averaged tensors can mirror them
+            tensors = [p.grad.detach().clone() for p in params]
+        else:
+            tensors = [p.detach().clone() for p in params]
+        averager = TunedAverager(tensors, dht, start=True, prefix=f"train_{mode.replace('-', '_')}",
+                                 target_group_size=world, min_group_size=world,
+                                 **tuned_options(compression=codec(args.compression), allreduce_timeout=ROUND_TIMEOUT))
+    pending = None  # local-overlap: the round in flight and the parameters it started from
+
+    class Outcome:
+        """Rounds run and failed, and whether a group mate asked to stop (its window is over)."""
+        rounds = failed = 0
+        stop = False
+
+    def finish(control, outcome: Outcome):
+        """Wait for a round; None if it failed. Every member sends `window over?` in gather=."""
+        outcome.rounds += 1
+        try:
+            gathered = control.result(timeout=STEP_TIMEOUT + ROUND_TIMEOUT)
+        except (TimeoutError, AllreduceException, MatchmakingException) as e:  # how a failed round surfaces
+            print(f"averaging round failed: {e!r}", file=sys.stderr)
+            control.cancel()
+            outcome.failed += 1
+            return None
+        outcome.stop = outcome.stop or any(bool(v) for v in (gathered or {}).values())
+        return gathered
+
+    def launch(clock: Clock):
+        return averager.step(gather=time.perf_counter() >= clock.end, timeout=STEP_TIMEOUT, wait=False)
+
+    def average(sources: list, clock: Clock, outcome: Outcome) -> None:
+        """Copy `sources` into the averager, run one round (blocking), copy the result back."""
+        t0 = time.perf_counter()
+        with averager.get_tensors() as tensors:
+            for tensor, source in zip(tensors, sources):
+                tensor.copy_(source)
+        if finish(launch(clock), outcome) is not None:
+            with averager.get_tensors() as tensors, torch.no_grad():
+                for tensor, source in zip(tensors, sources):
+                    source.copy_(tensor)
+        clock.add("waiting", t0, time.perf_counter())
+
+    def overlap_sync(clock: Clock, outcome: Outcome) -> None:
+        """Apply the round in flight (its average minus the snapshot it started from), start the next one."""
+        nonlocal pending
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if pending is not None:
+                control, snapshot = pending
+                pending = None
+                if finish(control, outcome) is not None:
+                    with averager.get_tensors() as tensors:
+                        for param, tensor, before in zip(params, tensors, snapshot):
+                            param.add_(tensor - before)
+            if not outcome.stop:
+                snapshot = [p.detach().clone() for p in params]
+                with averager.get_tensors() as tensors:
+                    for tensor, param in zip(tensors, params):
+                        tensor.copy_(param)
+                pending = (launch(clock), snapshot)
+        clock.add("waiting", t0, time.perf_counter())
+
+    def train_step(step: int, clock: Clock, outcome: Outcome) -> None:
+        t0 = time.perf_counter()
+        compute_step()
+        clock.add("compute", t0, time.perf_counter())
+        if mode == "every-step":
+            average([p.grad for p in params], clock, outcome)
+        t0 = time.perf_counter()
+        optimizer.step()
+        clock.add("compute", t0, time.perf_counter())
+        if mode == "local" and (step + 1) % LOCAL_STEPS == 0:
+            average([p.data for p in params], clock, outcome)
+        if mode == "local-overlap" and (step + 1) % LOCAL_STEPS == 0:
+            overlap_sync(clock, outcome)
+
+    try:
+        warm = Clock(float("inf"), float("inf"))  # counts nothing, and its rounds never ask to stop
+        for step in range(WARMUP_STEPS):  # local modes: the last warm-up step runs one round as well
+            train_step(step if mode == "every-step" else LOCAL_STEPS - WARMUP_STEPS + step, warm, Outcome())
+        barrier(directory, "measure", rank, world)
+        start = time.perf_counter()
+        clock, outcome = Clock(start, start + args.seconds), Outcome()
+        traffic0 = averager.traffic() if averager else None
+        wire0 = veth_bytes(args.device) if args.device else (0, 0)
+        step = samples = samples_in_window = 0
+        # averaging modes stop at a round where some member's window is over, so no peer waits for a
+        # round its mate never joins; without averaging, at the end of the window
+        while not outcome.stop and time.perf_counter() < clock.end + (OVERRUN_LIMIT if averager else 0.0):
+            train_step(step, clock, outcome)
+            step, samples = step + 1, samples + BATCH
+            if time.perf_counter() <= clock.end:
+                samples_in_window = samples
+        rounds, failed = outcome.rounds, outcome.failed
+        wire1 = veth_bytes(args.device) if args.device else (0, 0)
+        traffic1 = averager.traffic() if averager else None
+        if pending is not None:
+            finish(pending[0], Outcome())
+        out = {"samples": samples_in_window, "steps": step, "rounds": rounds, "failed_rounds": failed,
+               "window": args.seconds, "compute": clock.compute, "waiting": clock.waiting,
+               "sent": (traffic1.bytes_sent - traffic0.bytes_sent) if averager else 0,
+               "wire_tx": wire1[0] - wire0[0], "wire_rx": wire1[1] - wire0[1],
+               "step_compute": clock.compute / max(1, step)}
+        barrier(directory, "leave", rank, world)
+    finally:
+        if averager is not None:
+            averager.shutdown()
+        dht.shutdown()
+    write_atomic(directory / f"result-{rank}.json", json.dumps(out))
+
+
+# =========================================================================================================
+# orchestration
+# =========================================================================================================
+class Peers:
+    """Worker processes of one measurement, each in its own process group; stop() kills every one."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, rank: int, argv: list[str], prefix: list[str] = ()) -> None:
+        log = open(self.directory / f"log-{rank}.txt", "w")
+        self.procs.append(subprocess.Popen([*prefix, sys.executable, __file__, *argv], stdout=log, stderr=log,
+                                           stdin=subprocess.DEVNULL, start_new_session=True))
+        log.close()
+
+    def wait(self, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        results = []
+        for rank, proc in enumerate(self.procs):
+            path = self.directory / f"result-{rank}.json"
+            if proc.returncode != 0 or not path.exists():
+                log = (self.directory / f"log-{rank}.txt").read_text()[-3000:]
+                raise RuntimeError(f"peer {rank} failed (exit {proc.returncode}):\n{log}")
+            results.append(json.loads(path.read_text()))
+        return results
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN_WAIT
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=SHUTDOWN_WAIT)
+        # the process group outlives its leader when a child (p2pd, averager) lingers
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def peer_group():
+    directory = Path(tempfile.mkdtemp(prefix="p2pc-bench-training-"))
+    peers = Peers(directory)
+    try:
+        yield peers
+    finally:
+        peers.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_allreduce(world: int, sizes: list[int], rounds: int, port: int) -> list[dict]:
+    with peer_group() as peers:
+        for rank in range(world):
+            peers.start(rank, ["--worker", "allreduce", "--rank", str(rank), "--world", str(world),
+                               "--sizes", ",".join(map(str, sizes)), "--rounds", str(rounds),
+                               "--dir", str(peers.directory), "--port", str(port)])
+        return peers.wait(ALLREDUCE_RUN_TIMEOUT)
+
+
+def summarize_allreduce(results: list[dict], sizes: list[int]) -> dict:
+    """Per size: gloo and each variant's round time (slowest peer per round; median over rounds)."""
+    table = {}
+    for size in sizes:
+        gloo_rounds = zip(*[r["gloo"][str(size)]["seconds"] for r in results])
+        row = {"gloo": statistics.median(max(peers) for peers in gloo_rounds),
+               "gloo_cpu": statistics.mean(r["gloo"][str(size)]["cpu_per_round"] for r in results)}
+        for variant in VARIANTS:
+            per_peer = [r["averagers"][f"{variant}/{size}"] for r in results]
+            by_round = list(zip(*[p["rounds"] for p in per_peer]))
+            row[variant] = {
+                "allreduce": statistics.median(max(x["allreduce"] for x in peers) for peers in by_round),
+                "matchmaking": statistics.median(statistics.median(x["matchmaking"] for x in peers)
+                                                 for peers in by_round),
+                "step": statistics.median(max(x["wall"] for x in peers) for peers in by_round),
+                "cpu_averager": statistics.mean(p["cpu_averager"] for p in per_peer),
+                "cpu_p2pd": statistics.mean(p["cpu_p2pd"] for p in per_peer),
+                "max_abs_error": max(p["max_abs_error"] for p in per_peer),
+                "final_max_abs_error": max(p["final_max_abs_error"] for p in per_peer),
+                "incomplete_rounds": sum(1 for peers in by_round
+                                         if any(x["group"] != len(results) or x["failed"] > 0 for x in peers)),
+            }
+        table[size] = row
+    return table
+
+
+def part_a(args, console) -> dict:
+    from rich.table import Table
+
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    runs = {}
+    for world in [int(w) for w in args.peers.split(",")]:
+        repeats = []
+        for repeat in range(args.repeats):
+            console.print(f"(a) {world} peers, repeat {repeat + 1}/{args.repeats} (load {os.getloadavg()[0]:.2f})")
+            repeats.append(summarize_allreduce(run_allreduce(world, sizes, args.rounds,
+                                                             GLOO_PORT_BASE + 10 * repeat + world), sizes))
+        runs[world] = {size: _median_rows([r[size] for r in repeats]) for size in sizes}
+        runs[world]["repeats"] = repeats
+
+    table = Table(title="(a) all-reduce round time on 127.0.0.1, median of repeats (slowest peer per round)")
+    for column in ("peers", "floats", "gloo s", "hivemind s", "ours fp32 s", "ours fp16 s",
+                   "matchmaking s (ours)", "CPU s/round/peer: gloo | ours py+p2pd | hivemind py+p2pd",
+                   "max |err| after round 1: ours fp32 / fp16 / hivemind"):
+        table.add_column(column, justify="right")
+    for world, rows in runs.items():
+        for size in sizes:
+            row = rows[size]
+            gloo = row["gloo"]
+
+            def cell(variant):
+                return f"{row[variant]['allreduce']:.3f} ({row[variant]['allreduce'] / gloo:.1f}x)"
+
+            table.add_row(str(world), f"{size / 1e6:g}M", f"{gloo:.3f}", cell("hivemind"), cell("ours"),
+                          cell("ours-fp16"), f"{row['ours']['matchmaking']:.3f}",
+                          f"{row['gloo_cpu']:.2f} | {row['ours']['cpu_averager']:.2f}+{row['ours']['cpu_p2pd']:.2f}"
+                          f" | {row['hivemind']['cpu_averager']:.2f}+{row['hivemind']['cpu_p2pd']:.2f}",
+                          f"{row['ours']['max_abs_error']:.1e} / {row['ours-fp16']['max_abs_error']:.1e} / "
+                          f"{row['hivemind']['max_abs_error']:.1e}")
+    console.print(table)
+    return runs
+
+
+def _median_rows(rows: list[dict]) -> dict:
+    """Element-wise median of equally shaped nested dicts of numbers."""
+    first = rows[0]
+    if isinstance(first, dict):
+        return {key: _median_rows([r[key] for r in rows]) for key in first}
+    return statistics.median(rows)
+
+
+# ---- network namespaces -----------------------------------------------------------------------------------
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=30)
+
+
+def our_namespaces() -> list[str]:
+    listed = sh("ip", "netns", "list", check=False).stdout.split("\n")
+    return [line.split()[0] for line in listed if line.startswith(NS_PREFIX)]
+
+
+def remove_namespaces() -> None:
+    for name in our_namespaces():
+        sh("ip", "netns", "del", name, check=False)
+
+
+def peer_ns(i: int) -> str:
+    return f"{NS_PREFIX}p{i}"
+
+
+def peer_host(i: int) -> str:
+    return f"{SUBNET}.{PEER_HOST_BASE + i}"
+
+
+def make_namespaces(peers: int) -> None:
+    """A bridge namespace and one namespace per peer, joined by veth pairs; the root namespace is untouched."""
+    remove_namespaces()
+    sh("ip", "netns", "add", BRIDGE_NS)
+    sh("ip", "-n", BRIDGE_NS, "link", "set", "lo", "up")
+    sh("ip", "-n", BRIDGE_NS, "link", "add", BRIDGE, "type", "bridge")
+    sh("ip", "-n", BRIDGE_NS, "link", "set", BRIDGE, "up")
+    for i in range(peers):
+        ns = peer_ns(i)
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", f"vp{i}", "netns", ns, "type", "veth", "peer", "name", f"vb{i}", "netns", BRIDGE_NS)
+        sh("ip", "-n", BRIDGE_NS, "link", "set", f"vb{i}", "master", BRIDGE)
+        sh("ip", "-n", BRIDGE_NS, "link", "set", f"vb{i}", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{peer_host(i)}/24", "dev", f"vp{i}")
+        sh("ip", "-n", ns, "link", "set", f"vp{i}", "up")
+
+
+def set_caps(peers: int, mbit: int | None) -> None:
+    """tbf on both ends of each peer's veth: the peer's upload and download are each capped at `mbit`."""
+    for i in range(peers):
+        for ns, device in ((peer_ns(i), f"vp{i}"), (BRIDGE_NS, f"vb{i}")):
+            sh("tc", "-n", ns, "qdisc", "del", "dev", device, "root", check=False)
+            if mbit is not None:
+                sh("tc", "-n", ns, "qdisc", "add", "dev", device, "root", "tbf", "rate", f"{mbit}mbit",
+                   "burst", TBF_BURST, "latency", TBF_LATENCY)
+
+
+def namespaces_work() -> str | None:
+    """None if this process can make namespaces, veths and tbf qdiscs; else why not."""
+    probe = f"{NS_PREFIX}probe"
+    try:
+        sh("ip", "netns", "add", probe)
+        sh("ip", "-n", probe, "link", "set", "lo", "up")
+        sh("tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1mbit", "burst", "32kb",
+           "latency", "50ms")
+        return None
+    except (subprocess.CalledProcessError, FileNotFoundError, subprocess.TimeoutExpired) as e:
+        return getattr(e, "stderr", None) or repr(e)
+    finally:
+        sh("ip", "netns", "del", probe, check=False)
+
+
+def run_training(mode: str, compression: str, seconds: float) -> list[dict]:
+    with peer_group() as peers:
+        for i in range(TRAIN_PEERS):
+            peers.start(i, ["--worker", "train", "--rank", str(i), "--world", str(TRAIN_PEERS), "--mode", mode,
+                            "--compression", compression, "--seconds", str(seconds), "--host", peer_host(i),
+                            "--device", f"vp{i}", "--dir", str(peers.directory)],
+                        prefix=["ip", "netns", "exec", peer_ns(i)])
+        return peers.wait(seconds + TRAIN_GRACE + 2 * (STEP_TIMEOUT + ROUND_TIMEOUT))
+
+
+def parts_c_d(args, console) -> dict:
+    from rich.table import Table
+
+    reason = namespaces_work()
+    if reason is not None:
+        console.print(f"[red](c)/(d) skipped: cannot make network namespaces here: {reason}[/red]")
+        return {}
+    runs = {}
+    try:
+        make_namespaces(TRAIN_PEERS)
+        plan = [(None, "none", "none")]
+        plan += [(100, mode, comp) for mode, comp in TRAIN_CONFIGS]
+        plan += [(20, mode, comp) for mode, comp in CAPPED_20_CONFIGS]
+        for cap, mode, comp in plan:
+            set_caps(TRAIN_PEERS, cap)
+            label = f"{cap or 'no'} Mbit/s, {mode}, {comp}"
+            repeats = []
+            for repeat in range(args.train_repeats):
+                console.print(f"(c/d) {label}, repeat {repeat + 1}/{args.train_repeats} "
+                              f"(load {os.getloadavg()[0]:.2f})")
+                repeats.append(run_training(mode, comp, args.window))
+            runs[label] = {"cap": cap, "mode": mode, "compression": comp, "repeats": repeats}
+    finally:
+        remove_namespaces()
+
+    def per_peer(label, key):
+        return statistics.median(statistics.mean(p[key] for p in rep) for rep in runs[label]["repeats"])
+
+    def rate(label):  # samples/s per peer
+        return per_peer(label, "samples") / args.window
+
+    solo = rate("no Mbit/s, none, none")
+    c_table = Table(title=f"(c) bytes sent per training sample per peer ({TRAIN_PEERS} peers, 6.3M-param MLP, "
+                          f"batch {BATCH}, local updates every {LOCAL_STEPS} steps)")
+    for column in ("averaging", "compression", "averager bytes/sample", "wire bytes/sample (veth tx)",
+                   "vs every-step fp32"):
+        c_table.add_column(column, justify="right")
+    base = None
+    for label, run in runs.items():
+        if run["cap"] != 100:
+            continue
+        samples = per_peer(label, "samples")
+        sent, wire = per_peer(label, "sent") / max(1, samples), per_peer(label, "wire_tx") / max(1, samples)
+        base = base or wire
+        c_table.add_row(run["mode"], run["compression"], f"{sent:,.0f}", f"{wire:,.0f}", f"{base / wire:.0f}x less"
+                        if wire < base else "1x")
+    d_table = Table(title=f"(d) compute utilisation per peer in namespaces (tbf cap each way), {args.window:.0f} s "
+                          f"windows; samples/s vs the same peers with no averaging ({solo:.0f}/s)")
+    for column in ("cap", "averaging", "compression", "computing / wall", "waiting / wall", "samples/s vs none",
+                   "rounds", "failed"):
+        d_table.add_column(column, justify="right")
+    for label, run in runs.items():
+        util = per_peer(label, "compute") / args.window
+        wait = per_peer(label, "waiting") / args.window
+        d_table.add_row(f"{run['cap'] or '-'}", run["mode"], run["compression"], f"{util:.1%}", f"{wait:.1%}",
+                        f"{rate(label) / solo:.0%}", f"{per_peer(label, 'rounds'):.0f}",
+                        f"{per_peer(label, 'failed_rounds'):.0f}")
+    console.print(c_table)
+    console.print(d_table)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="a,c,d", help="which of a, c, d to run (c and d run together)")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--peers", default=",".join(map(str, GROUP_SIZES)))
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--repeats", type=int, default=3, help="part (a) repeats; the report is their median")
+    parser.add_argument("--train-repeats", type=int, default=1)
+    parser.add_argument("--window", type=float, default=WINDOW_S, help="measured seconds per training config")
+    parser.add_argument("--json", type=Path, help="write every measurement here")
+    # worker mode (started by this script)
+    parser.add_argument("--worker", choices=("allreduce", "train"))
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--world", type=int)
+    parser.add_argument("--dir")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--mode")
+    parser.add_argument("--compression")
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--host")
+    parser.add_argument("--device")
+    args = parser.parse_args(argv)
+    if args.worker == "allreduce":
+        worker_allreduce(args)
+        return 0
+    if args.worker == "train":
+        worker_train(args)
+        return 0
+
+    from rich.console import Console
+
+    console = Console(width=max(TABLE_WIDTH, shutil.get_terminal_size().columns))
+    parts = set(args.parts.split(","))
+    console.print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                  f"load {os.getloadavg()}, python {platform.python_version()}")
+    report = {"argv": sys.argv, "load_start": os.getloadavg()}
+    if "a" in parts:
+        report["a"] = part_a(args, console)
+    # (b) TODO: samples/s of k collaborating peers vs one process alone with p2pcompute.training.trainer;
+    # the trainer was not committed when this was written (see docs/benchmarks.md).
+    if parts & {"c", "d"}:
+        report["c_d"] = parts_c_d(args, console)
+    report["load_end"] = os.getloadavg()
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
