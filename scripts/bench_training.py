@@ -5,7 +5,8 @@ Parts, all measured side by side in one run:
   (a) all-reduce round time on 127.0.0.1 of 1M/10M/25M float32 between 2 and 4 processes: torch.distributed
       gloo vs hivemind 1.1.12's own data plane vs ours (p2pcompute.training.averaging, fp32 and fp16), with
       matchmaking time apart, CPU seconds per round (averager process vs p2pd), ratios to gloo.
-  (b) TODO: samples/s of k collaborating peers vs one process alone, with the trainer (see main()).
+  (b) samples/s of k collaborating trainer processes (p2pcompute.training.worker: hivemind.Optimizer,
+      every-epoch gradient averaging) vs one alone, 6.3M-param MLP, one core per process.
   (c) bytes each peer sends per training sample: every-step gradient averaging vs local updates (parameters
       averaged every H steps, DiLoCo-style) x compression none/fp16/8-bit, counted by our averager and on
       the peer's veth (the wire, TLS/TCP/IP and DHT traffic included).
@@ -14,7 +15,7 @@ Parts, all measured side by side in one run:
       forward/backward/SGD) rather than waiting on averaging, every-step vs local updates (blocking, and
       overlapped with the next H steps).
 
-Usage (as root for (d)):  python scripts/bench_training.py [--parts a,c,d] [--repeats 3] [--json FILE]
+Usage (as root for (d)):  python scripts/bench_training.py [--parts a,b,c,d] [--repeats 3] [--json FILE]
 Internal: --worker allreduce|train (one peer process; started by this script).
 """
 
@@ -59,6 +60,55 @@ ROUNDS = 5  # measured rounds per size and variant, after one warm-up round
 VARIANTS = ("hivemind", "ours", "ours-fp16")
 GLOO_PORT_BASE = 29620
 TABLE_WIDTH = 180  # the tables are wide; a narrower console would wrap every cell
+
+# ---- part (b) -------------------------------------------------------------------------------------------
+TRAINER_PEERS = (1, 2)  # the box has 2 cores; each trainer process gets one (OMP_NUM_THREADS=1)
+TRAINER_WINDOW_S = 40.0  # measured seconds once every peer trains
+TRAINER_START_TIMEOUT = 120.0  # trainer processes up, joined and training (hivemind.Optimizer start-up)
+# the trainer's manifest: the 6.3M-parameter MLP of parts (c)/(d), gradients averaged once per epoch
+TRAINER_MANIFEST = """
+name = "bench-mlp"
+description = "bench_training.py part (b)"
+batch_size_per_step = 64
+target_batch_size = 1024
+max_epochs = 0
+
+[model]
+name = "mlp"
+in_features = 512
+hidden = [2048, 2048]
+out_features = 512
+activation = "relu"
+
+[dataset]
+name = "synthetic"
+task = "regression"
+input_shape = [512]
+outputs = 512
+noise = 0.1
+seed = 1
+
+[optimizer]
+name = "sgd"
+lr = 0.001
+
+[averaging]
+mode = "gradients"
+compression = "fp16"
+matchmaking_time = 2
+request_timeout = 1
+averaging_timeout = 30
+allreduce_timeout = 30
+next_chunk_timeout = 10
+
+[hardware]
+min_memory_mb = 256
+devices = ["cpu"]
+
+[credits]
+rate = 1000
+quorum = 1
+"""
 
 # ---- parts (c) and (d) ---------------------------------------------------------------------------------
 NS_PREFIX = "p2pcb-"  # every namespace this script makes starts with this; leftovers are removed at start
@@ -409,10 +459,13 @@ class Peers:
         self.directory = directory
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, rank: int, argv: list[str], prefix: list[str] = ()) -> None:
+    def start(self, rank: int, argv: list[str], prefix: list[str] = (), program: list[str] = (),
+              env: dict | None = None) -> None:
+        """Start `[*prefix, python, *(program or this script), *argv]` in a process group of its own."""
         log = open(self.directory / f"log-{rank}.txt", "w")
-        self.procs.append(subprocess.Popen([*prefix, sys.executable, __file__, *argv], stdout=log, stderr=log,
-                                           stdin=subprocess.DEVNULL, start_new_session=True))
+        self.procs.append(subprocess.Popen([*prefix, sys.executable, *(program or [__file__]), *argv], stdout=log,
+                                           stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                                           env={**os.environ, **(env or {})}))
         log.close()
 
     def wait(self, timeout: float) -> list[dict]:
@@ -526,6 +579,66 @@ def part_a(args, console) -> dict:
                           f" | {row['hivemind']['cpu_averager']:.2f}+{row['hivemind']['cpu_p2pd']:.2f}",
                           f"{row['ours']['max_abs_error']:.1e} / {row['ours-fp16']['max_abs_error']:.1e} / "
                           f"{row['hivemind']['max_abs_error']:.1e}")
+    console.print(table)
+    return runs
+
+
+def run_trainers(k: int, window: float) -> dict:
+    """k trainer processes on 127.0.0.1; samples/s of each over `window` seconds once all of them train."""
+    with peer_group() as peers:
+        directory = peers.directory
+        manifest = directory / "run.toml"
+        manifest.write_text(TRAINER_MANIFEST)
+        initial: list[str] = []
+        for rank in range(k):
+            argv = ["--manifest", str(manifest), "--data-dir", str(directory / f"node{rank}"),
+                    "--ready-file", str(directory / f"ready-{rank}"), "--status-file", str(directory / f"status-{rank}"),
+                    "--min-peers", str(k), "--max-seconds", str(window + TRAINER_START_TIMEOUT)]
+            peers.start(rank, argv + (["--initial-peers", *initial] if initial else []),
+                        program=["-m", "p2pcompute.training.worker"], env={"OMP_NUM_THREADS": "1"})
+            if rank == 0:
+                initial = wait_for_file(directory / "ready-0", PEER_START_TIMEOUT).split()
+
+        def snapshot():
+            statuses = []
+            for rank in range(k):
+                with contextlib.suppress(OSError, ValueError):
+                    statuses.append(json.loads((directory / f"status-{rank}").read_text()))
+            return statuses
+
+        deadline = time.monotonic() + TRAINER_START_TIMEOUT
+        while True:
+            first = snapshot()
+            if len(first) == k and all(st["status"] == "training" and st["samples_done"] > 0 for st in first):
+                break
+            if time.monotonic() > deadline or any(proc.poll() is not None for proc in peers.procs):
+                raise RuntimeError(f"{k} trainers did not all start training: {first}")
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        time.sleep(window)
+        last, elapsed = snapshot(), time.monotonic() - t0
+        rates = [(b["samples_done"] - a["samples_done"]) / elapsed for a, b in zip(first, last)]
+        return {"samples_per_s": rates, "epochs": [b["epoch"] - a["epoch"] for a, b in zip(first, last)],
+                "loss": [b["loss"] for b in last]}
+
+
+def part_b(args, console) -> dict:
+    from rich.table import Table
+
+    runs = {}
+    for k in TRAINER_PEERS:
+        repeats = []
+        for repeat in range(args.train_repeats):
+            console.print(f"(b) {k} trainer(s), repeat {repeat + 1}/{args.train_repeats} (load {os.getloadavg()[0]:.2f})")
+            repeats.append(run_trainers(k, args.trainer_window))
+        runs[k] = {"total": statistics.median(sum(r["samples_per_s"]) for r in repeats), "repeats": repeats}
+    alone = runs[TRAINER_PEERS[0]]["total"]
+    table = Table(title=f"(b) trainer samples/s (6.3M-param MLP, batch 64, epoch = 1024 samples, gradients averaged "
+                        f"per epoch, fp16), one core per process, {args.trainer_window:.0f} s windows")
+    for column in ("peers", "samples/s, all peers", "vs one alone", "per peer"):
+        table.add_column(column, justify="right")
+    for k, run in runs.items():
+        table.add_row(str(k), f"{run['total']:.0f}", f"{run['total'] / alone:.2f}x", f"{run['total'] / k:.0f}")
     console.print(table)
     return runs
 
@@ -678,7 +791,8 @@ def parts_c_d(args, console) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="a,c,d", help="which of a, c, d to run (c and d run together)")
+    parser.add_argument("--parts", default="a,b,c,d", help="which of a, b, c, d to run (c and d run together)")
+    parser.add_argument("--trainer-window", type=float, default=TRAINER_WINDOW_S)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--peers", default=",".join(map(str, GROUP_SIZES)))
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -714,8 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"argv": sys.argv, "load_start": os.getloadavg()}
     if "a" in parts:
         report["a"] = part_a(args, console)
-    # (b) TODO: samples/s of k collaborating peers vs one process alone with p2pcompute.training.trainer;
-    # the trainer was not committed when this was written (see docs/benchmarks.md).
+    if "b" in parts:
+        report["b"] = part_b(args, console)
     if parts & {"c", "d"}:
         report["c_d"] = parts_c_d(args, console)
     report["load_end"] = os.getloadavg()

@@ -61,9 +61,9 @@ from google.protobuf.message import DecodeError
 logger = logging.getLogger(__name__)
 
 # ---- tuned settings ---------------------------------------------------------------------------------
-# Part size: with raw frames the per-part cost is one stream frame, so parts can be large; 4 MiB was the
-# fastest of 0.5/1/2/4/8/16 MiB for 10M-25M floats here (fewer event-loop wake-ups) while a 25M-float
-# tensor still splits into >= 12 parts per peer, enough to overlap sending, reducing and replying.
+# Part size: with raw frames the per-part cost is one stream frame, so parts can be large. 25M floats,
+# 2 peers: 1 MiB and 4 MiB parts both 0.30 s, 16 MiB 0.35 s (less overlap); 4 MiB still splits a 25M-float
+# tensor into 12 parts per peer, enough to overlap sending, reducing and replying.
 PART_SIZE_BYTES = 4 * 2**20
 # A peer silent for this long between two frames is dropped from the round (a reducer gets twice as long).
 # hivemind defaults it to matchmaking_time, which on a loaded 2-core box cut CPU-bound rounds in half.
@@ -102,7 +102,6 @@ STATUS_OK = 0
 BAD_INPUT = (ValueError, TypeError, RuntimeError, DecodeError)
 
 RAW, FP16, HIVEMIND = 0, 1, 2
-CODEC_NAMES = {RAW: "none", FP16: "fp16", HIVEMIND: "hivemind"}
 
 
 def codec_of(compression: CompressionBase) -> int:
@@ -113,12 +112,6 @@ def codec_of(compression: CompressionBase) -> int:
     if type(compression) is Float16Compression:
         return FP16
     return HIVEMIND
-
-
-def averager_options(part_size_bytes: int = PART_SIZE_BYTES) -> dict:
-    """Averager-only keyword arguments of our tuned path (for hivemind.Optimizer's `averager_opts`; its
-    timeouts are Optimizer arguments of their own: next_chunk_timeout, averaging_timeout, matchmaking_time)."""
-    return dict(part_size_bytes=part_size_bytes)
 
 
 def tuned_options(*, compression: Optional[CompressionBase] = None, part_size_bytes: int = PART_SIZE_BYTES,
@@ -272,12 +265,11 @@ class RawAllReduceRunner(AllReduceRunner):
             header = _HEADER.pack(_MAGIC, _VERSION, self.codec, len(self.group_id), self.weight) + self.group_id
             writer.write(header)
             self.counters.sent += len(header)
-            done_sending = asyncio.Event()
-            sending = asyncio.create_task(self._send_parts(parts, infos, writer, done_sending))
+            sending = asyncio.create_task(self._send_parts(parts, infos, writer))
             try:
-                if self.should_delay_results(self.peer_id):
-                    await done_sending.wait()
-                for part, info in zip(parts, infos):
+                if self.should_delay_results(self.peer_id):  # client mode: results come after all our parts
+                    await sending
+                for part in parts:
                     payload = await self._read_reply(reader, part, self.reducer_timeout)
                     await self._apply_reply(part, payload)
                     applied += 1
@@ -288,21 +280,17 @@ class RawAllReduceRunner(AllReduceRunner):
             writer.close()
         return applied
 
-    async def _send_parts(self, parts, infos, writer: asyncio.StreamWriter, done: asyncio.Event) -> None:
+    async def _send_parts(self, parts, infos, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
-        encoded = None
-        for position, (part, info) in enumerate(zip(parts, infos)):
-            if encoded is None:
-                encoded = self._encode_later(loop, part, info)
+        encoded = self._encode_later(loop, parts[0], infos[0])
+        for position in range(len(parts)):
             payload = await encoded
-            # start encoding the next part (in a worker thread) while this one is being written
-            encoded = (self._encode_later(loop, *parts_and_infos) if (parts_and_infos := _next(parts, infos, position))
-                       else None)
+            if position + 1 < len(parts):  # encode the next part (in a worker thread) while this one is written
+                encoded = self._encode_later(loop, parts[position + 1], infos[position + 1])
             writer.write(_PART.pack(len(payload)))
             writer.write(payload)
             self.counters.sent += _PART.size + len(payload)
             await asyncio.wait_for(writer.drain(), self.sender_timeout)  # a reducer that stopped reading
-        done.set()
 
     def _encode_later(self, loop, part: torch.Tensor, info: CompressionInfo) -> asyncio.Future:
         if self.codec == RAW:  # zero copy: the bytes of the shared-memory tensor itself
@@ -348,6 +336,8 @@ class RawAllReduceRunner(AllReduceRunner):
         rejection = self._reason_to_reject(sender, codec, weight)
         if rejection is not None:
             _write_status(writer, rejection)
+            if sender in self.sender_peer_ids:  # a group mate we will not hear from: do not wait for it
+                await self._ban_sender(sender)
             return
         sender_index = self.sender_peer_ids.index(sender)
         self.active_senders.add(sender)
@@ -387,7 +377,7 @@ class RawAllReduceRunner(AllReduceRunner):
             for frame in delayed:
                 writer.write(frame)
                 await asyncio.wait_for(writer.drain(), self.sender_timeout)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, AllreduceException) as e:
             logger.debug(f"Sender {sender} failed after {received}/{len(parts)} parts: {e!r}")
             _write_status(writer, averaging_pb2.INTERNAL_ERROR)
         except BAD_INPUT as e:  # a frame we cannot decode: the sender is dropped from this round
@@ -479,7 +469,7 @@ class RawAllReduceMixin(RoundTimingMixin):
             if future is None:
                 _write_status(writer, averaging_pb2.BAD_GROUP_ID)
                 return
-            runner = await asyncio.wait_for(future, HEADER_TIMEOUT)
+            runner = await asyncio.wait_for(asyncio.shield(future), HEADER_TIMEOUT)  # the group's, not ours
             await runner.serve_sender(stream_info.peer_id, codec, weight, reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
             logger.debug(f"Raw all-reduce stream from {stream_info.peer_id} dropped: {e!r}")
@@ -531,10 +521,6 @@ def _part_infos(tensors, tensor_infos, compression: CompressionBase, part_size_b
         part_size_values = int(part_size_bytes / bytes_per_value)
         infos.extend(info.get_part(i, part_size_values) for i in range(count))
     return infos
-
-
-def _next(parts, infos, position: int):
-    return (parts[position + 1], infos[position + 1]) if position + 1 < len(parts) else None
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
