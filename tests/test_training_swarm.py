@@ -20,7 +20,7 @@ from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, Manifest, toml_lin
 from p2pcompute.training.checkpoint import load_checkpoint
 from p2pcompute.training.local import evaluate_loss, train_locally
 
-EPOCHS = 12
+EPOCHS = 10
 EVAL_SIZE = 2048
 START_TIMEOUT = 90.0  # seconds for a worker process to come up (cold imports, p2pd) on a loaded 2-core box
 RUN_TIMEOUT = 240.0  # seconds for a whole swarm run to finish; it normally takes 30-45 s
@@ -51,7 +51,7 @@ name = "adam"
 lr = 0.01
 
 [averaging]
-average_state_every = 4
+average_state_every = 5
 {toml_lines(LOCAL_NETWORK_AVERAGING)}"""
 
 
@@ -160,7 +160,15 @@ def test_three_peers_match_one_process_on_the_same_samples(swarm):
         assert {p for r in rounds for p in r["members"]} == {t["peer_id"] for t in statuses}
         for r in rounds:  # every member's payload rode along: [epoch, samples so far]
             assert all(isinstance(v, list) and len(v) == 2 for v in r["payloads"].values())
-    assert max(s["eval_loss"] for s in statuses) - min(s["eval_loss"] for s in statuses) < 1e-4 * reference
+    # the run ends with a parameter-averaging round (epoch 10); when all three made it (the usual case),
+    # they hold the same model; a round lost to load leaves a peer apart, still within the 5% above
+    if all(last_state_round_ok(s, 3) for s in statuses):
+        assert max(s["eval_loss"] for s in statuses) - min(s["eval_loss"] for s in statuses) < 1e-4 * reference
+
+
+def last_state_round_ok(status: dict, members: int) -> bool:
+    states = [r for r in status["rounds"] if r["kind"] == "state"]
+    return bool(states) and states[-1]["ok"] and len(states[-1]["members"]) == members
 
 
 def test_late_joiner_converges_to_the_same_parameters(swarm, tmp_path):
@@ -225,7 +233,7 @@ def test_a_peer_killed_mid_run_does_not_stop_the_others(swarm):
 def test_local_updates_average_parameters_periodically(swarm, tmp_path):
     """DiLoCo-style mode: local optimizer steps, parameters averaged every average_state_every epochs."""
     spec = tmp_path / "local.toml"
-    spec.write_text(SPEC.replace("average_state_every = 4", 'average_state_every = 2\nmode = "local"'))
+    spec.write_text(SPEC.replace("average_state_every = 5", 'average_state_every = 2\nmode = "local"'))
     manifest = Manifest.load(spec)
     common = ["--manifest", str(spec), "--max-epochs", "8", "--eval-size", str(EVAL_SIZE), "--min-peers", "2"]
     first = swarm("a", *common)
@@ -242,6 +250,5 @@ def test_local_updates_average_parameters_periodically(swarm, tmp_path):
         assert s["eval_loss"] < 0.5 * initial
     # when the last epoch ended with a parameter-averaging round of both (the usual case), both hold the
     # same model; a round lost to load leaves them apart until the next one, so only close then
-    last_ok = all(s["rounds"][-1]["ok"] and len(s["rounds"][-1]["members"]) == 2 for s in statuses)
-    rel = 1e-5 if last_ok else 0.05
-    assert statuses[0]["eval_loss"] == pytest.approx(statuses[1]["eval_loss"], rel=rel)
+    rel = 1e-5 if all(last_state_round_ok(s, 2) for s in statuses) else 0.05
+    assert statuses[0]["eval_loss"] == pytest.approx(statuses[1]["eval_loss"], rel=rel), statuses

@@ -87,9 +87,14 @@ def test_train_pause_resume_checkpoint_and_fetch(node, tmp_path):
         fetched_epoch = fetch_checkpoint(reader, manifest, tmp_path / "fetched.pt", timeout=30)
         model, epoch = load_checkpoint(tmp_path / "fetched.pt", manifest)
         assert epoch == fetched_epoch >= 3
-        saved = [p for p in (tmp_path / "ckpt").iterdir() if p.name.endswith(f"epoch{epoch:06d}.pt")]
-        own, _ = load_checkpoint(saved[0], manifest)
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), own.state_dict().values()))
+
+        def same_as_own(at: int) -> bool:
+            saved = [p for p in (tmp_path / "ckpt").iterdir() if p.name.endswith(f"epoch{at:06d}.pt")]
+            own, _ = load_checkpoint(saved[0], manifest)
+            return all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), own.state_dict().values()))
+
+        # hivemind reads the epoch just after the parameters: across an epoch boundary the label may be one ahead
+        assert same_as_own(epoch) or same_as_own(epoch - 1)
 
         trainer.pause("owner is gaming")
         wait_for(lambda: trainer.status().status == "paused", "paused")
