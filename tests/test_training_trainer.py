@@ -93,7 +93,7 @@ def test_train_pause_resume_checkpoint_and_fetch(node, tmp_path):
             own, _ = load_checkpoint(saved[0], manifest)
             return all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), own.state_dict().values()))
 
-        # hivemind reads the epoch just after the parameters: across an epoch boundary the label may be one ahead
+        # a consistent snapshot; hivemind increments the epoch just before the step, so the label may lead by one
         assert same_as_own(epoch) or same_as_own(epoch - 1)
 
         trainer.pause("owner is gaming")

@@ -133,6 +133,17 @@ class ObservedStateAverager(TrainingStateAverager, _ObservedAverager):
         self._observer, self._round_kind = observer, "state"
         super().__init__(*args, **kwargs)
 
+    def get_current_state(self):
+        """What a peer downloading our state gets, as a snapshot. hivemind hands out the live
+        shared-memory tensors, which the averager process serializes later while training keeps
+        updating them: measured here, a download came out several epochs newer than its label, and
+        it could mix tensors of different epochs. Copies taken under the optimizer lock (no step runs
+        meanwhile) are consistent; the epoch label may still be one ahead, as hivemind increments it
+        just before the step."""
+        with self.lock_optimizer:
+            metadata, tensors, infos = super().get_current_state()
+            return metadata, [tensor.detach().clone() for tensor in tensors], infos
+
 
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer whose gradient and state averagers are the observed ones above."""

@@ -67,7 +67,9 @@ def load_checkpoint(path: str | Path, manifest: Manifest) -> tuple[nn.Module, in
 
 def fetch_checkpoint(dht, manifest: Manifest, path: str | Path, timeout: float) -> int:
     """Download the current parameters from a peer training the run and write them as a checkpoint;
-    returns the epoch. Uses hivemind's state download (the one late joiners use), as a client."""
+    returns the epoch. Uses hivemind's state download (the one late joiners use), as a client.
+    hivemind reads the epoch a moment after the parameters, so around an epoch boundary the label can
+    be ahead of the parameters (by one epoch in a normal swarm)."""
     from p2pcompute.runs.optimizers import optimizer_factory
     from p2pcompute.training.averagers import ObservedStateAverager, RoundObserver
 
