@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import glob
 import json
+import logging
 import os
 import platform
 import shutil
@@ -232,7 +233,8 @@ def worker_allreduce(args) -> None:
     dist.destroy_process_group()
 
     from hivemind.averaging import DecentralizedAverager
-    from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+    from hivemind.averaging.matchmaking import MatchmakingException
+    from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES, AllreduceException
 
     from p2pcompute.training.averaging import RoundTimingMixin, TunedAverager, tuned_options
 
@@ -255,12 +257,19 @@ def worker_allreduce(args) -> None:
                 averager = cls([tensor], dht, start=True, prefix=f"bench_{variant.replace('-', '_')}_{size}",
                                target_group_size=world, min_group_size=world, **options)
                 try:
+                    barrier(directory, f"ready-{variant}-{size}", rank, world)  # matchmaking starts together
                     rounds, cpu0 = [], None
                     for index in range(args.rounds + 1):
                         if index == 1:
                             cpu0 = (cpu_seconds(averager.pid), sum(map(cpu_seconds, p2pd)))
                         started = time.perf_counter()
-                        gathered = averager.step(timeout=STEP_TIMEOUT)
+                        control = averager.step(timeout=STEP_TIMEOUT, wait=False)
+                        try:
+                            gathered = control.result(timeout=STEP_TIMEOUT + ROUND_TIMEOUT)
+                        except (TimeoutError, AllreduceException, MatchmakingException) as e:  # counted, not fatal
+                            control.cancel()
+                            print(f"{variant} {size} round {index} failed: {e!r}", file=sys.stderr)
+                            gathered = None
                         wall = time.perf_counter() - started
                         stats = averager.last_round()
                         if index == 0:  # the first round alone must give the exact mean; later ones keep it
@@ -270,7 +279,8 @@ def worker_allreduce(args) -> None:
                         else:
                             rounds.append({"wall": wall, "matchmaking": stats.matchmaking_s,
                                            "allreduce": stats.allreduce_s, "group": len(gathered or {}),
-                                           "sent": stats.bytes_sent, "failed": stats.failed_fraction})
+                                           "sent": stats.bytes_sent, "failed": stats.failed_fraction,
+                                           "step_failed": gathered is None})
                     cpu1 = (cpu_seconds(averager.pid), sum(map(cpu_seconds, p2pd)))
                     with averager.get_tensors() as (result,):
                         final_error = float((result - expected).abs().max())
@@ -472,14 +482,14 @@ class Peers:
         deadline = time.monotonic() + timeout
         for proc in self.procs:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        results = []
-        for rank, proc in enumerate(self.procs):
-            path = self.directory / f"result-{rank}.json"
-            if proc.returncode != 0 or not path.exists():
-                log = (self.directory / f"log-{rank}.txt").read_text()[-3000:]
-                raise RuntimeError(f"peer {rank} failed (exit {proc.returncode}):\n{log}")
-            results.append(json.loads(path.read_text()))
-        return results
+        failed = [rank for rank, proc in enumerate(self.procs)
+                  if proc.returncode != 0 or not (self.directory / f"result-{rank}.json").exists()]
+        if failed:
+            logs = "\n".join(f"--- peer {rank} (exit {proc.returncode}):\n"
+                             + (self.directory / f"log-{rank}.txt").read_text()[-4000:]
+                             for rank, proc in enumerate(self.procs))
+            raise RuntimeError(f"peers {failed} failed:\n{logs}")
+        return [json.loads((self.directory / f"result-{rank}.json").read_text()) for rank in range(len(self.procs))]
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -511,12 +521,12 @@ def peer_group():
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def run_allreduce(world: int, sizes: list[int], rounds: int, port: int) -> list[dict]:
+def run_allreduce(world: int, sizes: list[int], rounds: int, port: int, log_level: str = "WARNING") -> list[dict]:
     with peer_group() as peers:
         for rank in range(world):
             peers.start(rank, ["--worker", "allreduce", "--rank", str(rank), "--world", str(world),
                                "--sizes", ",".join(map(str, sizes)), "--rounds", str(rounds),
-                               "--dir", str(peers.directory), "--port", str(port)])
+                               "--dir", str(peers.directory), "--port", str(port), "--log-level", log_level])
         return peers.wait(ALLREDUCE_RUN_TIMEOUT)
 
 
@@ -529,7 +539,8 @@ def summarize_allreduce(results: list[dict], sizes: list[int]) -> dict:
                "gloo_cpu": statistics.mean(r["gloo"][str(size)]["cpu_per_round"] for r in results)}
         for variant in VARIANTS:
             per_peer = [r["averagers"][f"{variant}/{size}"] for r in results]
-            by_round = list(zip(*[p["rounds"] for p in per_peer]))
+            all_rounds = list(zip(*[p["rounds"] for p in per_peer]))
+            by_round = [peers for peers in all_rounds if not any(x["step_failed"] for x in peers)] or all_rounds
             row[variant] = {
                 "allreduce": statistics.median(max(x["allreduce"] for x in peers) for peers in by_round),
                 "matchmaking": statistics.median(statistics.median(x["matchmaking"] for x in peers)
@@ -539,8 +550,8 @@ def summarize_allreduce(results: list[dict], sizes: list[int]) -> dict:
                 "cpu_p2pd": statistics.mean(p["cpu_p2pd"] for p in per_peer),
                 "max_abs_error": max(p["max_abs_error"] for p in per_peer),
                 "final_max_abs_error": max(p["final_max_abs_error"] for p in per_peer),
-                "incomplete_rounds": sum(1 for peers in by_round
-                                         if any(x["group"] != len(results) or x["failed"] > 0 for x in peers)),
+                "incomplete_rounds": sum(1 for peers in all_rounds if any(
+                    x["step_failed"] or x["group"] != len(results) or x["failed"] > 0 for x in peers)),
             }
         table[size] = row
     return table
@@ -552,18 +563,29 @@ def part_a(args, console) -> dict:
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     runs = {}
     for world in [int(w) for w in args.peers.split(",")]:
-        repeats = []
+        repeats, failures = [], []
         for repeat in range(args.repeats):
             console.print(f"(a) {world} peers, repeat {repeat + 1}/{args.repeats} (load {os.getloadavg()[0]:.2f})")
-            repeats.append(summarize_allreduce(run_allreduce(world, sizes, args.rounds,
-                                                             GLOO_PORT_BASE + 10 * repeat + world), sizes))
+            try:
+                results = run_allreduce(world, sizes, args.rounds, GLOO_PORT_BASE + 10 * repeat + world,
+                                        args.log_level)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # reported, and counted in the table
+                console.print(f"[red](a) {world} peers, repeat {repeat + 1} failed[/red]:\n{str(e)[-6000:]}")
+                failures.append(str(e))
+                continue
+            repeats.append(summarize_allreduce(results, sizes))
+        if not repeats:
+            continue
         runs[world] = {size: _median_rows([r[size] for r in repeats]) for size in sizes}
-        runs[world]["repeats"] = repeats
+        runs[world]["repeats"], runs[world]["failures"] = repeats, failures
 
-    table = Table(title="(a) all-reduce round time on 127.0.0.1, median of repeats (slowest peer per round)")
+    failed = sum(len(rows["failures"]) for rows in runs.values())
+    table = Table(title=f"(a) all-reduce round time on 127.0.0.1, median of {args.repeats} repeats ({failed} failed) "
+                        f"of {args.rounds} rounds (slowest peer per round)")
     for column in ("peers", "floats", "gloo s", "hivemind s", "ours fp32 s", "ours fp16 s",
-                   "matchmaking s (ours)", "CPU s/round/peer: gloo | ours py+p2pd | hivemind py+p2pd",
-                   "max |err| after round 1: ours fp32 / fp16 / hivemind"):
+                   "p2pd floor fp32 | fp16 s", "matchmaking s (ours)",
+                   "CPU s/round/peer: gloo | ours py+p2pd | hivemind py+p2pd",
+                   "max |err| after round 1: ours fp32 / fp16 / hivemind", "incomplete rounds: ours / fp16 / hivemind"):
         table.add_column(column, justify="right")
     for world, rows in runs.items():
         for size in sizes:
@@ -573,12 +595,18 @@ def part_a(args, console) -> dict:
             def cell(variant):
                 return f"{row[variant]['allreduce']:.3f} ({row[variant]['allreduce'] / gloo:.1f}x)"
 
+            def floor(variant):  # p2pd's CPU for one round, all peers, spread over every core: no faster
+                return row[variant]["cpu_p2pd"] * world / os.cpu_count()
+
             table.add_row(str(world), f"{size / 1e6:g}M", f"{gloo:.3f}", cell("hivemind"), cell("ours"),
-                          cell("ours-fp16"), f"{row['ours']['matchmaking']:.3f}",
+                          cell("ours-fp16"), f"{floor('ours'):.3f} ({floor('ours') / gloo:.1f}x) | "
+                          f"{floor('ours-fp16'):.3f} ({floor('ours-fp16') / gloo:.1f}x)",
+                          f"{row['ours']['matchmaking']:.3f}",
                           f"{row['gloo_cpu']:.2f} | {row['ours']['cpu_averager']:.2f}+{row['ours']['cpu_p2pd']:.2f}"
                           f" | {row['hivemind']['cpu_averager']:.2f}+{row['hivemind']['cpu_p2pd']:.2f}",
                           f"{row['ours']['max_abs_error']:.1e} / {row['ours-fp16']['max_abs_error']:.1e} / "
-                          f"{row['hivemind']['max_abs_error']:.1e}")
+                          f"{row['hivemind']['max_abs_error']:.1e}",
+                          " / ".join(f"{row[v]['incomplete_rounds']:g}" for v in ("ours", "ours-fp16", "hivemind")))
     console.print(table)
     return runs
 
@@ -811,7 +839,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--host")
     parser.add_argument("--device")
+    parser.add_argument("--log-level", default="WARNING", help="of p2pcompute's loggers in the peer processes")
     args = parser.parse_args(argv)
+    if args.worker:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s: %(message)s")
+        logging.getLogger("p2pcompute").setLevel(args.log_level)
     if args.worker == "allreduce":
         worker_allreduce(args)
         return 0

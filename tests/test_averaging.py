@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_until
 
 PEERS = 3
 SHAPES = [(50_001,), (7, 13), (3,)]  # odd sizes: parts straddle peers and tensors
@@ -147,12 +148,8 @@ def _write(path: Path, text: str) -> None:
 
 
 def _wait_for(path: Path) -> str:
-    deadline = time.monotonic() + PEER_TIMEOUT
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text()
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} did not appear")
+    wait_until(path.exists, PEER_TIMEOUT, interval=0.05, what=str(path))
+    return path.read_text()
 
 
 if __name__ == "__main__":

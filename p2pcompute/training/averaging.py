@@ -78,8 +78,11 @@ REQUEST_TIMEOUT = 1.0
 # Upper bound on a whole all-reduce once the group is formed (25M floats take < 2 s here; slow links
 # are the caller's to raise it for: 25M floats over 20 Mbit/s take ~80 s).
 ALLREDUCE_TIMEOUT = 120.0
-# A reducer waits this long for a sender's header, and for its group to be registered, before closing.
+# A reducer waits this long for a sender's header before closing the stream.
 HEADER_TIMEOUT = 10.0
+# A sender's stream may arrive before this peer has set up the round (load balancing, tensor lock); hivemind
+# waits without a bound, we wait this long (a round that starts later than this is not going to finish).
+GROUP_WAIT_TIMEOUT = 30.0
 # Every live group mate opens its streams within milliseconds of the group forming; one that has not
 # started sending after this long (it died during matchmaking) is dropped then, not after the (longer)
 # gap allowed between two frames of a slow link. hivemind uses next_chunk_timeout for both.
@@ -276,6 +279,8 @@ class RawAllReduceRunner(AllReduceRunner):
                 await sending
             finally:
                 sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError, asyncio.TimeoutError):
+                    await sending  # its error, if any, is the reply loop's too; do not leave it unretrieved
         finally:
             writer.close()
         return applied
@@ -456,25 +461,31 @@ class RawAllReduceMixin(RoundTimingMixin):
     async def _serve_raw_stream(self, stream_info, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
         try:
-            magic, version, codec, id_length, weight = _HEADER.unpack(
-                await asyncio.wait_for(reader.readexactly(_HEADER.size), HEADER_TIMEOUT))
-            if magic != _MAGIC or version != _VERSION or id_length > MAX_GROUP_ID_BYTES:
-                _write_status(writer, averaging_pb2.PROTOCOL_VIOLATION)
-                return
-            group_id = await asyncio.wait_for(reader.readexactly(id_length), HEADER_TIMEOUT)
-            if group_id not in self._running_groups:
-                # the leader may have started the round before its message reached us (as in hivemind)
-                await asyncio.wait_for(self._pending_groups_registered.wait(), HEADER_TIMEOUT)
-            future = self._running_groups.get(group_id)
-            if future is None:
-                _write_status(writer, averaging_pb2.BAD_GROUP_ID)
-                return
-            runner = await asyncio.wait_for(asyncio.shield(future), HEADER_TIMEOUT)  # the group's, not ours
-            await runner.serve_sender(stream_info.peer_id, codec, weight, reader, writer)
+            await self._serve_raw_stream_checked(stream_info, reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
             logger.debug(f"Raw all-reduce stream from {stream_info.peer_id} dropped: {e!r}")
+        except Exception:  # the boundary of a network handler: report, never let it kill the averager's loop
+            logger.exception(f"Raw all-reduce stream from {stream_info.peer_id} failed")
         finally:
             writer.close()
+
+    async def _serve_raw_stream_checked(self, stream_info, reader: asyncio.StreamReader,
+                                        writer: asyncio.StreamWriter) -> None:
+        magic, version, codec, id_length, weight = _HEADER.unpack(
+            await asyncio.wait_for(reader.readexactly(_HEADER.size), HEADER_TIMEOUT))
+        if magic != _MAGIC or version != _VERSION or id_length > MAX_GROUP_ID_BYTES:
+            _write_status(writer, averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        group_id = await asyncio.wait_for(reader.readexactly(id_length), HEADER_TIMEOUT)
+        if group_id not in self._running_groups:
+            # the leader may have started the round before its message reached us (as in hivemind)
+            await asyncio.wait_for(self._pending_groups_registered.wait(), GROUP_WAIT_TIMEOUT)
+        future = self._running_groups.get(group_id)
+        if future is None:
+            _write_status(writer, averaging_pb2.BAD_GROUP_ID)
+            return
+        runner = await asyncio.wait_for(asyncio.shield(future), GROUP_WAIT_TIMEOUT)  # the group's, not ours
+        await runner.serve_sender(stream_info.peer_id, codec, weight, reader, writer)
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: Optional[bytes] = None, **kwargs):
