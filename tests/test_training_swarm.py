@@ -25,8 +25,9 @@ EVAL_SIZE = 2048
 START_TIMEOUT = 90.0  # seconds for a worker process to come up (cold imports, p2pd) on a loaded 2-core box
 RUN_TIMEOUT = 240.0  # seconds for a whole swarm run to finish; it normally takes 30-45 s
 STOP_TIMEOUT = 30.0  # SIGTERM to exit: leaving the averaging group is bounded by shutdown_timeout (3 s)
+STALL_SLACK = 10.0  # seconds beyond averaging_timeout a killed peer may hold the others up (loaded CI box)
 
-# Every timeout tuned for loopback: 1 s matchmaking, a dead peer dropped from a round after 3 s.
+# Every timeout tuned for one machine (LOCAL_NETWORK_AVERAGING): 2 s matchmaking, a silent peer dropped after 5 s.
 SPEC = f"""
 name = "swarm-test"
 batch_size_per_step = 16
@@ -220,9 +221,16 @@ def test_a_peer_killed_mid_run_does_not_stop_the_others(swarm):
              workers=survivors + [victim])
     victim.signal_group(signal.SIGKILL)
     victim.proc.wait(10)
-    killed_at = max(w.epoch() for w in survivors)
+    killed, killed_at = time.monotonic(), max(w.epoch() for w in survivors)
+    wait_for(lambda: min(w.epoch() for w in survivors) > killed_at, "the first epoch after the kill",
+             timeout=120, workers=survivors)
+    stalled = time.monotonic() - killed
     wait_for(lambda: min(w.epoch() for w in survivors) >= killed_at + 3, "epochs advancing after the kill",
              timeout=120, workers=survivors)
+    # a round the dead peer was part of gives up on it within the averaging timeout (plus slack for the
+    # loaded machine and for the status file, rewritten every second)
+    averaging_timeout = float(Manifest.from_toml(SPEC).averaging.averaging_timeout)
+    assert stalled < averaging_timeout + STALL_SLACK, stalled
     for worker in survivors:
         worker.proc.send_signal(signal.SIGTERM)  # the worker itself; it stops its DHT and averagers
     for worker in survivors:
