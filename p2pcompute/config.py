@@ -119,6 +119,7 @@ FIELDS: dict[str, _Field] = {
     "startup_timeout": _Field("swarm", _number(1, 300), "seconds to wait for p2pd and the bootstrap peers"),
     "name": _Field("node", _str(64), "a display name for this node (shown to others; not an identity)"),
     "control_port": _Field("node", _number(0, 65535, integer=True), "control API port on 127.0.0.1 (0: any free)"),
+    "train": _Field("training", _bool, "take part in training runs (false: swarm and ledger only)"),
     "run": _Field("training", _str(128), "run id (or unique prefix) to join; empty: pick the best-fitting run"),
     "device": _Field("training", _choice("auto", "cpu", "cuda"), "device to train on"),
     "max_memory_fraction": _Field("training", _number(0.05, 1.0), "cap on the GPU memory fraction we may use"),
@@ -138,6 +139,7 @@ DEFAULTS: dict[str, Any] = {
     "startup_timeout": 30,
     "name": "",
     "control_port": 0,
+    "train": True,
     "run": "",
     "device": "auto",
     "max_memory_fraction": 0.9,
@@ -159,6 +161,7 @@ class NodeConfig:
     startup_timeout: float
     name: str
     control_port: int
+    train: bool
     run: str
     device: str
     max_memory_fraction: float

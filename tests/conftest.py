@@ -81,7 +81,7 @@ def swarm(tmp_path_factory):
     s = Swarm(tmp_path_factory.mktemp("swarm"))
     try:
         s.start_bootstrap()
-        s.nodes = [s.start_node(f"node{i}") for i in range(3)]
+        s.nodes = [s.start_node(f"node{i}", "--no-train") for i in range(3)]
         yield s
     finally:
         s.stop()

@@ -102,6 +102,19 @@ def test_training_run_pays_every_contributor(own_swarm, tmp_path):
             assert balance["micro_credits"] == balance["samples"] * RATE > 0
         assert p2pc_json("ledger", "verify", "--data-dir", str(node.data_dir))["ok"]
 
+    # the run's result: a checkpoint that loads with weights_only=True into the zoo model
+    out = tmp_path / "model.pt"
+    report = p2pc_json("run", "checkpoint", run_id, "-o", str(out), "--data-dir", str(nodes[0].data_dir))
+    assert report["epoch"] == EPOCHS
+    import torch
+
+    from p2pcompute.runs.manifest import Manifest
+    from p2pcompute.training.checkpoint import load_checkpoint
+
+    assert "state_dict" in torch.load(out, weights_only=True)
+    model, epoch = load_checkpoint(out, Manifest.from_toml(SPEC))
+    assert epoch == EPOCHS and sum(p.numel() for p in model.parameters()) > 0
+
     # stop one node, change one byte of one stored receipt in its file: verify names that entry
     victim = nodes[2]
     victim.stop()

@@ -29,7 +29,7 @@ def entry_ids(data_dir: Path) -> set[str]:
 
 
 def start_node(root: Path, name: str, *bootstrap: str) -> NodeProcess:
-    args = ["--listen", LOOPBACK, "--sync-interval", "1", "--record-ttl", "6", "--name", name]
+    args = ["--listen", LOOPBACK, "--sync-interval", "1", "--record-ttl", "6", "--name", name, "--no-train"]
     for b in bootstrap:
         args += ["--bootstrap", b]
     return NodeProcess(["node", "start"], root / name, args).start()
@@ -41,7 +41,7 @@ def publish(node: NodeProcess, tmp_path: Path, name: str) -> str:
 
 def test_four_nodes_publishing_concurrently_converge(own_swarm, tmp_path):
     own_swarm.start_bootstrap()
-    nodes = [own_swarm.start_node(f"n{i}", "--sync-interval", "1") for i in range(4)]
+    nodes = [own_swarm.start_node(f"n{i}", "--sync-interval", "1", "--no-train") for i in range(4)]
     jobs = [(node, f"run-{i}-{k}") for i, node in enumerate(nodes) for k in range(3)]
     with ThreadPoolExecutor(max_workers=4) as pool:  # every node appends at the same time
         published = set(pool.map(lambda job: publish(job[0], tmp_path, job[1]), jobs))

@@ -69,6 +69,7 @@ def node() -> None:
 @bootstrap_option
 @click.option("--name", default=None, help="Display name shown to other peers.")
 @click.option("--run", "run", default=None, help="Run id (or prefix) to join; default: the best-fitting run.")
+@click.option("--train/--no-train", default=None, help="Take part in training runs (default) or only in the swarm and ledger.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device to train on.")
 @click.option("--public/--local", default=None, help="Enable NAT traversal and relays (default: --local).")
 @click.option("--record-ttl", type=float, default=None, help="Seconds our peer record lives without refresh.")
@@ -76,10 +77,11 @@ def node() -> None:
 @click.option("--min-peers", type=int, default=None, help="Hold a run's first epoch until this many peers train it.")
 @ready_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the startup report as JSON.")
-def node_start(data_dir, config_file, listen, announce, bootstrap, name, run, device, public, record_ttl,
+def node_start(data_dir, config_file, listen, announce, bootstrap, name, run, train, device, public, record_ttl,
                sync_interval, min_peers, ready_file, as_json) -> None:
     """Run a node in the foreground until Ctrl-C / SIGTERM."""
-    overrides = dict(listen=listen, announce=announce, bootstrap=bootstrap, name=name, run=run, device=device,
+    overrides = dict(listen=listen, announce=announce, bootstrap=bootstrap, name=name, run=run, train=train,
+                     device=device,
                      public=public, record_ttl=record_ttl, sync_interval=sync_interval, min_peers=min_peers)
     _start("node", data_dir, config_file, overrides, ready_file, as_json)
 

@@ -269,13 +269,15 @@ class LedgerSync:
     async def _handle(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id.to_bytes()
         try:
+            # read the request first even when refusing it: closing a stream with unread data resets it,
+            # and the refusal would never reach the peer
+            request = await asyncio.wait_for(read_frame(reader), CALL_TIMEOUT)
             if self.limits.banned(peer):
                 await write_frame(writer, [1, "you are banned for sending invalid entries"])
                 return
             if not self.limits.allow(peer):
                 await write_frame(writer, [1, "rate limit exceeded"])
                 return
-            request = await asyncio.wait_for(read_frame(reader), CALL_TIMEOUT)
             try:
                 result = await self._serve(peer, request)
                 reply = [0, result]

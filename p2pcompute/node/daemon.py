@@ -86,7 +86,7 @@ class Node:
             self._add_routes(self.control)
             self.control.start()
             write_private(data_dir / MULTIADDRS_FILENAME, ("\n".join(self.maddrs) + "\n").encode())
-            if self.role == "node":
+            if self.role == "node" and self.config.train:
                 from p2pcompute.node.training import TrainingSupervisor
 
                 self.supervisor = TrainingSupervisor(self).start()
@@ -389,6 +389,14 @@ class Node:
         if trainer is not None:
             written = trainer.save_checkpoint(path)
             return {"path": str(written), "epoch": trainer.status().epoch, "source": "this node"}
+        final = sup.final_checkpoints.get(signed.run_id) if sup is not None else None
+        if final is not None and final.exists():  # the run ended here: its final parameters are on disk
+            import shutil
+
+            from p2pcompute.training.checkpoint import read_checkpoint
+
+            shutil.copyfile(final, path)
+            return {"path": path, "epoch": read_checkpoint(path)["epoch"], "source": "this node's final checkpoint"}
         epoch = fetch_checkpoint(self.dht, signed.manifest, path, timeout=float(args.get("timeout", 60)))
         return {"path": path, "epoch": epoch, "source": "a peer"}
 

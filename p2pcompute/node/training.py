@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from p2pcompute.errors import P2PCError
@@ -54,6 +55,7 @@ class TrainingSupervisor:
         self.signed: "SignedManifest | None" = None
         self.reason = "looking for a run"
         self._finished: set[bytes] = set()
+        self.final_checkpoints: dict[bytes, Path] = {}  # run id -> the parameters when the run ended here
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_announce = 0.0
@@ -91,6 +93,8 @@ class TrainingSupervisor:
             if status.status in ("finished", "failed", "stopped"):
                 logger.info("run %s %s: %s", self.signed.manifest.name, status.status, status.reason)
                 self._finished.add(self.signed.run_id)
+                if status.status == "finished":  # keep the result: nobody serves a finished run's state
+                    self.final_checkpoints[self.signed.run_id] = self.trainer.save_checkpoint()
                 self.reason = f"{self.signed.manifest.name} {status.status} {status.reason}".strip()
                 self._stop_trainer()
                 return
