@@ -163,13 +163,16 @@ def test_three_peers_match_one_process_on_the_same_samples(swarm):
             assert all(isinstance(v, list) and len(v) == 2 for v in r["payloads"].values())
     # the run ends with a parameter-averaging round (epoch 10); when all three made it (the usual case),
     # they hold the same model; a round lost to load leaves a peer apart, still within the 5% above
-    if all(last_state_round_ok(s, 3) for s in statuses):
+    if all(last_state_round_ok(s, 3, EPOCHS - 1) for s in statuses):
         assert max(s["eval_loss"] for s in statuses) - min(s["eval_loss"] for s in statuses) < 1e-4 * reference
 
 
-def last_state_round_ok(status: dict, members: int) -> bool:
+def last_state_round_ok(status: dict, members: int, epoch: int) -> bool:
+    """Whether the peer's last parameter-averaging round had all `members`, every one of them in `epoch`
+    (the payload of a round is [epoch, samples] as of when the round was scheduled)."""
     states = [r for r in status["rounds"] if r["kind"] == "state"]
-    return bool(states) and states[-1]["ok"] and len(states[-1]["members"]) == members
+    return bool(states) and states[-1]["ok"] and len(states[-1]["members"]) == members and all(
+        payload[0] == epoch for payload in states[-1]["payloads"].values())
 
 
 def test_late_joiner_converges_to_the_same_parameters(swarm, tmp_path):
@@ -254,9 +257,10 @@ def test_local_updates_average_parameters_periodically(swarm, tmp_path):
     for s in statuses:
         assert s["status"] == "finished" and s["epoch"] == 8
         assert not any(r["kind"] == "gradients" for r in s["rounds"])  # no gradient averaging in this mode
-        assert any(r["kind"] == "state" and r["ok"] and len(r["members"]) == 2 for r in s["rounds"]), s["rounds"]
         assert s["eval_loss"] < 0.5 * initial
-    # when the last epoch ended with a parameter-averaging round of both (the usual case), both hold the
-    # same model; a round lost to load leaves them apart until the next one, so only close then
-    rel = 1e-5 if all(last_state_round_ok(s, 2) for s in statuses) else 0.05
-    assert statuses[0]["eval_loss"] == pytest.approx(statuses[1]["eval_loss"], rel=rel), statuses
+    # Epochs are not in lockstep in this mode (hivemind's matchmaking may pair peers at different epochs,
+    # and each takes local steps after the last round), so the final models need not be equal; what must
+    # hold is that they kept averaging with each other through the run.
+    for s in statuses:
+        both = [r for r in s["rounds"] if r["kind"] == "state" and r["ok"] and len(r["members"]) == 2]
+        assert len(both) >= 2, s["rounds"]
