@@ -145,7 +145,9 @@ def test_status_without_running_node(tmp_path):
 
 
 def test_demo_runs_and_cleans_up():
-    proc = run_p2pc("demo", "--nodes", "2", timeout=240)
+    proc = run_p2pc("demo", "--nodes", "2", "--epochs", "8", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "see each other" in proc.stdout
+    assert "loss went down" in proc.stdout
+    assert "every node's replica holds the same balances: True" in proc.stdout
     assert "all demo processes stopped" in proc.stdout
