@@ -13,7 +13,7 @@ from p2pcompute.credits.claims import Claim, SignedClaim, WitnessSignature
 from p2pcompute.credits.witness import MAX_CLAIMS_PER_PAYLOAD, Observations, check_claim
 from p2pcompute.errors import InvalidMessage, MissingDependency, StoreError
 from p2pcompute.identity import PEER_ID_PREFIX, public_key_from_peer_id
-from p2pcompute.ledger.sync import CALL_TIMEOUT, SyncError, read_frame, write_frame
+from p2pcompute.ledger.sync import CALL_TIMEOUT, SyncError, read_frame, request_response, write_frame
 
 if TYPE_CHECKING:
     from p2pcompute.ledger.sync import Replica
@@ -235,26 +235,7 @@ class CreditsService:
             return None
 
     async def _call(self, peer_id, request: list) -> Any:
-        from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, DispatchFailure, P2PDaemonError
-
-        async def call():
-            _info, reader, writer = await self.p2p.call_binary_stream_handler(peer_id, PROTOCOL)
-            try:
-                await write_frame(writer, request)
-                return await read_frame(reader)
-            finally:
-                writer.close()
-
-        try:
-            reply = await asyncio.wait_for(call(), CALL_TIMEOUT)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, ControlFailure,
-                DispatchFailure, P2PDaemonError) as e:
-            raise SyncError(f"no answer: {e or 'timeout'}") from None
-        if not (isinstance(reply, list) and len(reply) == 2 and reply[0] in (0, 1)):
-            raise SyncError("malformed reply")
-        if reply[0] == 1:
-            raise SyncError(f"refused: {reply[1]}")
-        return reply[1]
+        return (await request_response(self.p2p, peer_id, PROTOCOL, request, f"credits {request[0]}"))[0]
 
     async def _handle(self, stream_info, reader, writer) -> None:
         sender = stream_info.peer_id.to_bytes()

@@ -75,6 +75,35 @@ async def read_frame_sized(reader: asyncio.StreamReader) -> tuple[Any, int]:
         raise SyncError(f"malformed msgpack frame: {e}") from None
 
 
+async def request_response(p2p: "P2P", peer_id: "PeerID", protocol: str, request: Any, what: str
+                           ) -> tuple[Any, int, int]:
+    """One request/response exchange on a fresh stream, bounded by CALL_TIMEOUT: the client side of our
+    protocols. Returns (result, bytes sent, bytes received); SyncError if the peer is unreachable, does not
+    speak `protocol`, answers malformed, or refuses (`[1, reason]`)."""
+
+    async def exchange():
+        _info, reader, writer = await p2p.call_binary_stream_handler(peer_id, protocol)
+        try:
+            sent = await write_frame(writer, request)
+            reply, received = await read_frame_sized(reader)
+            return reply, sent, received
+        finally:
+            writer.close()
+
+    try:
+        reply, sent, received = await asyncio.wait_for(exchange(), CALL_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise SyncError(f"{what} to {_short(peer_id.to_bytes())} timed out") from None
+    except (asyncio.IncompleteReadError, ConnectionError, OSError, ControlFailure, DispatchFailure,
+            P2PDaemonError) as e:  # unreachable peer, or one that does not speak the protocol
+        raise SyncError(f"{what} to {_short(peer_id.to_bytes())} failed: {e}") from None
+    if not (isinstance(reply, list) and len(reply) == 2 and reply[0] in (0, 1)):
+        raise SyncError(f"malformed response to {what}")
+    if reply[0] == 1:
+        raise SyncError(f"peer refused {what}: {reply[1]}")
+    return reply[1], sent, received
+
+
 # ---- message checks ------------------------------------------------------------------------------
 
 
@@ -327,28 +356,10 @@ class LedgerSync:
     # ---- client side ------------------------------------------------------------------------------
 
     async def call(self, peer_id: "PeerID", op: str, payload: Any) -> Any:
-        async def _call():
-            _info, reader, writer = await self.p2p.call_binary_stream_handler(peer_id, PROTOCOL)
-            try:
-                self.stats.bytes_sent += await write_frame(writer, [VERSION, op, payload])
-                reply, size = await read_frame_sized(reader)
-                self.stats.bytes_received += size
-                return reply
-            finally:
-                writer.close()
-
-        try:
-            reply = await asyncio.wait_for(_call(), CALL_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise SyncError(f"{op} to {_short(peer_id.to_bytes())} timed out") from None
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, ControlFailure, DispatchFailure,
-                P2PDaemonError) as e:  # unreachable peer, or one that does not speak the protocol
-            raise SyncError(f"{op} to {_short(peer_id.to_bytes())} failed: {e}") from None
-        if not (isinstance(reply, list) and len(reply) == 2 and reply[0] in (0, 1)):
-            raise SyncError("malformed response")
-        if reply[0] == 1:
-            raise SyncError(f"peer refused {op}: {reply[1]}")
-        return reply[1]
+        result, sent, received = await request_response(self.p2p, peer_id, PROTOCOL, [VERSION, op, payload], op)
+        self.stats.bytes_sent += sent
+        self.stats.bytes_received += received
+        return result
 
     async def sync_with(self, peer_id: "PeerID") -> reconcile.Difference:
         """Reconcile with one peer, fetch what we lack and push what it lacks."""
