@@ -179,6 +179,7 @@ class RawAllReduceRunner(AllReduceRunner):
         self.protocol, self.alpha, self.compression = protocol, alpha, compression
         self.codec = codec_of(compression)
         self.counters = _RoundCounters()
+        self._serving: set[asyncio.Task] = set()  # handlers replying to our senders (see run_inplace)
         container = self.tensor_part_container
         infos = _part_infos(tensors, tensor_infos, compression, part_size_bytes, container.num_parts_by_tensor)
         my_index = self.ordered_peer_ids.index(self.peer_id)
@@ -220,6 +221,10 @@ class RawAllReduceRunner(AllReduceRunner):
                              for peer_id, parts in zip(self.ordered_peer_ids, self.parts_by_peer) if parts]
                 pending.update(exchanges)
                 await asyncio.gather(*exchanges)
+                # our results are in, but our replies to group mates may still sit in stream buffers: a caller
+                # that shuts down right after step() would cut their last frames, so let the handlers finish
+                if self._serving:
+                    await asyncio.wait(self._serving, timeout=self.sender_timeout)
                 if self.counters.failed_values:
                     total = sum(p.numel() for parts in self.parts_by_peer for p in parts)
                     logger.warning(f"Averaging: received {100 * (1 - self.counters.failed_values / total):.1f}% "
@@ -242,7 +247,7 @@ class RawAllReduceRunner(AllReduceRunner):
         """Send our parts that `peer_id` reduces and apply what it returns; a failure keeps local values."""
         index = self.ordered_peer_ids.index(peer_id)
         parts = self.parts_by_peer[index]
-        applied = 0
+        applied = [0]  # parts whose result is already in our tensors, whatever fails afterwards
         try:
             if peer_id == self.peer_id:
                 sender_index = self.sender_peer_ids.index(peer_id)
@@ -250,20 +255,19 @@ class RawAllReduceRunner(AllReduceRunner):
                     average = await self.tensor_part_reducer.accumulate_part(
                         sender_index, part_index, part, weight=self.weight)
                     self._apply_average(part, average)
-                    applied += 1
+                    applied[0] += 1
             else:
-                applied = await self._exchange_remote(peer_id, parts, self.infos_by_peer[index])
+                await self._exchange_remote(peer_id, parts, self.infos_by_peer[index], applied)
         except (AllreduceException, P2PDaemonError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
-            logger.debug(f"All-reduce with {peer_id} failed after {applied}/{len(parts)} parts: {e!r}")
+            logger.debug(f"All-reduce with {peer_id} failed after {applied[0]}/{len(parts)} parts: {e!r}")
         except BAD_INPUT as e:
-            logger.warning(f"Reducer {peer_id} sent a bad result for part #{applied}: {e!r}")
+            logger.warning(f"Reducer {peer_id} sent a bad result for part #{applied[0]}: {e!r}")
         finally:
-            self.counters.failed_values += sum(p.numel() for p in parts[applied:])
+            self.counters.failed_values += sum(p.numel() for p in parts[applied[0]:])
 
-    async def _exchange_remote(self, peer_id: PeerID, parts, infos) -> int:
+    async def _exchange_remote(self, peer_id: PeerID, parts, infos, applied: list[int]) -> None:
         _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer_id, self.protocol),
                                                    STREAM_OPEN_TIMEOUT)
-        applied = 0
         try:
             header = _HEADER.pack(_MAGIC, _VERSION, self.codec, len(self.group_id), self.weight) + self.group_id
             writer.write(header)
@@ -275,7 +279,7 @@ class RawAllReduceRunner(AllReduceRunner):
                 for part in parts:
                     payload = await self._read_reply(reader, part, self.reducer_timeout)
                     await self._apply_reply(part, payload)
-                    applied += 1
+                    applied[0] += 1
                 await sending
             finally:
                 sending.cancel()
@@ -283,7 +287,6 @@ class RawAllReduceRunner(AllReduceRunner):
                     await sending  # its error, if any, is the reply loop's too; do not leave it unretrieved
         finally:
             writer.close()
-        return applied
 
     async def _send_parts(self, parts, infos, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
@@ -295,7 +298,9 @@ class RawAllReduceRunner(AllReduceRunner):
             writer.write(_PART.pack(len(payload)))
             writer.write(payload)
             self.counters.sent += _PART.size + len(payload)
-            await asyncio.wait_for(writer.drain(), self.sender_timeout)  # a reducer that stopped reading
+            # a reducer that stopped reading; it may itself be waiting up to sender_timeout for a dead mate's
+            # part before it reads ours again, so give it the reducer's (longer) timeout, as hivemind does
+            await asyncio.wait_for(writer.drain(), self.reducer_timeout)
 
     def _encode_later(self, loop, part: torch.Tensor, info: CompressionInfo) -> asyncio.Future:
         if self.codec == RAW:  # zero copy: the bytes of the shared-memory tensor itself
@@ -345,6 +350,7 @@ class RawAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(sender)
             return
         sender_index = self.sender_peer_ids.index(sender)
+        self._serving.add(asyncio.current_task())
         self.active_senders.add(sender)
         if len(self.active_senders) == len(self.sender_peer_ids):
             self.all_senders_started.set()
@@ -382,6 +388,8 @@ class RawAllReduceRunner(AllReduceRunner):
             for frame in delayed:
                 writer.write(frame)
                 await asyncio.wait_for(writer.drain(), self.sender_timeout)
+            writer.transport.set_write_buffer_limits(high=0)  # drain() now returns only once all is handed on
+            await asyncio.wait_for(writer.drain(), self.sender_timeout)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, AllreduceException) as e:
             logger.debug(f"Sender {sender} failed after {received}/{len(parts)} parts: {e!r}")
             _write_status(writer, averaging_pb2.INTERNAL_ERROR)
