@@ -97,3 +97,22 @@ def test_config_section_mismatch(tmp_path):
     (tmp_path / "config.toml").write_text("[node]\nlisten = []\n")
     with pytest.raises(ConfigError, match="unknown key node.listen"):
         load_config(tmp_path, environ={})
+
+
+def test_export_and_import_key_move_the_identity(tmp_path):
+    from conftest import run_p2pc
+
+    src, dst, other = tmp_path / "src", tmp_path / "dst", tmp_path / "other"
+    peer = run_p2pc("node", "id", "--data-dir", str(src), check=True).stdout.strip()
+    exported = tmp_path / "backup.key"
+    run_p2pc("node", "export-key", "--data-dir", str(src), "-o", str(exported), check=True)
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o600
+    again = run_p2pc("node", "export-key", "--data-dir", str(src), "-o", str(exported))
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+    run_p2pc("node", "import-key", str(exported), "--data-dir", str(dst), check=True)
+    assert run_p2pc("node", "id", "--data-dir", str(dst), check=True).stdout.strip() == peer
+    run_p2pc("node", "id", "--data-dir", str(other), check=True)  # a node with an identity of its own
+    refused = run_p2pc("node", "import-key", str(exported), "--data-dir", str(other))
+    assert refused.returncode == 3 and "--force" in refused.stderr and "Traceback" not in refused.stderr
+    run_p2pc("node", "import-key", str(exported), "--data-dir", str(other), "--force", check=True)
+    assert run_p2pc("node", "id", "--data-dir", str(other), "--json", check=True).stdout.count(peer) == 1
