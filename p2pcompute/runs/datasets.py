@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from abc import ABC, abstractmethod
 import math
 import os
 import sysconfig
@@ -24,13 +25,14 @@ EVAL_DOMAIN = b"p2pc/eval/v1"
 MAX_DATA_FILE_BYTES = 4 << 30
 
 
-class Dataset:
+class Dataset(ABC):
     """An opened dataset: draws (inputs, targets) for a batch from a seeded torch.Generator."""
 
     shape: DataShape
 
+    @abstractmethod
     def sample(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
 
 def batch_seed(run_id: bytes, peer_id: bytes, epoch: int, step: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from abc import ABC, abstractmethod
 from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping, Sequence
 
@@ -24,18 +25,20 @@ def canonical_decimal(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
-class Kind:
+class Kind(ABC):
     """A field type: `check` turns a raw value (TOML or wire) into the typed value or raises ValueError;
     `encode` gives the value's canonical wire form (int, str, bool, bytes or a list of those)."""
 
+    @abstractmethod
     def check(self, value: Any) -> Any:
-        raise NotImplementedError
+        ...
 
     def encode(self, value: Any) -> Any:
         return value
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
