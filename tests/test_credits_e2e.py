@@ -12,6 +12,7 @@ from p2pcompute.credits.witness import Observations, check_claim
 from p2pcompute.credits.claims import Claim
 from p2pcompute.errors import InvalidMessage
 from p2pcompute.identity import Identity
+from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, toml_lines
 
 EPOCHS = 5
 RATE = 1000
@@ -46,12 +47,7 @@ lr = 0.01
 mode = "gradients"
 compression = "none"
 average_state_every = 5
-matchmaking_time = 1.5
-request_timeout = 1
-averaging_timeout = 20
-allreduce_timeout = 20
-next_chunk_timeout = 5
-
+{toml_lines({**LOCAL_NETWORK_AVERAGING, "matchmaking_time": "1.5"})}
 [hardware]
 min_memory_mb = 64
 devices = ["cpu", "cuda"]

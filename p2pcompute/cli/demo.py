@@ -53,12 +53,7 @@ lr = 0.01
 mode = "gradients"
 compression = "none"
 average_state_every = 5
-matchmaking_time = 1.5
-request_timeout = 1
-averaging_timeout = 20
-allreduce_timeout = 20
-next_chunk_timeout = 5
-
+{averaging}
 [hardware]
 min_memory_mb = 256
 devices = ["cpu", "cuda"]
@@ -67,6 +62,17 @@ devices = ["cpu", "cuda"]
 rate = 1000
 quorum = 1
 """
+# Its [averaging] timeouts: manifest.LOCAL_NETWORK_AVERAGING, but groups gather for 1.5 s instead of 2.
+DEMO_AVERAGING_OVERRIDES = {"matchmaking_time": "1.5"}
+
+
+def demo_spec(epochs: int) -> str:
+    """DEMO_SPEC as TOML for a run of `epochs` epochs."""
+    # imported here, not at the top: every p2pc command loads this module
+    from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, toml_lines
+
+    averaging = toml_lines({**LOCAL_NETWORK_AVERAGING, **DEMO_AVERAGING_OVERRIDES})
+    return DEMO_SPEC.format(epochs=epochs, averaging=averaging)
 
 
 @click.command()
@@ -99,7 +105,7 @@ def demo(n_nodes: int, epochs: int, keep: bool) -> None:
             node.wait_ready()
         _show_discovery(boot, nodes)
         spec = root / "demo-run.toml"
-        spec.write_text(DEMO_SPEC.format(epochs=epochs))
+        spec.write_text(demo_spec(epochs))
         published = ControlClient(nodes[0].data_dir).call("runs/publish", {"manifest": _manifest_hex(spec)})
         console.print(f"published run [bold]{published['name']}[/] {published['run_id'][:16]} from node0; "
                       f"every node picks it up", highlight=False)
