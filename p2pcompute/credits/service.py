@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "/p2pc/credits/1"
+CLAIM_ROUNDS = ("gradients", "outer")  # averaging rounds that carry claims: one per epoch, every peer in them
 POLL_PERIOD = 0.5  # seconds between looks at the trainer's finished rounds
 DIRECT_CLAIM_AFTER = 20.0  # seconds a claim may wait for witnesses from rounds before we ask mates directly
 MAX_PENDING_CLAIMS = 64  # our claims still lacking a quorum; older ones are given up (their epochs are long gone)
@@ -48,8 +49,9 @@ class CreditsService:
     # ---- what rides in the averaging round ---------------------------------------------------------
 
     def payload(self, kind: str) -> Any:
-        """[our epoch, [signed claims still lacking a quorum]] for gradient rounds; None for state rounds."""
-        if kind != "gradients":
+        """[our epoch, [signed claims still lacking a quorum]] for the rounds that end an epoch (gradient rounds,
+        or outer rounds in local mode); None for hivemind's state rounds."""
+        if kind not in CLAIM_ROUNDS:
             return None
         with self._lock:
             claims = [p["signed"].to_wire() for _, p in sorted(self._pending.items())[-MAX_CLAIMS_PER_PAYLOAD:]]
@@ -103,7 +105,7 @@ class CreditsService:
     async def _process(self, final: bool = False) -> None:
         sends = []
         for rnd in self._new_rounds():
-            if rnd.kind != "gradients" or not rnd.ok:
+            if rnd.kind not in CLAIM_ROUNDS or not rnd.ok:
                 continue
             declared = {}
             for peer_id, payload in rnd.payloads.items():

@@ -47,12 +47,18 @@ TOP = Schema(
 AVERAGING = Schema(
     Param("mode", Choice(("gradients", "local")), "gradients",
           doc="gradients: average gradients every epoch (synchronous large-batch training); "
-              "local: local optimizer steps, parameters averaged every average_state_every epochs"),
+              "local: DiLoCo-style: local optimizer steps for a whole epoch, then an outer step on the "
+              "parameters averaged across the swarm"),
     Param("compression", Choice(("none", "fp16", "8bit")), "none"),
     Param("average_state_every", Int(1, 1 << 20), 1, doc="epochs between parameter (state) averaging rounds"),
     Param("delay_state_averaging", Bool(), False, doc="average parameters in the background (gradients mode only)"),
+    Param("outer_lr", Dec("0", "10", lo_open=True), "0.7", doc="local mode: learning rate of the outer step"),
+    Param("outer_momentum", Dec("0", "0.999"), "0.9",
+          doc="local mode: Nesterov momentum of the outer step (0: plain averaging steps)"),
+    Param("overlap", Bool(), False, doc="local mode: average in the background while the next epoch trains; "
+                                        "the outer step lands one epoch later (see docs/training.md)"),
     Param("target_group_size", Int(2, 1024), 64, doc="largest averaging group"),
-    Param("part_size_bytes", Int(1 << 12, 1 << 26), 1 << 19, doc="all-reduce part size; every peer must agree"),
+    Param("part_size_bytes", Int(1 << 12, 1 << 26), 1 << 22, doc="all-reduce part size; every peer must agree"),
     Param("matchmaking_time", _SECONDS(), "5", doc="seconds to wait for peers when forming a group"),
     Param("request_timeout", _SECONDS(), "3", doc="seconds to wait for a leader's answer; below matchmaking_time"),
     Param("averaging_timeout", _SECONDS(), "60", doc="a whole averaging step gives up after this"),
@@ -121,6 +127,9 @@ class Averaging:
     compression: str
     average_state_every: int
     delay_state_averaging: bool
+    outer_lr: Decimal
+    outer_momentum: Decimal
+    overlap: bool
     target_group_size: int
     part_size_bytes: int
     matchmaking_time: Decimal
@@ -231,6 +240,9 @@ class Manifest:
                  f"({a.metadata_expiration}) must exceed max_refresh_period ({a.max_refresh_period})")
         _require(not (a.mode == "local" and a.delay_state_averaging), "averaging.delay_state_averaging",
                  "is not supported with mode = \"local\" (hivemind stalls every step in that combination)")
+        _require(not (a.mode == "local" and a.average_state_every != 1), "averaging.average_state_every",
+                 "must be 1 with mode = \"local\": every epoch ends with an outer step (make epochs longer "
+                 "with target_batch_size instead)")
         for peer_id in self.credits.validators:
             try:
                 public_key_from_peer_id(peer_id)

@@ -58,13 +58,13 @@ def optimizer_factory(name: str, config: Mapping[str, Any],
 
     def make_with_state(params):
         optimizer = make(params)
-        _allocate_state(optimizer)
+        allocate_state(optimizer)
         return optimizer
 
     return make_with_state
 
 
-def _allocate_state(optimizer: "torch.optim.Optimizer") -> None:
+def allocate_state(optimizer: "torch.optim.Optimizer") -> None:
     """One step with zero gradients at lr 0 (allocates every state tensor, moves no parameter), then zero
     the state: zero moments at step 0 are what a fresh Adam/SGD starts from (coupled weight decay would
     have put wd * param into them), so the next step is the first real one."""

@@ -1,6 +1,6 @@
 """Our subclasses of hivemind's averagers and Optimizer: startable from any thread, every round observed for credit claims.
 
-Two changes to hivemind's behaviour, both by subclassing:
+Changes to hivemind's behaviour, all by subclassing:
 
 * hivemind starts an averager with `run_in_background`, which calls `signal.signal(SIGINT, SIG_IGN)`
   in the *parent*: that works only in the main thread and silently disables Ctrl-C for the whole
@@ -11,6 +11,10 @@ Two changes to hivemind's behaviour, both by subclassing:
   round, the group members and every member's payload. This is where signed claims ride (DESIGN:
   Credits). hivemind reads the gathered values only when `sync_epoch_when_averaging=True`, which we
   never set; otherwise it only counts them.
+* Parts travel on our raw-frame data plane (training/averaging.py, RawAllReduceMixin), 1.6-2x faster
+  than hivemind's per round (docs/benchmarks.md).
+* A downloaded state is checked against our own layout before use, and hivemind.Optimizer's
+  `load_state_from_peers` stops retrying after load_state_timeout (hivemind's loops forever).
 """
 
 from __future__ import annotations
@@ -21,13 +25,17 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 from functools import partial
 from typing import Any, Callable, Optional
 
 import hivemind
+import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
+
+from p2pcompute.training.averaging import RawAllReduceMixin
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +43,14 @@ MAX_RECORDED_ROUNDS = 256  # rounds kept in memory for the claims layer to pick 
 # How long a stopping averager waits for the DHT process to have read its last requests (see _shutdown).
 DHT_BARRIER_TIMEOUT = 5.0
 
-Payload = Callable[[str], Any]  # round kind ("gradients" / "state") -> msgpack-able data sent to group mates
+Payload = Callable[[str], Any]  # round kind ("gradients" / "state" / "outer") -> msgpack-able data sent to group mates
 
 
 @dataclasses.dataclass(frozen=True)
 class AveragingRound:
     """One finished averaging round as this peer saw it."""
 
-    kind: str  # "gradients" or "state"
+    kind: str  # "gradients", "state" (hivemind.Optimizer) or "outer" (local mode, diloco.py)
     ok: bool
     members: tuple[bytes, ...]  # PeerIDs of the group (bytes), in hivemind's order; empty if the round failed
     payloads: dict[bytes, Any]  # PeerID -> the payload that member sent (untrusted; the claims layer checks it)
@@ -106,6 +114,20 @@ class _ObservedAverager(DecentralizedAverager):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
         super().run()
 
+    def load_state_from_peers(self, wait: bool = True, timeout: Optional[float] = None):
+        """hivemind's download, with the state checked before anyone uses it: a peer's tensors must match the
+        layout of the state we would serve ourselves (count, shapes, dtypes) and be finite. hivemind copies
+        whatever arrives; a wrong shape raised inside hivemind.Optimizer's retry loop, forever."""
+        result = super().load_state_from_peers(wait=wait, timeout=timeout)
+        if not wait or result is None:
+            return result
+        metadata, tensors = result
+        problem = _state_problem(metadata, tensors, self.get_current_state()[1])
+        if problem is not None:
+            logger.warning("a peer sent an unusable state (%s); ignored", problem)
+            return None
+        return result
+
     async def _shutdown(self, timeout: Optional[float]) -> None:
         await super()._shutdown(timeout)
         # Each DHT request carries an MPFuture whose pipe the DHT process fetches from *this* process
@@ -122,13 +144,29 @@ async def _dht_barrier(_dht, _node) -> None:
     return None
 
 
-class ObservedGradientAverager(GradientAverager, _ObservedAverager):
+def _state_problem(metadata: Any, tensors: Any, expected) -> Optional[str]:
+    """Why a downloaded state does not fit ours, or None."""
+    if not isinstance(metadata, dict):
+        return f"metadata {str(metadata)[:60]!r}"
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(expected):
+        return f"{len(tensors) if isinstance(tensors, (list, tuple)) else '?'} tensors instead of {len(expected)}"
+    for i, (got, want) in enumerate(zip(tensors, expected)):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            return f"tensor {i} is not {tuple(want.shape)} {want.dtype}"
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            return f"tensor {i} has non-finite values"
+    return None
+
+
+# Averagers of one run must all use the same data plane: ours (RawAllReduceMixin) moves parts as raw frames on
+# its own stream protocol, which a peer on hivemind's stock protobuf all-reduce does not speak.
+class ObservedGradientAverager(RawAllReduceMixin, GradientAverager, _ObservedAverager):
     def __init__(self, *args, observer: RoundObserver, **kwargs):
         self._observer, self._round_kind = observer, "gradients"
         super().__init__(*args, **kwargs)
 
 
-class ObservedStateAverager(TrainingStateAverager, _ObservedAverager):
+class ObservedStateAverager(RawAllReduceMixin, TrainingStateAverager, _ObservedAverager):
     def __init__(self, *args, observer: RoundObserver, **kwargs):
         self._observer, self._round_kind = observer, "state"
         super().__init__(*args, **kwargs)
@@ -146,13 +184,47 @@ class ObservedStateAverager(TrainingStateAverager, _ObservedAverager):
 
 
 class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer whose gradient and state averagers are the observed ones above."""
+    """hivemind.Optimizer (gradient averaging mode) whose gradient and state averagers are the observed ones
+    above, on our data plane. Local updates are diloco.LocalUpdatesOptimizer, not hivemind's."""
 
-    def __init__(self, *, observer: RoundObserver, use_local_updates: bool = False, **kwargs):
+    def __init__(self, *, observer: RoundObserver, **kwargs):
         self._observer = observer
-        if not use_local_updates:
-            kwargs["grad_averager_factory"] = partial(ObservedGradientAverager, observer=observer)
-        super().__init__(use_local_updates=use_local_updates, **kwargs)
+        kwargs["grad_averager_factory"] = partial(ObservedGradientAverager, observer=observer)
+        super().__init__(**kwargs)
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        """hivemind.Optimizer.load_state_from_peers with the retries bounded by load_state_timeout (hivemind
+        retries failed downloads forever, and each attempt may take load_state_timeout). A peer that gets no
+        state in time trains on from its own and is healed by the next state-averaging round."""
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            self._tag_along_with_zero_weight(self.scheduled_grads)
+            self.scheduled_grads = None
+        self.state_averager.step(wait_for_delayed_updates=True)
+        deadline = time.monotonic() + self.load_state_timeout
+        with self.tracker.pause_updates():
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning("no peer sent the run's state within %.0f s; training on from our own",
+                                   self.load_state_timeout)
+                    break
+                try:
+                    self.state_averager.load_state_from_peers(timeout=remaining, **kwargs)
+                    if self.grad_averager is not None:
+                        self.grad_averager.load_state_from_peers(timeout=remaining, **kwargs)
+                    break
+                except Exception as e:  # hivemind's own loop catches everything here too, then retries
+                    logger.info("state download failed (%s: %s); retrying", type(e).__name__, e)
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
+                self.state_averager.local_epoch = self.tracker.global_epoch
+            self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+            if not self.client_mode:
+                self.state_averager.state_sharing_priority = self.local_epoch
+            if self.use_gradient_averaging:
+                self.grad_averager.reset_accumulated_grads_()
+                if not self.client_mode:
+                    self.grad_averager.state_sharing_priority = self.local_epoch
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # hivemind.Optimizer._make_state_averager with our class (hivemind builds its class directly), and

@@ -346,6 +346,8 @@ class RawAllReduceRunner(AllReduceRunner):
         rejection = self._reason_to_reject(sender, codec, weight)
         if rejection is not None:
             _write_status(writer, rejection)
+            if rejection == averaging_pb2.DUPLICATE_PEER_ID:
+                return  # its first stream goes on
             if sender in self.sender_peer_ids:  # a group mate we will not hear from: do not wait for it
                 await self._ban_sender(sender)
             return
@@ -407,6 +409,8 @@ class RawAllReduceRunner(AllReduceRunner):
             return averaging_pb2.INTERNAL_ERROR
         if sender not in self.sender_peer_ids or codec != self.codec or not np.isfinite(weight) or weight < 0:
             return averaging_pb2.PROTOCOL_VIOLATION
+        if sender in self.active_senders:  # a second stream from one sender would count its parts twice
+            return averaging_pb2.DUPLICATE_PEER_ID
         return None
 
 

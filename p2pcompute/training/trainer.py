@@ -21,6 +21,7 @@ from p2pcompute.training import device as devices
 from p2pcompute.training.averagers import AveragingRound, RoundObserver, SwarmOptimizer
 from p2pcompute.training.checkpoint import checkpoint_name, save_checkpoint
 from p2pcompute.training.compression import compression_for
+from p2pcompute.training.diloco import LocalUpdatesOptimizer
 from p2pcompute.training.local import evaluate_loss
 from p2pcompute.training.progress import ProgressRecord, publish_progress
 
@@ -105,7 +106,7 @@ class Trainer:
         self._stop = threading.Event()
         self._pause_reason: str | None = None
         self._thread: threading.Thread | None = None
-        self._opt: SwarmOptimizer | None = None
+        self._opt: SwarmOptimizer | LocalUpdatesOptimizer | None = None
         self._saved_opt_state: dict | None = None
         self._status, self._reason = "starting", ""
         self._epoch = 0
@@ -308,33 +309,8 @@ class Trainer:
     # ---- joining and leaving the averaging group ----------------------------------------------------
 
     def _join(self) -> None:
-        """Create hivemind's optimizer (averagers, progress tracker) and catch up with the swarm."""
-        m, a = self.manifest, self.manifest.averaging
-        codec = compression_for(a.compression)
-        opt = SwarmOptimizer(
-            observer=self._observer,
-            dht=self.dht, run_id=m.hivemind_prefix,
-            target_batch_size=m.target_batch_size, batch_size_per_step=m.batch_size_per_step,
-            optimizer=optimizer_factory(m.optimizer.name, m.optimizer.as_dict(), with_state=True),
-            params=list(self.model.parameters()),
-            use_local_updates=a.mode == "local",
-            average_state_every=a.average_state_every,
-            delay_state_averaging=a.delay_state_averaging,
-            matchmaking_time=float(a.matchmaking_time),
-            averaging_timeout=float(a.averaging_timeout),
-            allreduce_timeout=float(a.allreduce_timeout),
-            next_chunk_timeout=float(a.next_chunk_timeout),
-            load_state_timeout=float(a.load_state_timeout),
-            shutdown_timeout=float(a.shutdown_timeout),
-            grad_compression=codec,
-            state_averaging_compression=codec,
-            averager_opts=dict(request_timeout=float(a.request_timeout), target_group_size=a.target_group_size,
-                               part_size_bytes=a.part_size_bytes, declare_state_period=float(a.declare_state_period)),
-            tracker_opts=dict(min_refresh_period=float(a.min_refresh_period),
-                              max_refresh_period=float(a.max_refresh_period),
-                              default_refresh_period=float(a.default_refresh_period),
-                              metadata_expiration=float(a.metadata_expiration)),
-        )
+        """Create the swarm optimizer (averagers, progress tracker) and catch up with the swarm."""
+        opt = self._make_optimizer()
         if self._saved_opt_state is not None:
             opt.load_state_dict(self._saved_opt_state)
             self._saved_opt_state = None
@@ -347,6 +323,49 @@ class Trainer:
             self._new_epoch(opt.local_epoch, completed=False)
         self._set_status("training", "")
         self._publish()
+
+    def _make_optimizer(self):
+        """gradients mode: hivemind.Optimizer with our averagers; local mode: DiLoCo (training/diloco.py).
+        Both average on our raw-frame data plane (training/averaging.py)."""
+        m, a = self.manifest, self.manifest.averaging
+        codec = compression_for(a.compression)
+        tracker_opts = dict(min_refresh_period=float(a.min_refresh_period),
+                            max_refresh_period=float(a.max_refresh_period),
+                            default_refresh_period=float(a.default_refresh_period),
+                            metadata_expiration=float(a.metadata_expiration))
+        if a.mode == "local":
+            return LocalUpdatesOptimizer(
+                observer=self._observer, dht=self.dht, run_id=m.hivemind_prefix,
+                params=list(self.model.parameters()),
+                optimizer=optimizer_factory(m.optimizer.name, m.optimizer.as_dict(), with_state=True),
+                target_batch_size=m.target_batch_size, batch_size_per_step=m.batch_size_per_step,
+                outer_lr=float(a.outer_lr), outer_momentum=float(a.outer_momentum), overlap=a.overlap,
+                compression=codec, matchmaking_time=float(a.matchmaking_time),
+                request_timeout=float(a.request_timeout), averaging_timeout=float(a.averaging_timeout),
+                allreduce_timeout=float(a.allreduce_timeout), next_chunk_timeout=float(a.next_chunk_timeout),
+                load_state_timeout=float(a.load_state_timeout), shutdown_timeout=float(a.shutdown_timeout),
+                target_group_size=a.target_group_size, part_size_bytes=a.part_size_bytes,
+                declare_state_period=float(a.declare_state_period), tracker_opts=tracker_opts)
+        return SwarmOptimizer(
+            observer=self._observer,
+            dht=self.dht, run_id=m.hivemind_prefix,
+            target_batch_size=m.target_batch_size, batch_size_per_step=m.batch_size_per_step,
+            optimizer=optimizer_factory(m.optimizer.name, m.optimizer.as_dict(), with_state=True),
+            params=list(self.model.parameters()),
+            average_state_every=a.average_state_every,
+            delay_state_averaging=a.delay_state_averaging,
+            matchmaking_time=float(a.matchmaking_time),
+            averaging_timeout=float(a.averaging_timeout),
+            allreduce_timeout=float(a.allreduce_timeout),
+            next_chunk_timeout=float(a.next_chunk_timeout),
+            load_state_timeout=float(a.load_state_timeout),
+            shutdown_timeout=float(a.shutdown_timeout),
+            grad_compression=codec,
+            state_averaging_compression=codec,
+            averager_opts=dict(request_timeout=float(a.request_timeout), target_group_size=a.target_group_size,
+                               part_size_bytes=a.part_size_bytes, declare_state_period=float(a.declare_state_period)),
+            tracker_opts=tracker_opts,
+        )
 
     def _leave(self, status: str, reason: str) -> None:
         """Shut hivemind's optimizer down (goodbye to the tracker, pending rounds cancelled or finished

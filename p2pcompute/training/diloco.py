@@ -1,0 +1,335 @@
+"""Local updates, DiLoCo-style: inner optimizer steps for a whole epoch, then an outer Nesterov step on the swarm's average, overlapped with the next epoch.
+
+Every peer keeps two copies of the model:
+
+* theta, the model it trains: the run's optimizer (the *inner* one) steps it on local batches only;
+* phi, the swarm's parameters as of the last outer step (CPU, shared by nothing), with the *outer*
+  optimizer's state: SGD with Nesterov momentum (`averaging.outer_lr`, `averaging.outer_momentum`), as in
+  DiLoCo (Douillard et al. 2023) and OpenDiLoCo.
+
+An epoch ends when the swarm has processed `target_batch_size` samples (hivemind's ProgressTracker, the
+same one hivemind.Optimizer uses, so `run status` and the late-join logic read it unchanged). Then every
+peer averages its theta with its group (our raw-frame all-reduce, `averaging.TunedAverager`'s data plane;
+weights = samples each peer trained since its last successful round), and applies
+
+    pseudo-gradient g = phi - mean(theta)        (what the group learnt this epoch, as a descent direction)
+    phi <- outer_step(phi, g)                     (Nesterov momentum)
+    theta <- theta + (phi_new - theta_at_launch)  (re-base what was trained since the round started)
+
+With `averaging.overlap = true` (the default) the round runs in the background while the next epoch
+trains, and is applied at the end of that epoch: communication hides behind a whole epoch of compute
+(bench_training.py part (d): 99.4-99.7% compute at 100 Mbit/s), for an outer step that lands one epoch
+late. With overlap off the peer waits for the round (theta == theta_at_launch, so theta <- phi_new).
+
+Why parameters are averaged (not pseudo-gradients): the average of theta carries every peer's phi with
+it, so peers whose phi drifted apart (a failed round, a late joiner that downloaded phi one outer step
+before a round in flight landed) are pulled back together by the next round, without downloading the
+whole state (hivemind's local-update mode makes a peer that is one epoch behind download everything).
+
+What fails how:
+* a round that fails (no group, a mate died, timeout): the peer keeps phi and theta as they are; its
+  samples stay "unsent" and weigh in its next round (its work is not lost);
+* a peer alone in the swarm takes its outer step on its own theta (phi keeps moving; state served to
+  joiners stays current);
+* a peer two or more epochs behind the swarm (paused, starved) downloads phi and the outer state from the
+  peer with the highest epoch, and so does a peer joining a run past epoch 0; until it has the swarm's
+  state it never averages (it would drag the swarm back to its initial parameters). Each download is
+  bounded by `load_state_timeout` (hivemind.Optimizer retries forever).
+
+What a peer serves to others (`rpc_download_state`, hivemind's protocol): metadata `{"epoch": e}` and
+the tensors phi followed by the outer momentum buffers, every one checked on arrival (count, shape,
+dtype, finite: `averagers._ObservedAverager.load_state_from_peers`) before anything is overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from hivemind.averaging.control import AveragingStage
+from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from p2pcompute.runs.optimizers import allocate_state
+from p2pcompute.training.averagers import RoundObserver, _ObservedAverager
+from p2pcompute.training.averaging import RawAllReduceMixin
+
+logger = logging.getLogger(__name__)
+
+ROUND_KIND = "outer"  # the kind of our rounds in RoundObserver records (credits ride in them)
+STATE_VERSION = 1
+# Beyond averaging_timeout, how long the end of an epoch waits for the round launched an epoch ago (hivemind
+# bounds the round itself by averaging_timeout; this only covers a result stuck between processes).
+RESULT_MARGIN = 5.0
+# After a failed state download at join, later attempts (one per epoch end) use this much shorter bound: the
+# peer trains meanwhile, and a swarm that offers no state now rarely offers it a moment later.
+RETRY_LOAD_TIMEOUT = 10.0
+# How a round or a download can fail: whatever hivemind's averager process set on the future (MatchmakingException,
+# AllreduceException, TimeoutError, CancelledError, P2P errors, ...). A failed round never stops training.
+ROUND_FAILURES = (Exception,)
+
+
+class ObservedOuterAverager(RawAllReduceMixin, _ObservedAverager):
+    """Averages the peers' parameters (theta) on our raw-frame data plane; every round is recorded for the
+    claims layer (kind "outer"); serves the swarm state (phi, outer momentum, epoch) to peers that download it."""
+
+    def __init__(self, averaged_tensors, dht, *, observer: RoundObserver,
+                 state: Callable[[], tuple[Any, Sequence[torch.Tensor], Sequence[CompressionInfo]]], **kwargs):
+        self._observer, self._round_kind = observer, ROUND_KIND
+        self._state_source = state
+        super().__init__(averaged_tensors, dht, **kwargs)
+
+    def get_current_state(self):
+        """Runs in this (host) process when a peer downloads our state."""
+        return self._state_source()
+
+
+class LocalUpdatesOptimizer:
+    """The optimizer a Trainer drives in `averaging.mode = "local"`: `step()` after each backward pass,
+    `zero_grad()`, `local_epoch`, `tracker` (hivemind's ProgressTracker), `load_state_from_peers()`,
+    `state_dict()`/`load_state_dict()` (pause/resume), `shutdown()`. See the module docstring."""
+
+    def __init__(self, *, dht, run_id: str, params: Sequence[torch.nn.Parameter],
+                 optimizer: Callable[[Sequence[torch.nn.Parameter]], torch.optim.Optimizer],
+                 target_batch_size: int, batch_size_per_step: int, observer: RoundObserver,
+                 outer_lr: float, outer_momentum: float, overlap: bool = False,
+                 compression: CompressionBase = NoCompression(), matchmaking_time: float = 5.0,
+                 request_timeout: float = 3.0, averaging_timeout: float = 60.0, allreduce_timeout: float = 60.0,
+                 next_chunk_timeout: float = 20.0, load_state_timeout: float = 120.0, shutdown_timeout: float = 5.0,
+                 target_group_size: int = 64, part_size_bytes: int = 4 << 20, declare_state_period: float = 30.0,
+                 tracker_opts: Optional[dict] = None, clock: Callable[[], float] = time.monotonic):
+        self.params = list(params)
+        self.run_id, self.batch_size_per_step, self.overlap = run_id, batch_size_per_step, overlap
+        self.averaging_timeout, self.load_state_timeout = averaging_timeout, load_state_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self._clock = clock
+        self.inner = optimizer(self.params)
+        # phi and the outer optimizer: plain CPU tensors, written only by the training thread under _lock (the
+        # averager's state requests read them under it too)
+        self._lock = threading.Lock()
+        self.global_params = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+        self.outer = torch.optim.SGD(self.global_params, lr=outer_lr, momentum=outer_momentum,
+                                     nesterov=outer_momentum > 0)
+        if outer_momentum > 0:
+            allocate_state(self.outer)  # momentum buffers exist from the start: the served state has a fixed layout
+        self._momentum = [self.outer.state[p]["momentum_buffer"] for p in self.global_params] if outer_momentum > 0 else []
+        self.local_epoch = 0
+        self._samples_in_epoch = 0
+        self._unsent = 0  # samples trained since the last round that made it into phi (the next round's weight)
+        self._pending: Optional[tuple[Any, list[torch.Tensor], int]] = None  # (control, theta at launch, weight)
+        self._needs_state = False  # joined a run in progress without its state: train, but do not average yet
+        self.failed_rounds = 0
+        self.averager = ObservedOuterAverager(
+            [p.detach().to("cpu", torch.float32, copy=True) for p in self.params], dht,
+            observer=observer, state=self._current_state, prefix=f"{run_id}_outer", start=True,
+            target_group_size=target_group_size, min_matchmaking_time=matchmaking_time,
+            request_timeout=request_timeout, allreduce_timeout=allreduce_timeout,
+            next_chunk_timeout=next_chunk_timeout, shutdown_timeout=shutdown_timeout,
+            part_size_bytes=part_size_bytes, compression=compression, declare_state_period=declare_state_period)
+        self.tracker = ProgressTracker(dht, run_id, target_batch_size, client_mode=False, start=True,
+                                       **(tracker_opts or {}))
+
+    # ---- what a torch optimizer offers (the trainer and GradScaler use these) ------------------------
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        """One inner step on the gradients in the parameters; at the end of an epoch, the outer step."""
+        self.inner.step()
+        self._samples_in_epoch += self.batch_size_per_step
+        self._unsent += self.batch_size_per_step
+        self.tracker.report_local_progress(self.local_epoch, self._samples_in_epoch)
+        if self.tracker.ready_to_update_epoch:
+            self._end_epoch()
+
+    # ---- the end of an epoch -------------------------------------------------------------------------
+
+    def _end_epoch(self) -> None:
+        with self.tracker.pause_updates():
+            global_epoch = self.tracker.global_epoch
+            if global_epoch > self.local_epoch + 1 and not self._needs_state:
+                # far behind (paused, starved): averaging would only drag the swarm back; take its state
+                logger.info("epoch %d, the swarm is at %d: downloading its state", self.local_epoch, global_epoch)
+                self._needs_state = True
+            if self._needs_state:
+                self._settle(wait=False)
+                if self._download_state(RETRY_LOAD_TIMEOUT if self.local_epoch else self.load_state_timeout):
+                    self._samples_in_epoch = 0
+                    return
+                self._next_epoch(max(self.local_epoch + 1, global_epoch))  # train on; try again next epoch
+                return
+            self._settle(wait=True)
+            self._launch()
+            if not self.overlap:
+                self._settle(wait=True)
+            self._next_epoch(max(self.local_epoch + 1, global_epoch))
+
+    def _next_epoch(self, epoch: int) -> None:
+        self.local_epoch = self.tracker.update_epoch(epoch)
+        self._samples_in_epoch = 0
+        self.averager.state_sharing_priority = self.local_epoch
+
+    def _launch(self) -> None:
+        """Start this epoch's round with our theta (or, alone in the swarm, take the outer step on it)."""
+        with torch.no_grad(), self.averager.get_tensors() as tensors:
+            for tensor, param in zip(tensors, self.params):
+                tensor.copy_(param)
+        launch = [p.detach().clone() for p in self.params]
+        weight = max(1, self._unsent)
+        if self.tracker.global_progress.num_peers <= 1:
+            with self.averager.get_tensors() as tensors:
+                self._apply(tensors, launch)
+            self._unsent -= weight if self._unsent >= weight else self._unsent
+            return
+        control = self.averager.step(gather=self.local_epoch, weight=float(weight), timeout=self.averaging_timeout,
+                                     wait=False)
+        self._pending = (control, launch, weight)
+
+    def _settle(self, wait: bool) -> None:
+        """Apply the round in flight, if any (wait=False: only if it is already done; otherwise drop it)."""
+        if self._pending is None:
+            return
+        control, launch, weight = self._pending
+        self._pending = None
+        if not wait and not control.done():
+            self._abandon(control)
+            return
+        try:
+            control.result(timeout=self.averaging_timeout + RESULT_MARGIN)
+        except ROUND_FAILURES as e:  # hivemind's MatchmakingException/AllreduceException/TimeoutError/...
+            self.failed_rounds += 1
+            logger.info("outer round of epoch %d failed (%s); keeping our %d samples for the next one",
+                        self.local_epoch, type(e).__name__, self._unsent)
+            self._abandon(control)
+            return
+        with self.averager.get_tensors() as tensors:
+            self._apply(tensors, launch)
+        self._unsent = max(0, self._unsent - weight)
+
+    @staticmethod
+    def _abandon(control) -> None:
+        """Stop waiting for a round. Still looking for a group: cancelled. Group formed: mates expect our parts,
+        so the averager finishes it in the background and its result goes unused."""
+        if not control.done() and control.stage == AveragingStage.LOOKING_FOR_GROUP:
+            control.cancel()
+
+    @torch.no_grad()
+    def _apply(self, averaged: Sequence[torch.Tensor], launch: Sequence[torch.Tensor]) -> None:
+        """The outer step on the group's mean theta, then re-base theta onto the new phi."""
+        with self._lock:
+            for phi, mean in zip(self.global_params, averaged):
+                if phi.grad is None:
+                    phi.grad = torch.empty_like(phi)
+                torch.sub(phi, mean, out=phi.grad)
+            self.outer.step()
+        for param, phi, before in zip(self.params, self.global_params, launch):
+            param.add_(phi.to(param.device, param.dtype) - before)
+
+    # ---- state: served to others, downloaded from them -----------------------------------------------
+
+    def _current_state(self):
+        with self._lock:
+            tensors = [t.clone() for t in (*self.global_params, *self._momentum)]
+            metadata = {"version": STATE_VERSION, "epoch": self.local_epoch}
+        return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
+
+    def load_state_from_peers(self, timeout: Optional[float] = None) -> bool:
+        """Download phi, the outer momentum and the epoch from the most advanced peer; theta <- phi.
+        Returns False (and keeps training on what we have, without averaging) if no peer sent a valid
+        state within `timeout` (default: load_state_timeout)."""
+        with self.tracker.pause_updates():
+            self._settle(wait=False)
+            return self._download_state(self.load_state_timeout if timeout is None else timeout)
+
+    def _download_state(self, timeout: float) -> bool:
+        deadline = self._clock() + timeout
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            try:
+                result = self.averager.load_state_from_peers(timeout=remaining)
+            except ROUND_FAILURES as e:  # TimeoutError, a peer's stream failing mid-download
+                logger.info("state download failed: %s", type(e).__name__)
+                continue
+            if result is None:  # no peer offers its state
+                break
+            problem = self._check_state(*result)
+            if problem is None:
+                self._adopt(*result)
+                self._needs_state = False
+                return True
+            logger.warning("a peer sent an unusable state (%s)", problem)
+            time.sleep(min(1.0, max(0.0, deadline - self._clock())))
+        self._needs_state = True
+        logger.warning("no peer sent the run's state within %.0f s; training on, without averaging until it arrives",
+                       timeout)
+        return False
+
+    @staticmethod
+    def _check_state(metadata: Any, tensors: Sequence[torch.Tensor]) -> Optional[str]:
+        """The tensors were checked against our own layout by the averager (shapes, dtypes, finite)."""
+        if metadata.get("version") != STATE_VERSION:
+            return f"state version {metadata.get('version')!r}"
+        epoch = metadata.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 2**40:
+            return f"epoch {epoch!r}"
+        return None
+
+    @torch.no_grad()
+    def _adopt(self, metadata: dict, tensors: Sequence[torch.Tensor]) -> None:
+        with self._lock:
+            for mine, theirs in zip((*self.global_params, *self._momentum), tensors):
+                mine.copy_(theirs)
+        for param, phi in zip(self.params, self.global_params):
+            param.copy_(phi)
+        self._unsent = 0  # what we trained before is dropped with theta
+        epoch = max(metadata["epoch"], self.local_epoch)
+        self.local_epoch = self.tracker.update_epoch(epoch)
+        self._samples_in_epoch = 0
+        self.averager.state_sharing_priority = self.local_epoch
+        logger.info("loaded the swarm's state at epoch %d", epoch)
+
+    # ---- pause/resume and leaving --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a resumed peer needs (the round in flight is applied first, if it is done)."""
+        self._settle(wait=True)
+        with self._lock:
+            return {"inner": self.inner.state_dict(), "outer": self.outer.state_dict(),
+                    "global": [t.clone() for t in self.global_params], "epoch": self.local_epoch,
+                    "unsent": self._unsent, "needs_state": self._needs_state}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        with self._lock:
+            for mine, saved in zip(self.global_params, state["global"]):
+                mine.copy_(saved)
+            self.outer.load_state_dict(state["outer"])
+            self._momentum = ([self.outer.state[p]["momentum_buffer"] for p in self.global_params]
+                              if self._momentum else [])
+        self._unsent, self._needs_state = state["unsent"], state["needs_state"]
+        with self.tracker.pause_updates():
+            self.local_epoch = self.tracker.update_epoch(state["epoch"])
+        self.averager.state_sharing_priority = self.local_epoch
+
+    def shutdown(self) -> None:
+        """Finish (or give up on) the round in flight, say goodbye to the tracker, stop the averager."""
+        try:
+            self._settle(wait=True)
+        finally:
+            self.tracker.shutdown(self.shutdown_timeout)
+            self.averager.shutdown()
