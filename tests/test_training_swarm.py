@@ -273,7 +273,7 @@ def test_local_updates_take_outer_steps_together(swarm, tmp_path, overlap):
     for s in statuses:
         assert s["status"] == "finished" and s["epoch"] == 8
         assert {r["kind"] for r in s["rounds"]} == {"outer"}  # neither hivemind's gradient nor state rounds
-        assert s["eval_loss"] < (0.7 if overlap else 0.3) * initial  # measured: 0.33-0.84 / 0.05-0.1 of 1.46
+        assert s["eval_loss"] < 0.3 * initial  # it learned (initial 1.46)
         # every epoch end but the first (min_peers holds only the first step) averaged with the other peer
         both = [r for r in s["rounds"] if r["ok"] and len(r["members"]) == 2]
         assert len(both) >= 6, s["rounds"]

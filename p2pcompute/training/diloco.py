@@ -16,10 +16,18 @@ weights = samples each peer trained since its last successful round), and applie
     phi <- outer_step(phi, g)                     (Nesterov momentum)
     theta <- theta + (phi_new - theta_at_launch)  (re-base what was trained since the round started)
 
-With `averaging.overlap = true` (the default) the round runs in the background while the next epoch
-trains, and is applied at the end of that epoch: communication hides behind a whole epoch of compute
-(bench_training.py part (d): 99.4-99.7% compute at 100 Mbit/s), for an outer step that lands one epoch
-late. With overlap off the peer waits for the round (theta == theta_at_launch, so theta <- phi_new).
+Without overlap (the default) the peer waits for the round: theta == theta_at_launch, so theta <- phi_new
+and every peer of the group starts the next epoch from the same parameters.
+
+With `averaging.overlap = true` the round runs in the background while the next epoch trains and is
+applied at the end of that epoch: communication hides behind a whole epoch of compute, for an outer step
+that lands one epoch late. Re-basing theta onto phi_new is then unstable: theta keeps its own deviation
+from the group mean of the previous launch, which the next epoch's local steps mirror, and that spread
+random-walks (measured on the test MLP, 2 peers, 16 Adam steps per epoch: phi converged, local models
+drifted from 0.13 to 0.5-1.5 loss). Streaming DiLoCo (Douillard et al. 2025) merges instead,
+theta <- MERGE_ALPHA * theta + (1 - MERGE_ALPHA) * phi_new with 0.5, which halves the spread every epoch:
+measured, it reaches the loss of the blocking mode (0.07 after 16 epochs, both) and lags it early on.
+At shutdown (pause, end of run) the last round is re-based instead, exactly phi_new when no step followed.
 
 Why parameters are averaged (not pseudo-gradients): the average of theta carries every peer's phi with
 it, so peers whose phi drifted apart (a failed round, a late joiner that downloaded phi one outer step
@@ -59,7 +67,8 @@ from p2pcompute.training.averaging import RawAllReduceMixin
 
 logger = logging.getLogger(__name__)
 
-ROUND_KIND = "outer"  # the kind of our rounds in RoundObserver records (credits ride in them)
+ROUND_KIND = "outer"
+MERGE_ALPHA = 0.5  # overlap: weight of the local model when merging it with the outer step's result  # the kind of our rounds in RoundObserver records (credits ride in them)
 STATE_VERSION = 1
 # Beyond averaging_timeout, how long the end of an epoch waits for the round launched an epoch ago (hivemind
 # bounds the round itself by averaging_timeout; this only covers a result stuck between processes).
@@ -122,6 +131,7 @@ class LocalUpdatesOptimizer:
         self._pending: Optional[tuple[Any, list[torch.Tensor], int]] = None  # (control, theta at launch, weight)
         self._needs_state = False  # joined a run in progress without its state: train, but do not average yet
         self.failed_rounds = 0
+        self.sync_seconds = 0.0  # wall time the training thread spent at epoch ends (waiting, outer steps, copies)
         self.averager = ObservedOuterAverager(
             [p.detach().to("cpu", torch.float32, copy=True) for p in self.params], dht,
             observer=observer, state=self._current_state, prefix=f"{run_id}_outer", start=True,
@@ -152,7 +162,11 @@ class LocalUpdatesOptimizer:
         self._unsent += self.batch_size_per_step
         self.tracker.report_local_progress(self.local_epoch, self._samples_in_epoch)
         if self.tracker.ready_to_update_epoch:
-            self._end_epoch()
+            started = time.perf_counter()
+            try:
+                self._end_epoch()
+            finally:
+                self.sync_seconds += time.perf_counter() - started
 
     # ---- the end of an epoch -------------------------------------------------------------------------
 
@@ -170,7 +184,7 @@ class LocalUpdatesOptimizer:
                     return
                 self._next_epoch(max(self.local_epoch + 1, global_epoch))  # train on; try again next epoch
                 return
-            self._settle(wait=True)
+            self._settle(wait=True, merge=True)  # overlap: the round launched an epoch ago
             self._launch()
             if not self.overlap:
                 self._settle(wait=True)
@@ -197,8 +211,9 @@ class LocalUpdatesOptimizer:
                                      wait=False)
         self._pending = (control, launch, weight)
 
-    def _settle(self, wait: bool) -> None:
-        """Apply the round in flight, if any (wait=False: only if it is already done; otherwise drop it)."""
+    def _settle(self, wait: bool, merge: bool = False) -> None:
+        """Apply the round in flight, if any (wait=False: only if it is already done; otherwise drop it).
+        merge: theta is merged with phi_new (an epoch of steps followed the launch), not re-based."""
         if self._pending is None:
             return
         control, launch, weight = self._pending
@@ -215,7 +230,7 @@ class LocalUpdatesOptimizer:
             self._abandon(control)
             return
         with self.averager.get_tensors() as tensors:
-            self._apply(tensors, launch)
+            self._apply(tensors, launch, merge)
         self._unsent = max(0, self._unsent - weight)
 
     @staticmethod
@@ -226,8 +241,8 @@ class LocalUpdatesOptimizer:
             control.cancel()
 
     @torch.no_grad()
-    def _apply(self, averaged: Sequence[torch.Tensor], launch: Sequence[torch.Tensor]) -> None:
-        """The outer step on the group's mean theta, then re-base theta onto the new phi."""
+    def _apply(self, averaged: Sequence[torch.Tensor], launch: Sequence[torch.Tensor], merge: bool = False) -> None:
+        """The outer step on the group's mean theta, then theta re-based onto (or merged with) the new phi."""
         with self._lock:
             for phi, mean in zip(self.global_params, averaged):
                 if phi.grad is None:
@@ -235,7 +250,10 @@ class LocalUpdatesOptimizer:
                 torch.sub(phi, mean, out=phi.grad)
             self.outer.step()
         for param, phi, before in zip(self.params, self.global_params, launch):
-            param.add_(phi.to(param.device, param.dtype) - before)
+            if merge:
+                param.mul_(MERGE_ALPHA).add_(phi.to(param.device, param.dtype), alpha=1 - MERGE_ALPHA)
+            else:
+                param.add_(phi.to(param.device, param.dtype) - before)
 
     # ---- state: served to others, downloaded from them -----------------------------------------------
 
