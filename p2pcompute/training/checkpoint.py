@@ -67,13 +67,12 @@ def load_checkpoint(path: str | Path, manifest: Manifest) -> tuple[nn.Module, in
 
 def fetch_checkpoint(dht, manifest: Manifest, path: str | Path, timeout: float) -> int:
     """Download the current parameters from a peer training the run and write them as a checkpoint;
-    returns the epoch. Uses hivemind's state download (the one late joiners use), as a client.
-    hivemind reads the epoch a moment after the parameters, so around an epoch boundary the label can
-    be ahead of the parameters (by one epoch in a normal swarm)."""
-    from p2pcompute.runs.optimizers import optimizer_factory
-    from p2pcompute.training.averagers import ObservedStateAverager, RoundObserver
-
-    prefix = f"{manifest.hivemind_prefix}_state_averager"
+    returns the epoch. Uses the state download late joiners use, as a client: hivemind's TrainingStateAverager
+    state in gradients mode (parameters and optimizer state; hivemind reads the epoch a moment after the
+    parameters, so around an epoch boundary the label can be one ahead), the swarm's parameters phi in
+    local mode (diloco.py)."""
+    local = manifest.averaging.mode == "local"
+    prefix = f"{manifest.hivemind_prefix}_{'outer' if local else 'state_averager'}"
     donors = dht.get(f"{prefix}.all_averagers", latest=True, return_future=True).result(timeout)
     if donors is None or not isinstance(donors.value, dict) or not any(
             isinstance(v.value, (int, float)) for v in donors.value.values()):
@@ -82,6 +81,17 @@ def fetch_checkpoint(dht, manifest: Manifest, path: str | Path, timeout: float) 
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(float("nan"))  # sentinel: any NaN left after the download means nothing arrived
+    epoch = (_download_outer_state if local else _download_optimizer_state)(dht, manifest, model, prefix, timeout)
+    if epoch is None or any(torch.isnan(param).any() for param in model.parameters()):
+        raise NotFound(f"no peer of run {manifest.run_id_hex[:16]}... sent its state within {timeout:.0f} s")
+    save_checkpoint(path, model, manifest, epoch)
+    return epoch
+
+
+def _download_optimizer_state(dht, manifest: Manifest, model: nn.Module, prefix: str, timeout: float) -> int | None:
+    from p2pcompute.runs.optimizers import optimizer_factory
+    from p2pcompute.training.averagers import ObservedStateAverager, RoundObserver
+
     averager = ObservedStateAverager(
         observer=RoundObserver(), dht=dht, prefix=prefix, start=True,
         optimizer=optimizer_factory(manifest.optimizer.name, manifest.optimizer.as_dict(), with_state=True),
@@ -92,9 +102,21 @@ def fetch_checkpoint(dht, manifest: Manifest, path: str | Path, timeout: float) 
     )
     try:
         averager.load_state_from_peers(timeout=timeout)
-        if any(torch.isnan(param).any() for param in model.parameters()):
-            raise NotFound(f"no peer of run {manifest.run_id_hex[:16]}... sent its state within {timeout:.0f} s")
-        save_checkpoint(path, model, manifest, averager.local_epoch)
         return averager.local_epoch
     finally:
         averager.shutdown()
+
+
+def _download_outer_state(dht, manifest: Manifest, model: nn.Module, prefix: str, timeout: float) -> int | None:
+    from p2pcompute.training.diloco import download_outer_state
+
+    params = list(model.parameters())
+    downloaded = download_outer_state(dht, prefix, params, momentum=manifest.averaging.outer_momentum > 0,
+                                      timeout=timeout, next_chunk_timeout=float(manifest.averaging.next_chunk_timeout))
+    if downloaded is None:
+        return None
+    epoch, tensors = downloaded
+    with torch.no_grad():
+        for param, tensor in zip(params, tensors):
+            param.copy_(tensor)
+    return epoch

@@ -126,9 +126,10 @@ class LocalUpdatesOptimizer:
             allocate_state(self.outer)  # momentum buffers exist from the start: the served state has a fixed layout
         self._momentum = [self.outer.state[p]["momentum_buffer"] for p in self.global_params] if outer_momentum > 0 else []
         self.local_epoch = 0
+        self._phi_epoch = 0  # the epoch whose start phi is (what a download is labelled with)
         self._samples_in_epoch = 0
         self._unsent = 0  # samples trained since the last round that made it into phi (the next round's weight)
-        self._pending: Optional[tuple[Any, list[torch.Tensor], int]] = None  # (control, theta at launch, weight)
+        self._pending: Optional[tuple[Any, list[torch.Tensor], int, int]] = None  # control, theta at launch, weight, epoch
         self._needs_state = False  # joined a run in progress without its state: train, but do not average yet
         self.failed_rounds = 0
         self.sync_seconds = 0.0  # wall time the training thread spent at epoch ends (waiting, outer steps, copies)
@@ -204,19 +205,19 @@ class LocalUpdatesOptimizer:
         weight = max(1, self._unsent)
         if self.tracker.global_progress.num_peers <= 1:
             with self.averager.get_tensors() as tensors:
-                self._apply(tensors, launch)
-            self._unsent -= weight if self._unsent >= weight else self._unsent
+                self._apply(tensors, launch, self.local_epoch + 1)
+            self._unsent = 0
             return
         control = self.averager.step(gather=self.local_epoch, weight=float(weight), timeout=self.averaging_timeout,
                                      wait=False)
-        self._pending = (control, launch, weight)
+        self._pending = (control, launch, weight, self.local_epoch)
 
     def _settle(self, wait: bool, merge: bool = False) -> None:
         """Apply the round in flight, if any (wait=False: only if it is already done; otherwise drop it).
         merge: theta is merged with phi_new (an epoch of steps followed the launch), not re-based."""
         if self._pending is None:
             return
-        control, launch, weight = self._pending
+        control, launch, weight, epoch = self._pending
         self._pending = None
         if not wait and not control.done():
             self._abandon(control)
@@ -230,7 +231,7 @@ class LocalUpdatesOptimizer:
             self._abandon(control)
             return
         with self.averager.get_tensors() as tensors:
-            self._apply(tensors, launch, merge)
+            self._apply(tensors, launch, epoch + 1, merge)
         self._unsent = max(0, self._unsent - weight)
 
     @staticmethod
@@ -241,14 +242,17 @@ class LocalUpdatesOptimizer:
             control.cancel()
 
     @torch.no_grad()
-    def _apply(self, averaged: Sequence[torch.Tensor], launch: Sequence[torch.Tensor], merge: bool = False) -> None:
-        """The outer step on the group's mean theta, then theta re-based onto (or merged with) the new phi."""
+    def _apply(self, averaged: Sequence[torch.Tensor], launch: Sequence[torch.Tensor], epoch: int,
+               merge: bool = False) -> None:
+        """The outer step on the group's mean theta (phi becomes the start of `epoch`), then theta re-based onto
+        (or merged with) the new phi."""
         with self._lock:
             for phi, mean in zip(self.global_params, averaged):
                 if phi.grad is None:
                     phi.grad = torch.empty_like(phi)
                 torch.sub(phi, mean, out=phi.grad)
             self.outer.step()
+            self._phi_epoch = epoch
         for param, phi, before in zip(self.params, self.global_params, launch):
             if merge:
                 param.mul_(MERGE_ALPHA).add_(phi.to(param.device, param.dtype), alpha=1 - MERGE_ALPHA)
@@ -260,7 +264,7 @@ class LocalUpdatesOptimizer:
     def _current_state(self):
         with self._lock:
             tensors = [t.clone() for t in (*self.global_params, *self._momentum)]
-            metadata = {"version": STATE_VERSION, "epoch": self.local_epoch}
+            metadata = {"version": STATE_VERSION, "epoch": self._phi_epoch}
         return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
 
     def load_state_from_peers(self, timeout: Optional[float] = None) -> bool:
@@ -311,6 +315,7 @@ class LocalUpdatesOptimizer:
         with self._lock:
             for mine, theirs in zip((*self.global_params, *self._momentum), tensors):
                 mine.copy_(theirs)
+            self._phi_epoch = metadata["epoch"]
         for param, phi in zip(self.params, self.global_params):
             param.copy_(phi)
         self._unsent = 0  # what we trained before is dropped with theta
@@ -328,6 +333,7 @@ class LocalUpdatesOptimizer:
         with self._lock:
             return {"inner": self.inner.state_dict(), "outer": self.outer.state_dict(),
                     "global": [t.clone() for t in self.global_params], "epoch": self.local_epoch,
+                    "phi_epoch": self._phi_epoch,
                     "unsent": self._unsent, "needs_state": self._needs_state}
 
     @torch.no_grad()
@@ -339,6 +345,7 @@ class LocalUpdatesOptimizer:
             self.outer.load_state_dict(state["outer"])
             self._momentum = ([self.outer.state[p]["momentum_buffer"] for p in self.global_params]
                               if self._momentum else [])
+            self._phi_epoch = state["phi_epoch"]
         self._unsent, self._needs_state = state["unsent"], state["needs_state"]
         with self.tracker.pause_updates():
             self.local_epoch = self.tracker.update_epoch(state["epoch"])
@@ -351,3 +358,29 @@ class LocalUpdatesOptimizer:
         finally:
             self.tracker.shutdown(self.shutdown_timeout)
             self.averager.shutdown()
+
+
+def download_outer_state(dht, prefix: str, params: Sequence[torch.Tensor], *, momentum: bool, timeout: float,
+                         next_chunk_timeout: float = 20.0) -> Optional[tuple[int, list[torch.Tensor]]]:
+    """(epoch, phi) from the most advanced peer of a local-mode run, as a client that serves nothing
+    (`p2pc run checkpoint`); None if no peer sent a valid state within `timeout`."""
+    layout = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+    layout += [torch.zeros_like(t) for t in layout] if momentum else []
+
+    def expected_state():
+        return {}, layout, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(layout)]
+
+    averager = ObservedOuterAverager(layout[:len(params)], dht, observer=RoundObserver(), state=expected_state,
+                                     prefix=prefix, start=True, client_mode=True, allow_state_sharing=False,
+                                     next_chunk_timeout=next_chunk_timeout)
+    try:
+        result = averager.load_state_from_peers(timeout=timeout)
+    except ROUND_FAILURES as e:
+        logger.info("state download failed: %s", type(e).__name__)
+        return None
+    finally:
+        averager.shutdown()
+    if result is None or LocalUpdatesOptimizer._check_state(*result) is not None:
+        return None
+    metadata, tensors = result
+    return metadata["epoch"], list(tensors[:len(params)])
