@@ -13,6 +13,7 @@ Changes to hivemind's behaviour, all by subclassing:
   never set; otherwise it only counts them.
 * Parts travel on our raw-frame data plane (training/averaging.py, RawAllReduceMixin), 1.6-2x faster
   than hivemind's per round (docs/benchmarks.md).
+* Shutting down with a round in flight works (hivemind's `_shutdown` raises then, see `_shutdown`).
 * A downloaded state is checked against our own layout before use, and hivemind.Optimizer's
   `load_state_from_peers` stops retrying after load_state_timeout (hivemind's loops forever).
 """
@@ -129,7 +130,16 @@ class _ObservedAverager(DecentralizedAverager):
         return result
 
     async def _shutdown(self, timeout: Optional[float]) -> None:
-        await super()._shutdown(timeout)
+        # hivemind's own _shutdown calls .finalize() on the futures of the running groups (a future holds the
+        # group's runner) and adds its None result to a set: with a round in flight it raised
+        # "'_asyncio.Future' object has no attribute 'finalize'" and skipped the rest. Same steps, fixed:
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        for future in list(self._running_groups.values()):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().finalize(cancel=True)
+            else:
+                future.cancel()
         # Each DHT request carries an MPFuture whose pipe the DHT process fetches from *this* process
         # (multiprocessing's resource sharer). A request still queued when we exit fails there and the
         # DHT process sleeps wait_timeout (3 s) after each such failure, stalling every other caller.

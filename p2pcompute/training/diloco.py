@@ -256,6 +256,8 @@ class LocalUpdatesOptimizer:
         for param, phi, before in zip(self.params, self.global_params, launch):
             if merge:
                 param.mul_(MERGE_ALPHA).add_(phi.to(param.device, param.dtype), alpha=1 - MERGE_ALPHA)
+            elif torch.equal(param, before):  # no step since the launch (blocking mode): exactly phi, as on every mate
+                param.copy_(phi)
             else:
                 param.add_(phi.to(param.device, param.dtype) - before)
 
