@@ -87,6 +87,8 @@ def test_train_pause_resume_checkpoint_and_fetch(node, tmp_path, mode):
         record = records[identity.peer_id.to_base58()]
         assert record.status == "training" and record.device == "cpu" and record.loss is not None
         assert summarize(records).training_peers == 1
+        status = trainer.status()
+        assert status.mode == mode and 0 < status.sync_share < 1  # time is split between compute and the step
 
         # the current state can be fetched from the swarm by another node
         fetched_epoch = fetch_checkpoint(reader, manifest, tmp_path / "fetched.pt", timeout=30)

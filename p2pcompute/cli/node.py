@@ -122,6 +122,8 @@ def _training_rows(training: dict | None) -> list[tuple[str, str]]:
         rows.append(("run progress", f"{training['run']['name']}: {trainer['status']}, epoch {trainer['epoch']} "
                                      f"(swarm {trainer['global_epoch']}), loss {loss}, "
                                      f"{trainer['samples_per_second']:.1f} samples/s, {trainer['peers']} peers"))
+        rows.append(("averaging", f"{trainer.get('mode', '?')} mode, {100 * trainer.get('sync_share', 0.0):.1f}% "
+                                  "of training time in the swarm optimizer's step (rounds, update)"))
     if training.get("idle"):
         rows.append(("idle policy", ("train: " if training["idle"]["train"] else "pause: ") + training["idle"]["reason"]))
     return rows

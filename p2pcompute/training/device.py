@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import ContextManager
 
 import torch
@@ -26,6 +27,14 @@ def select_device(preference: str, allowed: tuple[str, ...]) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device cuda was asked for but torch sees no CUDA GPU")
     return device
+
+
+def synchronized_time(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done (CUDA kernels run asynchronously: without the
+    synchronize, time would be charged to whatever waits for them next)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def limit_memory(device: torch.device, fraction: float) -> None:

@@ -79,6 +79,10 @@ class TrainerStatus:
     samples_per_second: float
     samples_done: int
     device: str
+    mode: str = ""  # the run's averaging mode: gradients / local
+    # share of training wall time spent in the swarm optimizer's step (averaging rounds, outer steps, the
+    # update) rather than computing gradients, since (re)joining: how much the swarm makes this peer wait
+    sync_share: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,6 +121,7 @@ class Trainer:
         self._loss_ema: float | None = None
         self._rate_mark = (0.0, 0)  # (clock, samples_done) at the last throughput measurement
         self._samples_per_second = 0.0
+        self._compute_seconds = self._step_seconds = 0.0  # forward+backward / opt.step() (see TrainerStatus)
         self._next_publish = 0.0
         self._peers_deadline: float | None = None  # set while the first epoch waits for min_peers
         max_epochs = options.max_epochs if options.max_epochs is not None else self.manifest.max_epochs
@@ -192,7 +197,8 @@ class Trainer:
             global_epoch=tracker.global_epoch if tracker is not None else self._epoch,
             peers=tracker.global_progress.num_peers if tracker is not None else 0,
             loss=self._loss_ema, samples_per_second=self._samples_per_second, samples_done=self._samples_done,
-            device=str(getattr(self, "device", "")),
+            device=str(getattr(self, "device", "")), mode=self.manifest.averaging.mode,
+            sync_share=self._step_seconds / max(1e-9, self._compute_seconds + self._step_seconds),
         )
 
     def rounds(self) -> list[AveragingRound]:
@@ -251,17 +257,23 @@ class Trainer:
                 self._new_epoch(epoch, completed=False)
             x, y = batch_for(self.dataset, m.run_id, self.identity.peer_id.to_bytes(), epoch, self._step_in_epoch,
                              m.batch_size_per_step)
+            started = time.perf_counter()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with devices.autocast(self.device, self._amp_dtype):
                 loss = self._loss_fn(self.model(x), y)
             if self._scaler is not None:
                 self._scaler.scale(loss).backward()
+                computed = devices.synchronized_time(self.device)
                 self._scaler.step(opt)
                 self._scaler.update()
             else:
                 loss.backward()
+                computed = devices.synchronized_time(self.device)
                 opt.step()
             opt.zero_grad()
+            stepped = devices.synchronized_time(self.device)
+            self._compute_seconds += computed - started
+            self._step_seconds += stepped - computed
             self._step_in_epoch += 1
             self._samples_in_epoch += m.batch_size_per_step
             self._samples_done += m.batch_size_per_step
