@@ -310,3 +310,34 @@ def test_local_updates_late_joiner_downloads_the_outer_state(swarm, tmp_path):
     assert sum(len(r["members"]) == 3 for r in rounds) >= 2, statuses[2]["rounds"]
     if all(s["rounds"][-1]["ok"] and len(s["rounds"][-1]["members"]) == 3 for s in statuses):
         assert max(s["eval_loss"] for s in statuses) == pytest.approx(min(s["eval_loss"] for s in statuses), rel=1e-4)
+
+
+def test_local_updates_straggler_catches_up(swarm, tmp_path):
+    """A DiLoCo peer frozen (SIGSTOP) while the others train on is two or more epochs behind when it wakes:
+    it takes the swarm's state instead of averaging stale parameters in, and ends with the same model."""
+    spec = tmp_path / "local.toml"
+    spec.write_text(LOCAL_SPEC)
+    epochs = 14
+    common = ["--manifest", str(spec), "--max-epochs", str(epochs), "--eval-size", str(EVAL_SIZE), "--min-peers", "3",
+              "--log-level", "INFO"]
+    first = swarm("a", *common)
+    bootstrap = first.wait_ready()
+    others = [swarm(n, *common, "--initial-peers", bootstrap) for n in ("b", "c")]
+    workers, straggler = [first, *others], others[1]
+    wait_for(lambda: min(w.epoch() for w in workers) >= 3, "three peers at epoch 3", workers=workers)
+    straggler.signal_group(signal.SIGSTOP)
+    try:
+        frozen_at = straggler.epoch()
+        wait_for(lambda: min(w.epoch() for w in workers[:2]) >= frozen_at + 3, "the others 3 epochs ahead",
+                 timeout=120, workers=workers[:2])
+    finally:
+        straggler.signal_group(signal.SIGCONT)
+    for worker in workers:
+        assert worker.wait_exit() == 0, worker.tail()
+    statuses = [w.status() for w in workers]
+    assert all(s["status"] == "finished" and s["epoch"] == epochs for s in statuses), statuses
+    assert "downloading its state" in straggler.log.read_text()
+    late_rounds = [r for r in statuses[2]["rounds"] if r["ok"] and len(r["members"]) == 3]
+    assert late_rounds and max(min(p[0] for p in r["payloads"].values()) for r in late_rounds) > frozen_at + 2
+    if all(s["rounds"][-1]["ok"] and len(s["rounds"][-1]["members"]) == 3 for s in statuses):
+        assert max(s["eval_loss"] for s in statuses) == pytest.approx(min(s["eval_loss"] for s in statuses), rel=1e-4)
