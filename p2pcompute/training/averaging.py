@@ -21,7 +21,8 @@
 #                      then, per part the reducer owns, in order: u32 length | payload
 #   reducer -> sender: per part: u8 status | u32 length | payload   (status 0 = averaged part;
 #                      any other status is an error code from hivemind's averaging_pb2.MessageCode,
-#                      sent with length 0, after which the reducer closes the stream)
+#                      sent with length 0, after which the reducer drops what the sender still sends until
+#                      it closes its side, at most CLOSE_LINGER, and closes the stream)
 #   codec 0 RAW:      payload = the part's bytes in the tensor's own dtype (reply: the average, same dtype)
 #   codec 1 FP16:     payload = float16 bytes (reply: float16 delta)
 #   codec 2 HIVEMIND: payload = a serialized hivemind runtime_pb2.Tensor (reply: same, delta)
@@ -89,6 +90,10 @@ GROUP_WAIT_TIMEOUT = 30.0
 SENDER_START_TIMEOUT = 5.0
 # Opening a stream to a group mate that died after matchmaking makes p2pd dial it; bounded by this.
 STREAM_OPEN_TIMEOUT = 5.0
+# A reducer that refused a stream reads (and drops) the sender's input for at most this long before closing it:
+# p2pd resets a stream closed with input unread (a sender writes its parts right after the header), and the reset
+# can overtake the status, so the sender would see a cut stream instead.
+CLOSE_LINGER = 2.0
 
 PROTOCOL_SUFFIX = "p2pcompute.aggregate/1"
 _MAGIC, _VERSION = b"P2AR", 1
@@ -341,16 +346,17 @@ class RawAllReduceRunner(AllReduceRunner):
 
     # ---- serving one sender (we are its reducer) ------------------------------------------------------
     async def serve_sender(self, sender: PeerID, codec: int, weight: float,
-                           reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Reduce the parts `sender` streams to us and reply with the result of each (see module header)."""
+                           reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Reduce the parts `sender` streams to us and reply with the result of each (see module header); True if
+        an error status ended the stream before all its parts were in."""
         rejection = self._reason_to_reject(sender, codec, weight)
         if rejection is not None:
             _write_status(writer, rejection)
             if rejection == averaging_pb2.DUPLICATE_PEER_ID:
-                return  # its first stream goes on
+                return True  # its first stream goes on
             if sender in self.sender_peer_ids:  # a group mate we will not hear from: do not wait for it
                 await self._ban_sender(sender)
-            return
+            return True
         sender_index = self.sender_peer_ids.index(sender)
         self._serving.add(asyncio.current_task())
         self.active_senders.add(sender)
@@ -401,6 +407,7 @@ class RawAllReduceRunner(AllReduceRunner):
         finally:
             if received != len(parts):
                 await self._ban_sender(sender)
+        return received != len(parts)
 
     def _reason_to_reject(self, sender: PeerID, codec: int, weight: float) -> Optional[int]:
         if self._future.cancelled():
@@ -472,22 +479,25 @@ class RawAllReduceMixin(RoundTimingMixin):
 
     async def _serve_raw_stream(self, stream_info, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
+        refused = False
         try:
-            await self._serve_raw_stream_checked(stream_info, reader, writer)
+            refused = await self._serve_raw_stream_checked(stream_info, reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
             logger.debug(f"Raw all-reduce stream from {stream_info.peer_id} dropped: {e!r}")
         except Exception:  # the boundary of a network handler: report, never let it kill the averager's loop
             logger.exception(f"Raw all-reduce stream from {stream_info.peer_id} failed")
         finally:
+            if refused:  # let our status reach the sender before p2pd sees unread input (see CLOSE_LINGER)
+                await _drop_input(reader, CLOSE_LINGER)
             writer.close()
 
     async def _serve_raw_stream_checked(self, stream_info, reader: asyncio.StreamReader,
-                                        writer: asyncio.StreamWriter) -> None:
+                                        writer: asyncio.StreamWriter) -> bool:
         magic, version, codec, id_length, weight = _HEADER.unpack(
             await asyncio.wait_for(reader.readexactly(_HEADER.size), HEADER_TIMEOUT))
         if magic != _MAGIC or version != _VERSION or id_length > MAX_GROUP_ID_BYTES:
             _write_status(writer, averaging_pb2.PROTOCOL_VIOLATION)
-            return
+            return True
         group_id = await asyncio.wait_for(reader.readexactly(id_length), HEADER_TIMEOUT)
         if group_id not in self._running_groups:
             # the leader may have started the round before its message reached us (as in hivemind)
@@ -495,9 +505,9 @@ class RawAllReduceMixin(RoundTimingMixin):
         future = self._running_groups.get(group_id)
         if future is None:
             _write_status(writer, averaging_pb2.BAD_GROUP_ID)
-            return
+            return True
         runner = await asyncio.wait_for(asyncio.shield(future), GROUP_WAIT_TIMEOUT)  # the group's, not ours
-        await runner.serve_sender(stream_info.peer_id, codec, weight, reader, writer)
+        return await runner.serve_sender(stream_info.peer_id, codec, weight, reader, writer)
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: Optional[bytes] = None, **kwargs):
@@ -606,6 +616,14 @@ def _check_length(codec: int, part: torch.Tensor, length: int) -> None:
 def _write_status(writer: asyncio.StreamWriter, status: int) -> None:
     with contextlib.suppress(OSError, RuntimeError):
         writer.write(_REPLY.pack(status, 0))
+
+
+async def _drop_input(reader: asyncio.StreamReader, timeout: float) -> None:
+    """Read and drop what the peer sends until it closes its side, for at most `timeout` seconds."""
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        async with asyncio.timeout(timeout):
+            while await reader.read(2**16):
+                pass
 
 
 def _status_name(status: int) -> str:
