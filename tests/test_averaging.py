@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import wait_until
+from peer_procs import barrier, loopback_dht, peer_main, run_peers
 
 PEERS = 3
 SHAPES = [(50_001,), (7, 13), (3,)]  # odd sizes: parts straddle peers and tensors
@@ -38,28 +32,9 @@ def weight_of(rank: int) -> float:
 def results(tmp_path_factory):
     """Run 3 peer processes once; returns {round: [tensors of each peer]} and their round stats."""
     directory = tmp_path_factory.mktemp("averaging")
-    procs = []
-    try:
-        for rank in range(PEERS):
-            log = open(directory / f"log-{rank}.txt", "w")
-            procs.append(subprocess.Popen([sys.executable, __file__, "--rank", str(rank), "--dir", str(directory)],
-                                          stdout=log, stderr=log, start_new_session=True,
-                                          env={**os.environ, "GOLOG_LOG_LEVEL": "fatal"}))
-            log.close()
-        deadline = time.monotonic() + PEER_TIMEOUT
-        for rank, proc in enumerate(procs):
-            try:
-                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                code = "timeout"
-            assert code == 0, f"peer {rank} failed ({code}):\n{(directory / f'log-{rank}.txt').read_text()[-3000:]}"
-        return {name: [torch.load(directory / f"{name}-{rank}.pt", weights_only=True) for rank in range(PEERS)]
-                for name in ROUNDS}
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+    run_peers(__file__, PEERS, directory, PEER_TIMEOUT)
+    return {name: [torch.load(directory / f"{name}-{rank}.pt", weights_only=True) for rank in range(PEERS)]
+            for name in ROUNDS}
 
 
 def exact_mean(weights: list[float]) -> list[torch.Tensor]:
@@ -106,19 +81,12 @@ def test_8bit_round_is_the_mean_up_to_quantization(results):
 
 # ---- one peer (run by the fixture as a subprocess) ----------------------------------------------------------
 def _peer(rank: int, directory: Path) -> None:
-    import hivemind
-
     from p2pcompute.training.averaging import TunedAverager, tuned_options
     from p2pcompute.training.compression import compression_for
 
     torch.set_num_threads(1)
-    boot = directory / "boot"
-    initial = [] if rank == 0 else _wait_for(boot).split()
-    dht = hivemind.DHT(start=True, initial_peers=initial or None, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                       use_relay=False, use_auto_relay=False, auto_nat=False, nat_port_map=False)
+    dht = loopback_dht(rank, directory)
     try:
-        if rank == 0:
-            _write(boot, "\n".join(map(str, dht.get_visible_maddrs())))
         for name in ROUNDS:
             codec = compression_for("none" if name == "weighted" else name)
             averager = TunedAverager(peer_tensors(rank), dht, start=True, prefix=f"test_{name}",
@@ -132,30 +100,12 @@ def _peer(rank: int, directory: Path) -> None:
                     result = {"tensors": [t.clone() for t in tensors], "group_size": len(gathered),
                               "failed_fraction": stats.failed_fraction}
                 torch.save(result, directory / f"{name}-{rank}.pt")
-                _write(directory / f"done-{name}-{rank}", "")
-                for other in range(PEERS):  # leave together: a mate may still be reading our last frames
-                    _wait_for(directory / f"done-{name}-{other}")
+                barrier(directory, name, rank, PEERS)  # leave together: a mate may still be reading our last frames
             finally:
                 averager.shutdown()
     finally:
         dht.shutdown()
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _wait_for(path: Path) -> str:
-    wait_until(path.exists, PEER_TIMEOUT, interval=0.05, what=str(path))
-    return path.read_text()
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--dir", type=Path, required=True)
-    options = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    _peer(options.rank, options.dir)
+    peer_main(_peer)

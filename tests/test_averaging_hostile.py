@@ -15,23 +15,17 @@ the stream never reached the round), or refuse only the second stream (duplicate
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 from hivemind.proto import averaging_pb2
-from test_averaging import _wait_for, _write  # atomic file writes, bounded waits for them: the peers' barrier
+from peer_procs import barrier, loopback_dht, peer_main, run_peers, write_atomic
 
 from p2pcompute.training import averaging
 from p2pcompute.training.averaging import (
@@ -187,7 +181,7 @@ class HostileAverager(TunedAverager):
         finally:  # one record per all-reduce (a retried round would have several)
             path = self.record_dir / f"hostile-{mode}.json"
             records = json.loads(path.read_text()) if path.exists() else []
-            _write(path, json.dumps(records + [runner.record() for runner in runners]))
+            write_atomic(path, json.dumps(records + [runner.record() for runner in runners]))
 
 
 # hivemind names an averager's RPCs after its class (`<prefix>::<class name>.rpc_join_group`): under its own name
@@ -200,35 +194,10 @@ HostileAverager.__name__ = TunedAverager.__name__
 def results(tmp_path_factory):
     """{round: {"peers": [each peer's result], "hostile": [the hostile runner's record per group]}}."""
     directory = tmp_path_factory.mktemp("averaging_hostile")
-    procs = []
-    try:
-        for rank in range(PEERS):
-            log = open(directory / f"log-{rank}.txt", "w")
-            procs.append(subprocess.Popen([sys.executable, __file__, "--rank", str(rank), "--dir", str(directory)],
-                                          stdout=log, stderr=log, start_new_session=True,
-                                          env={**os.environ, "GOLOG_LOG_LEVEL": "fatal", "PYTHONPATH": _pythonpath()}))
-            log.close()
-        deadline = time.monotonic() + PEER_TIMEOUT
-        for rank, proc in enumerate(procs):
-            try:
-                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                code = "timeout"
-            assert code == 0, f"peer {rank} failed ({code}):\n{(directory / f'log-{rank}.txt').read_text()[-3000:]}"
-        return {name: {"peers": [torch.load(directory / f"{name}-{rank}.pt", weights_only=True)
-                                 for rank in range(PEERS)],
-                       "hostile": json.loads((directory / f"hostile-{name}.json").read_text())}
-                for name in ROUNDS}
-    finally:  # each peer's whole process group: a peer that crashed may have left its p2pd behind
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-def _pythonpath() -> str:
-    """This checkout first: a peer imports p2pcompute at the top of this file, as the test process does."""
-    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
+    run_peers(__file__, PEERS, directory, PEER_TIMEOUT)
+    return {name: {"peers": [torch.load(directory / f"{name}-{rank}.pt", weights_only=True) for rank in range(PEERS)],
+                   "hostile": json.loads((directory / f"hostile-{name}.json").read_text())}
+            for name in ROUNDS}
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -306,16 +275,9 @@ def test_reducers_answer_the_hostile_sender_with_the_documented_status(results, 
 
 # ---- one peer (run by the fixture as a subprocess) ----------------------------------------------------------------
 def _peer(rank: int, directory: Path) -> None:
-    import hivemind
-
     torch.set_num_threads(1)
-    boot = directory / "boot"
-    initial = [] if rank == 0 else _wait_for(boot).split()
-    dht = hivemind.DHT(start=True, initial_peers=initial or None, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                       use_relay=False, use_auto_relay=False, auto_nat=False, nat_port_map=False)
+    dht = loopback_dht(rank, directory)
     try:
-        if rank == 0:
-            _write(boot, "\n".join(map(str, dht.get_visible_maddrs())))
         options = dict(prefix="test_hostile", target_group_size=PEERS, min_group_size=PEERS, start=True,
                        **tuned_options(part_size_bytes=PART_SIZE_BYTES, next_chunk_timeout=NEXT_CHUNK_TIMEOUT))
         if rank == HOSTILE:
@@ -335,9 +297,7 @@ def _peer(rank: int, directory: Path) -> None:
                     result = {"tensors": [t.clone() for t in tensors], "group_size": len(gathered),
                               "failed_fraction": stats.failed_fraction, "allreduce_s": stats.allreduce_s}
                 torch.save(result, directory / f"{name}-{rank}.pt")
-                _write(directory / f"done-{name}-{rank}", "")
-                for other in range(PEERS):  # the next round starts together
-                    _wait_for(directory / f"done-{name}-{other}")
+                barrier(directory, name, rank, PEERS)  # the next round starts together
         finally:
             averager.shutdown()
     finally:
@@ -345,8 +305,4 @@ def _peer(rank: int, directory: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--dir", type=Path, required=True)
-    options = parser.parse_args()
-    _peer(options.rank, options.dir)
+    peer_main(_peer)
