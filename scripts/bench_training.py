@@ -5,17 +5,24 @@ Parts, all measured side by side in one run:
   (a) all-reduce round time on 127.0.0.1 of 1M/10M/25M float32 between 2 and 4 processes: torch.distributed
       gloo vs hivemind 1.1.12's own data plane vs ours (p2pcompute.training.averaging, fp32 and fp16), with
       matchmaking time apart, CPU seconds per round (averager process vs p2pd), ratios to gloo.
-  (b) samples/s of k collaborating trainer processes (p2pcompute.training.worker: hivemind.Optimizer,
-      every-epoch gradient averaging) vs one alone, 6.3M-param MLP, one core per process.
-  (c) bytes each peer sends per training sample: every-step gradient averaging vs local updates (parameters
-      averaged every H steps, DiLoCo-style) x compression none/fp16/8-bit, counted by our averager and on
-      the peer's veth (the wire, TLS/TCP/IP and DHT traffic included).
+  (b) samples/s of k collaborating trainer processes (p2pcompute.training.worker, the Trainer as a node runs it)
+      vs one alone, 6.3M-param MLP, one core per process, side by side for [averaging] mode = "gradients"
+      (hivemind.Optimizer, gradients averaged once per epoch), mode = "local" (DiLoCo: local steps for an
+      epoch, then a blocking outer step) and mode = "local" with overlap = true (the round runs during the next
+      epoch); every mode uses the same epoch: TRAINER_EPOCH_STEPS steps per peer. Reference: k trainers of k
+      separate runs (no averaging), what k processes get out of this machine at all.
+  (c) bytes each peer sends per training sample: every-step gradient averaging vs local updates
+      (p2pcompute.training.diloco.LocalUpdatesOptimizer, an outer step every ~H steps per peer) x compression
+      none/fp16/8-bit, counted by our averager and on the peer's veth (the wire, TLS/TCP/IP and DHT traffic
+      included).
   (d) 2 peers in network namespaces made here (veth pairs to a bridge in a namespace of its own, tc tbf caps
       per peer in both directions): fraction of wall time each peer spends computing (6.3M-param MLP
-      forward/backward/SGD) rather than waiting on averaging, every-step vs local updates (blocking, and
-      overlapped with the next H steps).
+      forward/backward/SGD) rather than waiting on averaging, every-step vs LocalUpdatesOptimizer (blocking,
+      and overlapped with the next epoch; waiting = its sync_seconds).
 
 Usage (as root for (d)):  python scripts/bench_training.py [--parts a,b,c,d] [--repeats 3] [--json FILE]
+                          [--trainer-modes gradients,local,local-overlap,separate] [--trainer-repeats N]
+                          [--train-modes none,every-step,local,local-overlap]
 Internal: --worker allreduce|train (one peer process; started by this script).
 """
 
@@ -50,8 +57,9 @@ TRAIN_GRACE = 90.0  # beyond its measured window, how long a training peer may t
 STEP_TIMEOUT = 60.0  # matchmaking of one averaging step (peers are started together)
 ROUND_TIMEOUT = 120.0  # one all-reduce once the group formed: 25 MB over 20 Mbit/s takes ~10 s
 SHUTDOWN_WAIT = 10.0  # after SIGTERM, before SIGKILL
-# A training peer stops at the first round after its window where a mate's window is over too; if rounds
-# keep failing it stops this long after its window anyway (its mate's pending round then times out).
+# (c)/(d), every-step: a training peer stops at the first round after its window where a mate's window is over
+# too; if rounds keep failing it stops this long after its window anyway (its mate's pending round then times
+# out). Local modes: at the first epoch end after the window, or this long after it.
 OVERRUN_LIMIT = 30.0
 
 # ---- part (a) ------------------------------------------------------------------------------------------
@@ -64,14 +72,23 @@ TABLE_WIDTH = 180  # the tables are wide; a narrower console would wrap every ce
 
 # ---- part (b) -------------------------------------------------------------------------------------------
 TRAINER_PEERS = (1, 2)  # the box has 2 cores; each trainer process gets one (OMP_NUM_THREADS=1)
+# "separate": k trainers of k different runs (each alone, no averaging) on the same machine: the CPU ceiling
+# of k processes here, against which the averaging modes' ratios can be read (k > 1 only; alone = local's)
+TRAINER_MODES = ("gradients", "local", "local-overlap", "separate")
 TRAINER_WINDOW_S = 40.0  # measured seconds once every peer trains
 TRAINER_START_TIMEOUT = 120.0  # trainer processes up, joined and training (hivemind.Optimizer start-up)
-# the trainer's manifest: the 6.3M-parameter MLP of parts (c)/(d), gradients averaged once per epoch
+TRAINER_BATCH = 64
+# Steps per peer per epoch, every mode: target_batch_size = peers x this x batch (~4 s of compute per peer
+# alone on one core here). Averaging rounds cost ~2 s of matchmaking plus the all-reduce: an epoch of 16
+# steps (the old 1024 samples) was mostly matchmaking.
+TRAINER_EPOCH_STEPS = 128
+# the trainer's manifest: the 6.3M-parameter MLP of parts (c)/(d); [averaging] timeouts for one machine
+# (manifest.LOCAL_NETWORK_AVERAGING, as the demo and the tests use), target_group_size left at its default
 TRAINER_MANIFEST = """
 name = "bench-mlp"
 description = "bench_training.py part (b)"
-batch_size_per_step = 64
-target_batch_size = 1024
+batch_size_per_step = {batch}
+target_batch_size = {target}
 max_epochs = 0
 
 [model]
@@ -94,14 +111,10 @@ name = "sgd"
 lr = 0.001
 
 [averaging]
-mode = "gradients"
+mode = "{mode}"
+overlap = {overlap}
 compression = "fp16"
-matchmaking_time = 2
-request_timeout = 1
-averaging_timeout = 30
-allreduce_timeout = 30
-next_chunk_timeout = 10
-
+{timeouts}
 [hardware]
 min_memory_mb = 256
 devices = ["cpu"]
@@ -110,6 +123,18 @@ devices = ["cpu"]
 rate = 1000
 quorum = 1
 """
+
+
+def trainer_manifest(mode: str, peers: int, rank: int = 0) -> str:
+    """part (b)'s run spec for one mode and swarm size (separate: a run of its own for each rank)."""
+    from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, toml_lines
+
+    text = TRAINER_MANIFEST.replace('name = "bench-mlp"', f'name = "bench-mlp-{rank}"') if mode == "separate" \
+        else TRAINER_MANIFEST
+    return text.format(batch=TRAINER_BATCH, target=peers * TRAINER_EPOCH_STEPS * TRAINER_BATCH,
+                       mode="gradients" if mode == "gradients" else "local",
+                       overlap=str(mode == "local-overlap").lower(), timeouts=toml_lines(LOCAL_NETWORK_AVERAGING))
+
 
 # ---- parts (c) and (d) ---------------------------------------------------------------------------------
 NS_PREFIX = "p2pcb-"  # every namespace this script makes starts with this; leftovers are removed at start
@@ -122,7 +147,12 @@ WINDOW_S = 25.0  # measured seconds of training per configuration
 WARMUP_STEPS = 3
 MLP_SHAPE = (512, 2048, 2048, 512)  # 6.3M parameters, the model DESIGN.md's measurements used
 BATCH = 192  # ~0.1 s forward/backward/SGD on one core here: compute that a 100 Mbit/s link can keep up with
-LOCAL_STEPS = 50  # H: local steps between parameter averaging rounds (~5 s of compute)
+LOCAL_STEPS = 50  # H: local steps per peer per epoch (outer step) of LocalUpdatesOptimizer (~3.5-5 s of compute)
+OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9  # the manifest's defaults ([averaging] outer_lr, outer_momentum)
+# the local modes' progress tracker: manifest.LOCAL_NETWORK_AVERAGING's refresh periods (peers notice an epoch
+# end, or a mate that left, within 2 s)
+TRACKER_OPTS = dict(min_refresh_period=0.2, max_refresh_period=2.0, default_refresh_period=0.5,
+                    metadata_expiration=10.0)
 TBF_BURST = "256kb"  # >= rate/HZ at 100 Mbit/s; small enough not to hide the cap
 TBF_LATENCY = "400ms"  # queue length of the cap: TCP sees a bottleneck, not drops
 TRAIN_CONFIGS = (  # (mode, compression); mode: every-step | local | local-overlap | none (no averaging)
@@ -319,43 +349,54 @@ def veth_bytes(device: str) -> tuple[int, int]:
     return int((base / "tx_bytes").read_text()), int((base / "rx_bytes").read_text())
 
 
+def training_model(rank: int):
+    """The MLP (same initial parameters on every peer, as after load_state_from_peers) and this peer's batches."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layers = []
+    for fan_in, fan_out in zip(MLP_SHAPE[:-1], MLP_SHAPE[1:]):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    generator = torch.Generator().manual_seed(1000 + rank)
+    target_map = torch.randn(MLP_SHAPE[0], MLP_SHAPE[-1], generator=torch.Generator().manual_seed(7))
+
+    def loss_of_a_batch():
+        x = torch.randn(BATCH, MLP_SHAPE[0], generator=generator)
+        return torch.nn.functional.mse_loss(model(x), x @ target_map)
+
+    return model, loss_of_a_batch
+
+
 def worker_train(args) -> None:
+    """none | every-step: our own loop around TunedAverager (the reference). Local modes: worker_train_local."""
+    if args.mode in ("local", "local-overlap"):
+        worker_train_local(args)
+        return
     import torch
     from hivemind.averaging.matchmaking import MatchmakingException
     from hivemind.averaging.partition import AllreduceException
 
     from p2pcompute.training.averaging import TunedAverager, tuned_options
 
-    torch.set_num_threads(1)
     directory, rank, world, mode = Path(args.dir), args.rank, args.world, args.mode
-    torch.manual_seed(0)  # same initial model on every peer, as after load_state_from_peers
-    layers = []
-    for fan_in, fan_out in zip(MLP_SHAPE[:-1], MLP_SHAPE[1:]):
-        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers[:-1])
+    model, loss_of_a_batch = training_model(rank)
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    generator = torch.Generator().manual_seed(1000 + rank)
-    target_map = torch.randn(MLP_SHAPE[0], MLP_SHAPE[-1], generator=torch.Generator().manual_seed(7))
 
     def compute_step() -> None:
-        x = torch.randn(BATCH, MLP_SHAPE[0], generator=generator)
-        loss = torch.nn.functional.mse_loss(model(x), x @ target_map)
+        loss = loss_of_a_batch()
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
 
     dht = join_swarm(directory, rank, args.host)
     averager = None
-    if mode != "none":
-        if mode == "every-step":
-            compute_step()  # gradients exist, so averaged tensors can mirror them
-            tensors = [p.grad.detach().clone() for p in params]
-        else:
-            tensors = [p.detach().clone() for p in params]
-        averager = TunedAverager(tensors, dht, start=True, prefix=f"train_{mode.replace('-', '_')}",
+    if mode == "every-step":
+        compute_step()  # gradients exist, so averaged tensors can mirror them
+        averager = TunedAverager([p.grad.detach().clone() for p in params], dht, start=True, prefix="train_every_step",
                                  target_group_size=world, min_group_size=world,
                                  **tuned_options(compression=codec(args.compression), allreduce_timeout=ROUND_TIMEOUT))
-    pending = None  # local-overlap: the round in flight and the parameters it started from
 
     class Outcome:
         """Rounds run and failed, and whether a group mate asked to stop (its window is over)."""
@@ -375,42 +416,20 @@ def worker_train(args) -> None:
         outcome.stop = outcome.stop or any(bool(v) for v in (gathered or {}).values())
         return gathered
 
-    def launch(clock: Clock):
-        return averager.step(gather=time.perf_counter() >= clock.end, timeout=STEP_TIMEOUT, wait=False)
-
     def average(sources: list, clock: Clock, outcome: Outcome) -> None:
         """Copy `sources` into the averager, run one round (blocking), copy the result back."""
         t0 = time.perf_counter()
         with averager.get_tensors() as tensors:
             for tensor, source in zip(tensors, sources):
                 tensor.copy_(source)
-        if finish(launch(clock), outcome) is not None:
+        control = averager.step(gather=time.perf_counter() >= clock.end, timeout=STEP_TIMEOUT, wait=False)
+        if finish(control, outcome) is not None:
             with averager.get_tensors() as tensors, torch.no_grad():
                 for tensor, source in zip(tensors, sources):
                     source.copy_(tensor)
         clock.add("waiting", t0, time.perf_counter())
 
-    def overlap_sync(clock: Clock, outcome: Outcome) -> None:
-        """Apply the round in flight (its average minus the snapshot it started from), start the next one."""
-        nonlocal pending
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            if pending is not None:
-                control, snapshot = pending
-                pending = None
-                if finish(control, outcome) is not None:
-                    with averager.get_tensors() as tensors:
-                        for param, tensor, before in zip(params, tensors, snapshot):
-                            param.add_(tensor - before)
-            if not outcome.stop:
-                snapshot = [p.detach().clone() for p in params]
-                with averager.get_tensors() as tensors:
-                    for tensor, param in zip(tensors, params):
-                        tensor.copy_(param)
-                pending = (launch(clock), snapshot)
-        clock.add("waiting", t0, time.perf_counter())
-
-    def train_step(step: int, clock: Clock, outcome: Outcome) -> None:
+    def train_step(clock: Clock, outcome: Outcome) -> None:
         t0 = time.perf_counter()
         compute_step()
         clock.add("compute", t0, time.perf_counter())
@@ -419,44 +438,135 @@ def worker_train(args) -> None:
         t0 = time.perf_counter()
         optimizer.step()
         clock.add("compute", t0, time.perf_counter())
-        if mode == "local" and (step + 1) % LOCAL_STEPS == 0:
-            average([p.data for p in params], clock, outcome)
-        if mode == "local-overlap" and (step + 1) % LOCAL_STEPS == 0:
-            overlap_sync(clock, outcome)
 
     try:
         warm = Clock(float("inf"), float("inf"))  # counts nothing, and its rounds never ask to stop
-        for step in range(WARMUP_STEPS):  # local modes: the last warm-up step runs one round as well
-            train_step(step if mode == "every-step" else LOCAL_STEPS - WARMUP_STEPS + step, warm, Outcome())
+        for _ in range(WARMUP_STEPS):
+            train_step(warm, Outcome())
         barrier(directory, "measure", rank, world)
         start = time.perf_counter()
         clock, outcome = Clock(start, start + args.seconds), Outcome()
         traffic0 = averager.traffic() if averager else None
         wire0 = veth_bytes(args.device) if args.device else (0, 0)
-        step = samples = samples_in_window = 0
-        # averaging modes stop at a round where some member's window is over, so no peer waits for a
-        # round its mate never joins; without averaging, at the end of the window
+        step = samples = samples_in_window = steps_in_window = rounds_in_window = failed_in_window = 0
+        # averaging stops at a round where some member's window is over, so no peer waits for a round its
+        # mate never joins; without averaging, at the end of the window
         while not outcome.stop and time.perf_counter() < clock.end + (OVERRUN_LIMIT if averager else 0.0):
-            train_step(step, clock, outcome)
+            train_step(clock, outcome)
             step, samples = step + 1, samples + BATCH
             if time.perf_counter() <= clock.end:
-                samples_in_window = samples
-        rounds, failed = outcome.rounds, outcome.failed
+                samples_in_window, steps_in_window = samples, step
+                rounds_in_window, failed_in_window = outcome.rounds, outcome.failed
         wire1 = veth_bytes(args.device) if args.device else (0, 0)
         traffic1 = averager.traffic() if averager else None
-        if pending is not None:
-            finish(pending[0], Outcome())
-        out = {"samples": samples_in_window, "steps": step, "rounds": rounds, "failed_rounds": failed,
-               "window": args.seconds, "compute": clock.compute, "waiting": clock.waiting,
+        out = {"samples": samples_in_window, "steps_in_window": steps_in_window, "samples_total": samples,
+               "steps": step, "rounds": rounds_in_window, "rounds_total": outcome.rounds,
+               "failed_rounds": failed_in_window, "failed_after_window": outcome.failed - failed_in_window,
+               "alone": 0, "window": args.seconds, "compute": clock.compute, "waiting": clock.waiting,
                "sent": (traffic1.bytes_sent - traffic0.bytes_sent) if averager else 0,
                "wire_tx": wire1[0] - wire0[0], "wire_rx": wire1[1] - wire0[1],
-               "step_compute": clock.compute / max(1, step)}
+               "step_compute": clock.compute / max(1, steps_in_window)}
+        write_atomic(directory / f"result-{rank}.json", json.dumps(out))
         barrier(directory, "leave", rank, world)
     finally:
         if averager is not None:
             averager.shutdown()
         dht.shutdown()
-    write_atomic(directory / f"result-{rank}.json", json.dumps(out))
+
+
+def worker_train_local(args) -> None:
+    """local | local-overlap: the real LocalUpdatesOptimizer, built as the Trainer builds it (training/trainer.py).
+
+    An epoch is world x LOCAL_STEPS x BATCH samples, ~LOCAL_STEPS steps per peer. Waiting = the wall time
+    opt.step() spent at epoch ends (opt.sync_seconds: rounds, outer steps, copies), the rest of opt.step()
+    and the forward/backward pass = computing, both clipped to the window. A peer stops at its first epoch end
+    after the window (the outer step it measured is complete), or OVERRUN_LIMIT after the window, whichever
+    comes first, then shuts the optimizer down: that withdraws its progress record, so a mate still training
+    sees it gone within the tracker's refresh period and takes a later outer step alone instead of waiting
+    for a round it would never join. Rounds that fail then are counted apart (failed_after_window)."""
+    import torch
+
+    from p2pcompute.training.averagers import RoundObserver
+    from p2pcompute.training.averaging import (MIN_MATCHMAKING_TIME, NEXT_CHUNK_TIMEOUT, PART_SIZE_BYTES,
+                                               REQUEST_TIMEOUT)
+    from p2pcompute.training.diloco import LocalUpdatesOptimizer
+
+    directory, rank, world, mode = Path(args.dir), args.rank, args.world, args.mode
+    model, loss_of_a_batch = training_model(rank)
+    launched = [0]  # rounds this peer started with a group (the observer's payload is asked once per round)
+
+    def payload(kind: str) -> None:
+        launched[0] += 1
+
+    dht = join_swarm(directory, rank, args.host)
+    opt = None
+    try:
+        opt = LocalUpdatesOptimizer(
+            dht=dht, run_id="bench_train_local", params=list(model.parameters()),  # one run_id for every peer
+            optimizer=lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
+            target_batch_size=world * LOCAL_STEPS * BATCH, batch_size_per_step=BATCH,
+            observer=RoundObserver(payload), outer_lr=OUTER_LR, outer_momentum=OUTER_MOMENTUM,
+            overlap=mode == "local-overlap", compression=codec(args.compression),
+            matchmaking_time=MIN_MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT,
+            averaging_timeout=STEP_TIMEOUT + ROUND_TIMEOUT, allreduce_timeout=ROUND_TIMEOUT,
+            next_chunk_timeout=NEXT_CHUNK_TIMEOUT, part_size_bytes=PART_SIZE_BYTES, target_group_size=world,
+            tracker_opts=TRACKER_OPTS)
+
+        def train_step(clock: Clock) -> None:
+            t0 = time.perf_counter()
+            loss = loss_of_a_batch()
+            opt.zero_grad()
+            loss.backward()
+            synced = opt.sync_seconds
+            opt.step()
+            t1 = time.perf_counter()
+            waited = opt.sync_seconds - synced  # the epoch end, if this step ended one: the end of opt.step()
+            clock.add("compute", t0, t1 - waited)
+            clock.add("waiting", t1 - waited, t1)
+
+        warm = Clock(float("inf"), float("inf"))
+        for _ in range(WARMUP_STEPS):  # the tracker publishes our progress once we have samples
+            train_step(warm)
+        deadline = time.monotonic() + PEER_START_TIMEOUT  # a peer alone would take its outer step alone
+        while opt.tracker.global_progress.num_peers < world:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the progress tracker saw {opt.tracker.global_progress.num_peers} of {world} peers")
+            time.sleep(0.1)
+        barrier(directory, "measure", rank, world)
+        start = time.perf_counter()
+        clock = Clock(start, start + args.seconds)
+        traffic0, wire0 = opt.averager.traffic(), veth_bytes(args.device) if args.device else (0, 0)
+        epoch0, failed0, launched0, sync0 = opt.local_epoch, opt.failed_rounds, launched[0], opt.sync_seconds
+        step = samples = samples_in_window = steps_in_window = epochs_in_window = failed_in_window = 0
+        while True:
+            epoch = opt.local_epoch
+            train_step(clock)
+            step, samples, now = step + 1, samples + BATCH, time.perf_counter()
+            if now <= clock.end:
+                samples_in_window, steps_in_window = samples, step
+                epochs_in_window, failed_in_window = opt.local_epoch - epoch0, opt.failed_rounds - failed0
+            elif opt.local_epoch != epoch or now >= clock.end + OVERRUN_LIMIT:
+                break
+        epochs, sync_total = opt.local_epoch - epoch0, opt.sync_seconds - sync0
+        opt.shutdown()  # overlap: waits for the round launched at the last epoch end (its bytes count below)
+        failed_total, launched_total = opt.failed_rounds - failed0, launched[0] - launched0
+        traffic1 = opt.averager.traffic()  # shared-memory counters: still readable after the shutdown
+        opt = None
+        wire1 = veth_bytes(args.device) if args.device else (0, 0)
+        out = {"samples": samples_in_window, "steps_in_window": steps_in_window, "samples_total": samples,
+               "steps": step, "rounds": epochs_in_window, "rounds_total": epochs, "failed_rounds": failed_in_window,
+               "failed_after_window": failed_total - failed_in_window, "alone": epochs - launched_total,
+               "window": args.seconds, "compute": clock.compute, "waiting": clock.waiting,
+               "sync_seconds_total": sync_total, "sent": traffic1.bytes_sent - traffic0.bytes_sent,
+               "wire_tx": wire1[0] - wire0[0], "wire_rx": wire1[1] - wire0[1],
+               "step_compute": clock.compute / max(1, steps_in_window)}
+        write_atomic(directory / f"result-{rank}.json", json.dumps(out))
+        with contextlib.suppress(TimeoutError):  # a mate that is still training must not fail this peer
+            barrier(directory, "leave", rank, world, timeout=OVERRUN_LIMIT + STEP_TIMEOUT + ROUND_TIMEOUT)
+    finally:
+        if opt is not None:
+            opt.shutdown()
+        dht.shutdown()
 
 
 # =========================================================================================================
@@ -611,27 +721,31 @@ def part_a(args, console) -> dict:
     return runs
 
 
-def run_trainers(k: int, window: float) -> dict:
+def run_trainers(k: int, window: float, mode: str) -> dict:
     """k trainer processes on 127.0.0.1; samples/s of each over `window` seconds once all of them train."""
     with peer_group() as peers:
         directory = peers.directory
-        manifest = directory / "run.toml"
-        manifest.write_text(TRAINER_MANIFEST)
         initial: list[str] = []
         for rank in range(k):
+            manifest = directory / f"run-{rank}.toml"
+            manifest.write_text(trainer_manifest(mode, 1 if mode == "separate" else k, rank))
             argv = ["--manifest", str(manifest), "--data-dir", str(directory / f"node{rank}"),
                     "--ready-file", str(directory / f"ready-{rank}"), "--status-file", str(directory / f"status-{rank}"),
-                    "--min-peers", str(k), "--max-seconds", str(window + TRAINER_START_TIMEOUT)]
+                    "--min-peers", str(1 if mode == "separate" else k),
+                    "--max-seconds", str(window + TRAINER_START_TIMEOUT)]
             peers.start(rank, argv + (["--initial-peers", *initial] if initial else []),
                         program=["-m", "p2pcompute.training.worker"], env={"OMP_NUM_THREADS": "1"})
             if rank == 0:
                 initial = wait_for_file(directory / "ready-0", PEER_START_TIMEOUT).split()
 
         def snapshot():
+            """Each peer's status and when its worker wrote it (the file's mtime: written every second)."""
             statuses = []
             for rank in range(k):
                 with contextlib.suppress(OSError, ValueError):
-                    statuses.append(json.loads((directory / f"status-{rank}").read_text()))
+                    path = directory / f"status-{rank}"
+                    written = path.stat().st_mtime
+                    statuses.append({**json.loads(path.read_text()), "written": written})
             return statuses
 
         deadline = time.monotonic() + TRAINER_START_TIMEOUT
@@ -640,33 +754,67 @@ def run_trainers(k: int, window: float) -> dict:
             if len(first) == k and all(st["status"] == "training" and st["samples_done"] > 0 for st in first):
                 break
             if time.monotonic() > deadline or any(proc.poll() is not None for proc in peers.procs):
-                raise RuntimeError(f"{k} trainers did not all start training: {first}")
+                logs = "\n".join((directory / f"log-{rank}.txt").read_text()[-3000:] for rank in range(k))
+                raise RuntimeError(f"{k} trainers did not all start training: {first}\n{logs}")
             time.sleep(0.5)
-        t0 = time.monotonic()
         time.sleep(window)
-        last, elapsed = snapshot(), time.monotonic() - t0
-        rates = [(b["samples_done"] - a["samples_done"]) / elapsed for a, b in zip(first, last)]
+        last = snapshot()
+        if len(last) != k or any(proc.poll() is not None for proc in peers.procs):
+            raise RuntimeError(f"{k} trainers: a peer left during the window: {last}")
+        rates = [(b["samples_done"] - a["samples_done"]) / (b["written"] - a["written"]) for a, b in zip(first, last)]
+        rounds = [r for st in last for r in st["rounds"]]  # the newest <= 32 rounds of each peer, whole run
         return {"samples_per_s": rates, "epochs": [b["epoch"] - a["epoch"] for a, b in zip(first, last)],
-                "loss": [b["loss"] for b in last]}
+                "seconds": [b["written"] - a["written"] for a, b in zip(first, last)],
+                "loss": [b["loss"] for b in last], "rounds_ok": sum(r["ok"] for r in rounds),
+                # the trainer's share of training time in opt.step() (rounds, outer steps, the update), since it joined
+                "sync_share": [b.get("sync_share", float("nan")) for b in last],
+                "rounds_failed": sum(not r["ok"] for r in rounds), "load": os.getloadavg()[0]}
 
 
 def part_b(args, console) -> dict:
     from rich.table import Table
 
-    runs = {}
-    for k in TRAINER_PEERS:
-        repeats = []
-        for repeat in range(args.train_repeats):
-            console.print(f"(b) {k} trainer(s), repeat {repeat + 1}/{args.train_repeats} (load {os.getloadavg()[0]:.2f})")
-            repeats.append(run_trainers(k, args.trainer_window))
-        runs[k] = {"total": statistics.median(sum(r["samples_per_s"]) for r in repeats), "repeats": repeats}
-    alone = runs[TRAINER_PEERS[0]]["total"]
-    table = Table(title=f"(b) trainer samples/s (6.3M-param MLP, batch 64, epoch = 1024 samples, gradients averaged "
-                        f"per epoch, fp16), one core per process, {args.trainer_window:.0f} s windows")
-    for column in ("peers", "samples/s, all peers", "vs one alone", "per peer"):
+    modes = [m for m in args.trainer_modes.split(",") if m]
+    unknown = set(modes) - set(TRAINER_MODES)
+    if unknown:
+        raise SystemExit(f"--trainer-modes: unknown {sorted(unknown)}; choose from {','.join(TRAINER_MODES)}")
+    repeats_wanted = args.trainer_repeats or args.train_repeats
+    runs: dict[str, dict[int, dict]] = {mode: {} for mode in modes}
+    # repeats outermost and modes interleaved, so a change of the other users' load hits every mode alike
+    for repeat in range(repeats_wanted):
+        for k in TRAINER_PEERS:
+            for mode in modes:
+                if mode == "separate" and k == 1:
+                    continue  # one alone: the same as local mode's
+                console.print(f"(b) {mode}, {k} trainer(s), repeat {repeat + 1}/{repeats_wanted} "
+                              f"(load {os.getloadavg()[0]:.2f})")
+                run = runs[mode].setdefault(k, {"repeats": [], "failures": []})
+                try:
+                    run["repeats"].append(run_trainers(k, args.trainer_window, mode))
+                except (RuntimeError, TimeoutError) as e:  # reported, and counted in the table
+                    console.print(f"[red](b) {mode}, {k} trainer(s) failed[/red]:\n{str(e)[-4000:]}")
+                    run["failures"].append(str(e))
+    for mode in modes:
+        for run in runs[mode].values():
+            run["total"] = (statistics.median(sum(r["samples_per_s"]) for r in run["repeats"])
+                            if run["repeats"] else float("nan"))
+    table = Table(title=f"(b) trainer samples/s (6.3M-param MLP, batch {TRAINER_BATCH}, epoch = {TRAINER_EPOCH_STEPS} "
+                        f"steps per peer = peers x {TRAINER_EPOCH_STEPS * TRAINER_BATCH} samples, fp16), one core per "
+                        f"process, {args.trainer_window:.0f} s windows, median of {repeats_wanted}")
+    for column in ("mode", "peers", "samples/s, all peers", "vs one alone (same mode)", "per peer",
+                   "epochs in window", "sync share (whole run)", "rounds ok / failed", "runs failed", "load"):
         table.add_column(column, justify="right")
-    for k, run in runs.items():
-        table.add_row(str(k), f"{run['total']:.0f}", f"{run['total'] / alone:.2f}x", f"{run['total'] / k:.0f}")
+    for mode in modes:  # separate runs: vs local mode's one alone (the same thing)
+        reference = runs.get("local" if mode == "separate" else mode, {})
+        alone = reference.get(TRAINER_PEERS[0], {}).get("total", float("nan"))
+        for k, run in runs[mode].items():
+            reps = run["repeats"]
+            table.add_row(mode, str(k), f"{run['total']:.0f}", f"{run['total'] / alone:.2f}x",
+                          f"{run['total'] / k:.0f}",
+                          " / ".join(f"{statistics.mean(r['epochs']):.1f}" for r in reps),
+                          " / ".join(f"{statistics.mean(r['sync_share']):.0%}" for r in reps),
+                          " / ".join(f"{r['rounds_ok']}/{r['rounds_failed']}" for r in reps),
+                          str(len(run["failures"])), " / ".join(f"{r['load']:.1f}" for r in reps))
     console.print(table)
     return runs
 
@@ -768,17 +916,24 @@ def parts_c_d(args, console) -> dict:
         plan = [(None, "none", "none")]
         plan += [(100, mode, comp) for mode, comp in TRAIN_CONFIGS]
         plan += [(20, mode, comp) for mode, comp in CAPPED_20_CONFIGS]
+        modes = set(args.train_modes.split(","))
+        plan = [step for step in plan if step[1] in modes]
         for cap, mode, comp in plan:
             set_caps(TRAIN_PEERS, cap)
             label = f"{cap or 'no'} Mbit/s, {mode}, {comp}"
-            repeats = []
+            runs[label] = {"cap": cap, "mode": mode, "compression": comp, "repeats": [], "failures": [], "load": []}
             for repeat in range(args.train_repeats):
                 console.print(f"(c/d) {label}, repeat {repeat + 1}/{args.train_repeats} "
                               f"(load {os.getloadavg()[0]:.2f})")
-                repeats.append(run_training(mode, comp, args.window))
-            runs[label] = {"cap": cap, "mode": mode, "compression": comp, "repeats": repeats}
+                try:
+                    runs[label]["repeats"].append(run_training(mode, comp, args.window))
+                    runs[label]["load"].append(os.getloadavg()[0])
+                except (RuntimeError, subprocess.TimeoutExpired) as e:  # reported, and counted in the table
+                    console.print(f"[red](c/d) {label}, repeat {repeat + 1} failed[/red]:\n{str(e)[-6000:]}")
+                    runs[label]["failures"].append(str(e))
     finally:
         remove_namespaces()
+    runs = {label: run for label, run in runs.items() if run["repeats"]}
 
     def per_peer(label, key):
         return statistics.median(statistics.mean(p[key] for p in rep) for rep in runs[label]["repeats"])
@@ -786,9 +941,10 @@ def parts_c_d(args, console) -> dict:
     def rate(label):  # samples/s per peer
         return per_peer(label, "samples") / args.window
 
-    solo = rate("no Mbit/s, none, none")
+    solo = rate("no Mbit/s, none, none") if "no Mbit/s, none, none" in runs else float("nan")
     c_table = Table(title=f"(c) bytes sent per training sample per peer ({TRAIN_PEERS} peers, 6.3M-param MLP, "
-                          f"batch {BATCH}, local updates every {LOCAL_STEPS} steps)")
+                          f"batch {BATCH}, local: LocalUpdatesOptimizer, epoch = {LOCAL_STEPS} steps per peer; "
+                          f"bytes until the peer stopped / samples it trained until then)")
     for column in ("averaging", "compression", "averager bytes/sample", "wire bytes/sample (veth tx)",
                    "vs every-step fp32"):
         c_table.add_column(column, justify="right")
@@ -796,22 +952,28 @@ def parts_c_d(args, console) -> dict:
     for label, run in runs.items():
         if run["cap"] != 100:
             continue
-        samples = per_peer(label, "samples")
+        samples = per_peer(label, "samples_total")
         sent, wire = per_peer(label, "sent") / max(1, samples), per_peer(label, "wire_tx") / max(1, samples)
-        base = base or wire
-        c_table.add_row(run["mode"], run["compression"], f"{sent:,.0f}", f"{wire:,.0f}", f"{base / wire:.0f}x less"
-                        if wire < base else "1x")
+        if run["mode"] == "every-step" and run["compression"] == "none":
+            base = wire
+        c_table.add_row(run["mode"], run["compression"], f"{sent:,.0f}", f"{wire:,.0f}",
+                        "-" if base is None else f"{base / wire:.0f}x less" if wire < base else "1x")
     d_table = Table(title=f"(d) compute utilisation per peer in namespaces (tbf cap each way), {args.window:.0f} s "
-                          f"windows; samples/s vs the same peers with no averaging ({solo:.0f}/s)")
+                          f"windows, median of {args.train_repeats}; samples/s vs the same peers with no averaging "
+                          f"({solo:.0f}/s)")
     for column in ("cap", "averaging", "compression", "computing / wall", "waiting / wall", "samples/s vs none",
-                   "rounds", "failed"):
+                   "step s", "rounds in window", "failed in window / after", "outer steps alone", "runs failed",
+                   "load"):
         d_table.add_column(column, justify="right")
     for label, run in runs.items():
         util = per_peer(label, "compute") / args.window
         wait = per_peer(label, "waiting") / args.window
         d_table.add_row(f"{run['cap'] or '-'}", run["mode"], run["compression"], f"{util:.1%}", f"{wait:.1%}",
-                        f"{rate(label) / solo:.0%}", f"{per_peer(label, 'rounds'):.0f}",
-                        f"{per_peer(label, 'failed_rounds'):.0f}")
+                        f"{rate(label) / solo:.0%}", f"{per_peer(label, 'step_compute'):.3f}",
+                        f"{per_peer(label, 'rounds'):.1f}",
+                        f"{per_peer(label, 'failed_rounds'):.1f} / {per_peer(label, 'failed_after_window'):.1f}",
+                        f"{per_peer(label, 'alone'):.1f}", str(len(run["failures"])),
+                        " / ".join(f"{x:.1f}" for x in run["load"]))
     console.print(c_table)
     console.print(d_table)
     return runs
@@ -825,8 +987,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default=",".join(map(str, GROUP_SIZES)))
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--repeats", type=int, default=3, help="part (a) repeats; the report is their median")
-    parser.add_argument("--train-repeats", type=int, default=1)
+    parser.add_argument("--train-repeats", type=int, default=1, help="repeats of (c)/(d) (and of (b), see below)")
+    parser.add_argument("--trainer-repeats", type=int, default=0, help="repeats of (b); 0: --train-repeats")
+    parser.add_argument("--trainer-modes", default=",".join(TRAINER_MODES),
+                        help="(b): which of " + ", ".join(TRAINER_MODES) + " to measure")
     parser.add_argument("--window", type=float, default=WINDOW_S, help="measured seconds per training config")
+    parser.add_argument("--train-modes", default="none,every-step,local,local-overlap",
+                        help="(c)/(d): which averaging modes to run (none is the samples/s reference, every-step "
+                             "none the bytes reference)")
     parser.add_argument("--json", type=Path, help="write every measurement here")
     # worker mode (started by this script)
     parser.add_argument("--worker", choices=("allreduce", "train"))
