@@ -60,6 +60,7 @@ import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils import get_dht_time
 
 from p2pcompute.runs.optimizers import allocate_state
 from p2pcompute.training.averagers import RoundObserver, _ObservedAverager
@@ -67,8 +68,8 @@ from p2pcompute.training.averaging import RawAllReduceMixin
 
 logger = logging.getLogger(__name__)
 
-ROUND_KIND = "outer"
-MERGE_ALPHA = 0.5  # overlap: weight of the local model when merging it with the outer step's result  # the kind of our rounds in RoundObserver records (credits ride in them)
+ROUND_KIND = "outer"  # the kind of our rounds in RoundObserver records (credits ride in them)
+MERGE_ALPHA = 0.5  # overlap: weight of the local model when merging it with the outer step's result
 STATE_VERSION = 1
 # Beyond averaging_timeout, how long the end of an epoch waits for the round launched an epoch ago (hivemind
 # bounds the round itself by averaging_timeout; this only covers a result stuck between processes).
@@ -113,7 +114,7 @@ class LocalUpdatesOptimizer:
         self.params = list(params)
         self.run_id, self.batch_size_per_step, self.overlap = run_id, batch_size_per_step, overlap
         self.averaging_timeout, self.load_state_timeout = averaging_timeout, load_state_timeout
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout, self.matchmaking_time = shutdown_timeout, matchmaking_time
         self._clock = clock
         self.inner = optimizer(self.params)
         # phi and the outer optimizer: plain CPU tensors, written only by the training thread under _lock (the
@@ -130,6 +131,7 @@ class LocalUpdatesOptimizer:
         self._samples_in_epoch = 0
         self._unsent = 0  # samples trained since the last round that made it into phi (the next round's weight)
         self._pending: Optional[tuple[Any, list[torch.Tensor], int, int]] = None  # control, theta at launch, weight, epoch
+        self._scheduled = None  # the next round, matchmaking ahead of the epoch end (StepControl awaiting our trigger)
         self._needs_state = False  # joined a run in progress without its state: train, but do not average yet
         self.failed_rounds = 0
         self.sync_seconds = 0.0  # wall time the training thread spent at epoch ends (waiting, outer steps, copies)
@@ -162,6 +164,7 @@ class LocalUpdatesOptimizer:
         self._samples_in_epoch += self.batch_size_per_step
         self._unsent += self.batch_size_per_step
         self.tracker.report_local_progress(self.local_epoch, self._samples_in_epoch)
+        self._maybe_schedule()
         if self.tracker.ready_to_update_epoch:
             started = time.perf_counter()
             try:
@@ -180,6 +183,9 @@ class LocalUpdatesOptimizer:
                 self._needs_state = True
             if self._needs_state:
                 self._settle(wait=False)
+                if self._scheduled is not None:
+                    self._release(self._scheduled)
+                    self._scheduled = None
                 if self._download_state(RETRY_LOAD_TIMEOUT if self.local_epoch else self.load_state_timeout):
                     self._samples_in_epoch = 0
                     return
@@ -190,6 +196,19 @@ class LocalUpdatesOptimizer:
             if not self.overlap:
                 self._settle(wait=True)
             self._next_epoch(max(self.local_epoch + 1, global_epoch))
+
+    def _maybe_schedule(self) -> None:
+        """Start matchmaking for this epoch's round matchmaking_time before the swarm's estimated epoch end, as
+        hivemind.Optimizer does for gradient rounds: the group is formed when the epoch ends, instead of the
+        epoch end waiting matchmaking_time (a group below target_group_size waits all of it)."""
+        if self._scheduled is not None or self._needs_state or self.tracker.global_progress.num_peers <= 1:
+            return
+        if self.tracker.estimated_next_update_time - get_dht_time() > self.matchmaking_time:
+            return
+        if self._pending is not None and not self._pending[0].done():
+            return  # overlap: the averager is still busy with the previous round
+        self._scheduled = self.averager.step(gather=self.local_epoch, timeout=self.averaging_timeout,
+                                             require_trigger=True, wait=False)
 
     def _next_epoch(self, epoch: int) -> None:
         self.local_epoch = self.tracker.update_epoch(epoch)
@@ -203,18 +222,28 @@ class LocalUpdatesOptimizer:
                 tensor.copy_(param)
         launch = [p.detach().clone() for p in self.params]
         weight = max(1, self._unsent)
+        control, self._scheduled = self._scheduled, None
+        if control is not None and (control.done() or control.triggered):
+            control = None  # it failed while matchmaking (or was cancelled): start afresh
         if self.tracker.global_progress.num_peers <= 1:
+            if control is not None:
+                self._release(control)
             with self.averager.get_tensors() as tensors:
                 self._apply(tensors, launch, self.local_epoch + 1)
             self._unsent = 0
             return
-        control = self.averager.step(gather=self.local_epoch, weight=float(weight), timeout=self.averaging_timeout,
-                                     wait=False)
+        if control is None:
+            control = self.averager.step(gather=self.local_epoch, weight=float(weight),
+                                         timeout=self.averaging_timeout, wait=False)
+        else:  # the pre-scheduled round: our tensors are in place, go
+            control.weight = float(weight)
+            control.allow_allreduce()
         self._pending = (control, launch, weight, self.local_epoch)
 
-    def _settle(self, wait: bool, merge: bool = False) -> None:
-        """Apply the round in flight, if any (wait=False: only if it is already done; otherwise drop it).
-        merge: theta is merged with phi_new (an epoch of steps followed the launch), not re-based."""
+    def _settle(self, wait: bool, merge: bool = False, timeout: Optional[float] = None) -> None:
+        """Apply the round in flight, if any (wait=False: only if it is already done; otherwise drop it; timeout:
+        how long to wait, by default as long as the round may take). merge: theta is merged with phi_new (an
+        epoch of steps followed the launch), not re-based."""
         if self._pending is None:
             return
         control, launch, weight, epoch = self._pending
@@ -223,7 +252,7 @@ class LocalUpdatesOptimizer:
             self._abandon(control)
             return
         try:
-            control.result(timeout=self.averaging_timeout + RESULT_MARGIN)
+            control.result(timeout=self.averaging_timeout + RESULT_MARGIN if timeout is None else timeout)
         except ROUND_FAILURES as e:  # hivemind's MatchmakingException/AllreduceException/TimeoutError/...
             self.failed_rounds += 1
             logger.info("outer round of epoch %d failed (%s); keeping our %d samples for the next one",
@@ -233,6 +262,18 @@ class LocalUpdatesOptimizer:
         with self.averager.get_tensors() as tensors:
             self._apply(tensors, launch, epoch + 1, merge)
         self._unsent = max(0, self._unsent - weight)
+
+    @staticmethod
+    def _release(control) -> None:
+        """Give up a pre-scheduled round: cancelled while looking for a group; once in a group, mates wait for
+        our parts, so it runs with weight 0 (what hivemind.Optimizer does with its scheduled rounds)."""
+        if control.done():
+            return
+        if control.stage == AveragingStage.LOOKING_FOR_GROUP:
+            control.cancel()
+        elif not control.triggered:
+            control.weight = 0.0
+            control.allow_allreduce()
 
     @staticmethod
     def _abandon(control) -> None:
@@ -330,8 +371,9 @@ class LocalUpdatesOptimizer:
     # ---- pause/resume and leaving --------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything a resumed peer needs (the round in flight is applied first, if it is done)."""
-        self._settle(wait=True)
+        """Everything a resumed peer needs (the round in flight is applied first if it ends within
+        shutdown_timeout; otherwise theta keeps its own progress, which the next round sends)."""
+        self._settle(wait=True, timeout=self.shutdown_timeout)
         with self._lock:
             return {"inner": self.inner.state_dict(), "outer": self.outer.state_dict(),
                     "global": [t.clone() for t in self.global_params], "epoch": self.local_epoch,
@@ -354,9 +396,14 @@ class LocalUpdatesOptimizer:
         self.averager.state_sharing_priority = self.local_epoch
 
     def shutdown(self) -> None:
-        """Finish (or give up on) the round in flight, say goodbye to the tracker, stop the averager."""
+        """Finish (or give up on, after shutdown_timeout) the round in flight, say goodbye to the tracker, stop
+        the averager. Trainer.shutdown allows averaging_timeout + shutdown_timeout + a margin for all of it
+        (an epoch end may be waiting for a round when it is asked to stop)."""
         try:
-            self._settle(wait=True)
+            self._settle(wait=True, timeout=self.shutdown_timeout)
+            if self._scheduled is not None:
+                self._release(self._scheduled)
+                self._scheduled = None
         finally:
             self.tracker.shutdown(self.shutdown_timeout)
             self.averager.shutdown()
