@@ -3,8 +3,9 @@
 
 Parts, all measured side by side in one run:
   (a) all-reduce round time on 127.0.0.1 of 1M/10M/25M float32 between 2 and 4 processes: torch.distributed
-      gloo vs hivemind 1.1.12's own data plane vs ours (p2pcompute.training.averaging, fp32 and fp16), with
-      matchmaking time apart, CPU seconds per round (averager process vs p2pd), ratios to gloo.
+      gloo vs hivemind 1.1.12's own data plane vs ours (p2pcompute.training.averaging, fp32 and fp16 on libp2p
+      streams through p2pd, and fp32 on its direct TCP path: "ours-direct"), with matchmaking time apart, CPU
+      seconds per round (averager process vs p2pd), ratios to gloo.
   (b) samples/s of k collaborating trainer processes (p2pcompute.training.worker, the Trainer as a node runs it)
       vs one alone, 6.3M-param MLP, one core per process, side by side for [averaging] mode = "gradients"
       (hivemind.Optimizer, gradients averaged once per epoch), mode = "local" (DiLoCo: local steps for an
@@ -66,7 +67,7 @@ OVERRUN_LIMIT = 30.0
 SIZES = (1_000_000, 10_000_000, 25_000_000)
 GROUP_SIZES = (2, 4)
 ROUNDS = 5  # measured rounds per size and variant, after one warm-up round
-VARIANTS = ("hivemind", "ours", "ours-fp16")
+VARIANTS = ("hivemind", "ours", "ours-fp16", "ours-direct")  # ours and ours-fp16 on libp2p streams (direct=False)
 GLOO_PORT_BASE = 29620
 TABLE_WIDTH = 180  # the tables are wide; a narrower console would wrap every cell
 
@@ -280,7 +281,7 @@ def worker_allreduce(args) -> None:
                     cls, options = TimedHivemindAverager, tuned_options(part_size_bytes=DEFAULT_PART_SIZE_BYTES)
                 else:
                     cls, options = TunedAverager, tuned_options(compression=codec(
-                        "fp16" if variant == "ours-fp16" else "none"))
+                        "fp16" if variant == "ours-fp16" else "none"), direct=variant == "ours-direct")
                 tensor = torch.randn(size, generator=torch.Generator().manual_seed(rank))
                 expected = sum(torch.randn(size, generator=torch.Generator().manual_seed(r)) for r in range(world))
                 expected /= world
@@ -692,10 +693,11 @@ def part_a(args, console) -> dict:
     failed = sum(len(rows["failures"]) for rows in runs.values())
     table = Table(title=f"(a) all-reduce round time on 127.0.0.1, median of {args.repeats} repeats ({failed} failed) "
                         f"of {args.rounds} rounds (slowest peer per round)")
-    for column in ("peers", "floats", "gloo s", "hivemind s", "ours fp32 s", "ours fp16 s",
+    for column in ("peers", "floats", "gloo s", "hivemind s", "ours fp32 s", "ours fp16 s", "ours direct fp32 s",
                    "p2pd floor fp32 | fp16 s", "matchmaking s (ours)",
-                   "CPU s/round/peer: gloo | ours py+p2pd | hivemind py+p2pd",
-                   "max |err| after round 1: ours fp32 / fp16 / hivemind", "incomplete rounds: ours / fp16 / hivemind"):
+                   "CPU s/round/peer: gloo | ours py+p2pd | direct py+p2pd | hivemind py+p2pd",
+                   "max |err| after round 1: ours fp32 / fp16 / direct / hivemind",
+                   "incomplete rounds: ours / fp16 / direct / hivemind"):
         table.add_column(column, justify="right")
     for world, rows in runs.items():
         for size in sizes:
@@ -708,15 +710,18 @@ def part_a(args, console) -> dict:
             def floor(variant):  # p2pd's CPU for one round, all peers, spread over every core: no faster
                 return row[variant]["cpu_p2pd"] * world / os.cpu_count()
 
+            def cpu(variant):
+                return f"{row[variant]['cpu_averager']:.2f}+{row[variant]['cpu_p2pd']:.2f}"
+
+            shown = ("ours", "ours-fp16", "ours-direct", "hivemind")
             table.add_row(str(world), f"{size / 1e6:g}M", f"{gloo:.3f}", cell("hivemind"), cell("ours"),
-                          cell("ours-fp16"), f"{floor('ours'):.3f} ({floor('ours') / gloo:.1f}x) | "
+                          cell("ours-fp16"), cell("ours-direct"),
+                          f"{floor('ours'):.3f} ({floor('ours') / gloo:.1f}x) | "
                           f"{floor('ours-fp16'):.3f} ({floor('ours-fp16') / gloo:.1f}x)",
                           f"{row['ours']['matchmaking']:.3f}",
-                          f"{row['gloo_cpu']:.2f} | {row['ours']['cpu_averager']:.2f}+{row['ours']['cpu_p2pd']:.2f}"
-                          f" | {row['hivemind']['cpu_averager']:.2f}+{row['hivemind']['cpu_p2pd']:.2f}",
-                          f"{row['ours']['max_abs_error']:.1e} / {row['ours-fp16']['max_abs_error']:.1e} / "
-                          f"{row['hivemind']['max_abs_error']:.1e}",
-                          " / ".join(f"{row[v]['incomplete_rounds']:g}" for v in ("ours", "ours-fp16", "hivemind")))
+                          f"{row['gloo_cpu']:.2f} | {cpu('ours')} | {cpu('ours-direct')} | {cpu('hivemind')}",
+                          " / ".join(f"{row[v]['max_abs_error']:.1e}" for v in shown),
+                          " / ".join(f"{row[v]['incomplete_rounds']:g}" for v in shown))
     console.print(table)
     return runs
 
