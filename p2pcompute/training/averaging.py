@@ -134,8 +134,8 @@ BAD_INPUT = (ValueError, TypeError, RuntimeError, DecodeError)
 RAW, FP16, HIVEMIND = 0, 1, 2
 
 # ---- direct path (see the top of this module) -----------------------------------------------------------
-# Measured (25M float32, 127.0.0.1, same processes, 2 / 4 peers): libp2p streams 0.30-0.36 / 1.0-1.2 s per round,
-# direct TCP 0.07-0.13 / 0.21-0.28 s, gloo 0.07-0.11 / 0.14-0.21 s. On by default; P2PC_DIRECT_AVERAGING=0 (or
+# Measured (bench_training.py (a), 25M float32, 127.0.0.1, 2 / 4 peers): libp2p streams 0.32 / 0.88 s per round,
+# direct TCP 0.067 / 0.21 s, gloo 0.060 / 0.14 s. On by default; P2PC_DIRECT_AVERAGING=0 (or
 # tuned_options(direct=False)) turns it off.
 DIRECT_ENV = "P2PC_DIRECT_AVERAGING"
 _VERSION_DIRECT = 2  # header version of a sender that can take its parts to a direct TCP connection
