@@ -65,6 +65,16 @@ def barrier(directory: Path, name: str, rank: int, peers: int) -> None:
         wait_for_file(directory / f"done-{name}-{other}")
 
 
+def save_round(averager, gathered, path: Path) -> None:
+    """What a peer's round left in its averager (tensors, group size, its round stats), for the test process."""
+    import torch
+
+    stats = averager.last_round()
+    with averager.get_tensors() as tensors:
+        torch.save({"tensors": [t.clone() for t in tensors], "group_size": len(gathered or {}),
+                    "failed_fraction": stats.failed_fraction, "allreduce_s": stats.allreduce_s}, path)
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peer_procs import barrier, loopback_dht, peer_main, run_peers
+from peer_procs import barrier, loopback_dht, peer_main, run_peers, save_round
 
 PEERS = 3
 SHAPES = [(50_001,), (7, 13), (3,)]  # odd sizes: parts straddle peers and tensors
@@ -95,11 +95,7 @@ def _peer(rank: int, directory: Path) -> None:
             try:
                 weight = weight_of(rank) if name == "weighted" else 1.0
                 gathered = averager.step(weight=weight, timeout=PEER_TIMEOUT / 2)
-                stats = averager.last_round()
-                with averager.get_tensors() as tensors:
-                    result = {"tensors": [t.clone() for t in tensors], "group_size": len(gathered),
-                              "failed_fraction": stats.failed_fraction}
-                torch.save(result, directory / f"{name}-{rank}.pt")
+                save_round(averager, gathered, directory / f"{name}-{rank}.pt")
                 barrier(directory, name, rank, PEERS)  # leave together: a mate may still be reading our last frames
             finally:
                 averager.shutdown()

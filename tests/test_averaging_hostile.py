@@ -25,7 +25,7 @@ from unittest import mock
 import pytest
 import torch
 from hivemind.proto import averaging_pb2
-from peer_procs import barrier, loopback_dht, peer_main, run_peers, write_atomic
+from peer_procs import barrier, loopback_dht, peer_main, run_peers, save_round, write_atomic
 
 from p2pcompute.training import averaging
 from p2pcompute.training.averaging import (
@@ -292,11 +292,7 @@ def _peer(rank: int, directory: Path) -> None:
                 if rank == HOSTILE:
                     averager.round_index[0] = index
                 gathered = averager.step(weight=WEIGHTS[rank], timeout=STEP_TIMEOUT)
-                stats = averager.last_round()
-                with averager.get_tensors() as tensors:
-                    result = {"tensors": [t.clone() for t in tensors], "group_size": len(gathered),
-                              "failed_fraction": stats.failed_fraction, "allreduce_s": stats.allreduce_s}
-                torch.save(result, directory / f"{name}-{rank}.pt")
+                save_round(averager, gathered, directory / f"{name}-{rank}.pt")
                 barrier(directory, name, rank, PEERS)  # the next round starts together
         finally:
             averager.shutdown()
