@@ -176,26 +176,39 @@ class LocalUpdatesOptimizer:
 
     def _end_epoch(self) -> None:
         with self.tracker.pause_updates():
-            global_epoch = self.tracker.global_epoch
-            if global_epoch > self.local_epoch + 1 and not self._needs_state:
-                # far behind (paused, starved): averaging would only drag the swarm back; take its state
-                logger.info("epoch %d, the swarm is at %d: downloading its state", self.local_epoch, global_epoch)
-                self._needs_state = True
-            if self._needs_state:
-                self._settle(wait=False)
-                if self._scheduled is not None:
-                    self._release(self._scheduled)
-                    self._scheduled = None
-                if self._download_state(RETRY_LOAD_TIMEOUT if self.local_epoch else self.load_state_timeout):
-                    self._samples_in_epoch = 0
-                    return
-                self._next_epoch(max(self.local_epoch + 1, global_epoch))  # train on; try again next epoch
+            if not self._needs_state and not self._far_behind():
+                self._settle(wait=True, merge=True)  # overlap: the round launched an epoch ago
+                if not self._far_behind():  # (waiting may have been long: a frozen or starved peer wakes here)
+                    self._launch()
+                    if not self.overlap:
+                        self._settle(wait=True)
+            if self._needs_state or self._far_behind():
+                self._catch_up()
                 return
-            self._settle(wait=True, merge=True)  # overlap: the round launched an epoch ago
-            self._launch()
-            if not self.overlap:
-                self._settle(wait=True)
-            self._next_epoch(max(self.local_epoch + 1, global_epoch))
+            self._next_epoch(max(self.local_epoch + 1, self.tracker.global_epoch))
+
+    def _far_behind(self) -> bool:
+        """Two or more epochs behind the swarm (paused, starved, frozen): averaging our stale parameters in would
+        only drag the swarm back; we take its state instead."""
+        if self.tracker.global_epoch <= self.local_epoch + 1:
+            return False
+        if not self._needs_state:
+            logger.info("epoch %d, the swarm is at %d: downloading its state", self.local_epoch,
+                        self.tracker.global_epoch)
+            self._needs_state = True
+        return True
+
+    def _catch_up(self) -> None:
+        """Download the swarm's state (a short bound after the first try); if none comes, train on and try again
+        at the next epoch end, without averaging meanwhile."""
+        self._settle(wait=False)
+        if self._scheduled is not None:
+            self._release(self._scheduled)
+            self._scheduled = None
+        if self._download_state(RETRY_LOAD_TIMEOUT if self.local_epoch else self.load_state_timeout):
+            self._samples_in_epoch = 0
+            return
+        self._next_epoch(max(self.local_epoch + 1, self.tracker.global_epoch))
 
     def _maybe_schedule(self) -> None:
         """Start matchmaking for this epoch's round matchmaking_time before the swarm's estimated epoch end, as
