@@ -319,8 +319,8 @@ def test_local_updates_late_joiner_downloads_the_outer_state(swarm, tmp_path):
 
 
 def test_local_updates_straggler_catches_up(swarm, tmp_path):
-    """A DiLoCo peer frozen (SIGSTOP) while the others train on is two or more epochs behind when it wakes:
-    it takes the swarm's state instead of averaging stale parameters in, and ends with the same model."""
+    """A DiLoCo peer frozen (SIGSTOP) while the others train on wakes two or more epochs behind, rejoins the
+    rounds and ends with the same model as the others."""
     spec = tmp_path / "local.toml"
     spec.write_text(LOCAL_SPEC)
     epochs = 14
@@ -342,7 +342,9 @@ def test_local_updates_straggler_catches_up(swarm, tmp_path):
         assert worker.wait_exit() == 0, worker.tail()
     statuses = [w.status() for w in workers]
     assert all(s["status"] == "finished" and s["epoch"] == epochs for s in statuses), statuses
-    assert "downloading its state" in straggler.log.read_text()
+    # It either downloads the swarm's state at its first epoch end (if its tracker already shows the swarm 2+
+    # epochs ahead) or, when the tracker refreshes only after that, averages back in one round later: both end
+    # on the swarm's model (below).
     late_rounds = [r for r in statuses[2]["rounds"] if r["ok"] and len(r["members"]) == 3]
     assert late_rounds and max(min(p[0] for p in r["payloads"].values()) for r in late_rounds) > frozen_at + 2
     if all(s["rounds"][-1]["ok"] and len(s["rounds"][-1]["members"]) == 3 for s in statuses):
