@@ -65,6 +65,13 @@ def barrier(directory: Path, name: str, rank: int, peers: int) -> None:
         wait_for_file(directory / f"done-{name}-{other}")
 
 
+def run_round(averager, directory: Path, name: str, rank: int, peers: int, **step) -> None:
+    """One averaging round: step, record it in DIR/<name>-<rank>.pt, then wait for every peer to have done the same
+    (leave together: a mate may still be reading our last frames; the next round starts together)."""
+    save_round(averager, averager.step(**step), directory / f"{name}-{rank}.pt")
+    barrier(directory, name, rank, peers)
+
+
 def save_round(averager, gathered, path: Path) -> None:
     """What a peer's round left in its averager (tensors, group size, its round stats), for the test process."""
     import torch

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peer_procs import barrier, loopback_dht, peer_main, run_peers, save_round
+from peer_procs import loopback_dht, peer_main, run_peers, run_round
 
 PEERS = 3
 SHAPES = [(50_001,), (7, 13), (3,)]  # odd sizes: parts straddle peers and tensors
@@ -94,9 +94,7 @@ def _peer(rank: int, directory: Path) -> None:
                                      **tuned_options(compression=codec, part_size_bytes=PART_SIZE_BYTES))
             try:
                 weight = weight_of(rank) if name == "weighted" else 1.0
-                gathered = averager.step(weight=weight, timeout=PEER_TIMEOUT / 2)
-                save_round(averager, gathered, directory / f"{name}-{rank}.pt")
-                barrier(directory, name, rank, PEERS)  # leave together: a mate may still be reading our last frames
+                run_round(averager, directory, name, rank, PEERS, weight=weight, timeout=PEER_TIMEOUT / 2)
             finally:
                 averager.shutdown()
     finally:

@@ -25,7 +25,7 @@ from unittest import mock
 import pytest
 import torch
 from hivemind.proto import averaging_pb2
-from peer_procs import barrier, loopback_dht, peer_main, run_peers, save_round, write_atomic
+from peer_procs import loopback_dht, peer_main, run_peers, run_round, write_atomic
 
 from p2pcompute.training import averaging
 from p2pcompute.training.averaging import (
@@ -291,9 +291,7 @@ def _peer(rank: int, directory: Path) -> None:
                         tensor.copy_(value)
                 if rank == HOSTILE:
                     averager.round_index[0] = index
-                gathered = averager.step(weight=WEIGHTS[rank], timeout=STEP_TIMEOUT)
-                save_round(averager, gathered, directory / f"{name}-{rank}.pt")
-                barrier(directory, name, rank, PEERS)  # the next round starts together
+                run_round(averager, directory, name, rank, PEERS, weight=WEIGHTS[rank], timeout=STEP_TIMEOUT)
         finally:
             averager.shutdown()
     finally:

@@ -112,7 +112,7 @@ class LocalUpdatesOptimizer:
                  target_group_size: int = 64, part_size_bytes: int = 4 << 20, declare_state_period: float = 30.0,
                  tracker_opts: Optional[dict] = None, clock: Callable[[], float] = time.monotonic):
         self.params = list(params)
-        self.run_id, self.batch_size_per_step, self.overlap = run_id, batch_size_per_step, overlap
+        self.batch_size_per_step, self.overlap = batch_size_per_step, overlap
         self.averaging_timeout, self.load_state_timeout = averaging_timeout, load_state_timeout
         self.shutdown_timeout, self.matchmaking_time = shutdown_timeout, matchmaking_time
         self._clock = clock
