@@ -12,7 +12,7 @@ class P2PCError(Exception):
 class ConfigError(P2PCError):
     """A config file, flag or environment variable has a bad value (message names the key)."""
 
-    exit_code = 2
+    exit_code = 12
 
 
 class UsageError(P2PCError):
@@ -36,7 +36,7 @@ class NodeNotRunning(P2PCError):
 class ControlAPIError(P2PCError):
     """The node's control API refused or failed a request."""
 
-    exit_code = 4
+    exit_code = 14
 
 
 class SwarmError(P2PCError):
@@ -54,15 +54,32 @@ class InvalidMessage(P2PCError):
 class InvalidSignature(InvalidMessage):
     """A signature or public key fails the pinned Ed25519 rule."""
 
+    exit_code = 16
+
 
 class InvalidEntry(InvalidMessage):
     """A ledger entry fails validation (the message names the reason)."""
+
+    exit_code = 17
+
+
+class ProtocolError(InvalidMessage):
+    """A peer broke one of our protocols, refused a request or did not answer in time (p2pcompute.protocol).
+
+    `malformed`: the peer sent bytes that are not a well-formed message of the protocol (its fault, and a
+    reason to ban it), as opposed to a refusal, a timeout or an unreachable peer."""
+
+    exit_code = 18
+
+    def __init__(self, message: str, *, malformed: bool = False):
+        super().__init__(message)
+        self.malformed = malformed
 
 
 class InvalidManifest(P2PCError):
     """A run manifest fails validation (the message names the field)."""
 
-    exit_code = 2
+    exit_code = 13
 
 
 class NotFound(P2PCError):
@@ -95,7 +112,7 @@ class MissingDependency(P2PCError):
     `key` names what is missing: ("entry", id) or ("run", publisher public key, run id).
     """
 
-    exit_code = 6
+    exit_code = 15
 
     def __init__(self, message: str, key: tuple):
         super().__init__(message)
@@ -106,3 +123,15 @@ class LedgerInvalid(StoreError):
     """Offline verification of a ledger replica found bad entries or derived tables that disagree."""
 
     exit_code = 11
+
+
+class NodeProcessError(P2PCError):
+    """A node subprocess started by `p2pc demo` or a test harness exited early or was not ready in time."""
+
+    exit_code = 19
+
+
+class TimedOut(P2PCError):
+    """Something awaited (training progress, credits, discovery in `p2pc demo`) did not happen in time."""
+
+    exit_code = 20

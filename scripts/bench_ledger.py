@@ -115,7 +115,8 @@ async def measure_sync(a_path: Path, b_path: Path) -> dict:
     """B reconciles with A once over real p2pd hosts; returns seconds, bytes both ways, entries moved."""
     from hivemind.p2p import P2P
 
-    from p2pcompute.ledger.sync import LedgerSync, Replica
+    from p2pcompute.ledger.replica import Replica
+    from p2pcompute.services.sync import LedgerSync
 
     kwargs = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, auto_nat=False, nat_port_map=False)
     p2p_a = await P2P.create(**kwargs)

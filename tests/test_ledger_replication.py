@@ -92,7 +92,8 @@ def test_malicious_peer_changes_nothing(tmp_path):
     from p2pcompute.credits.policy import CreditPolicy
     from p2pcompute.ledger.codec import GENESIS_PREV, KIND_RUN_PUBLISH, RunPublish, sign_entry
     from p2pcompute.ledger.examples import label_key
-    from p2pcompute.ledger.sync import MAX_FRAME, PROTOCOL, read_frame, write_frame
+    from p2pcompute.protocol import read_frame, write_frame
+    from p2pcompute.services.sync import LIMITS, MAX_FRAME, PROTOCOL
 
     node = start_node(tmp_path, "honest")
     try:
@@ -112,7 +113,7 @@ def test_malicious_peer_changes_nothing(tmp_path):
         dangling = run_entry(5, b"\x07" * 32, "m5")  # names a previous entry nobody has
         fork_a, fork_b = run_entry(1, good0.id, "fork-a"), run_entry(1, good0.id, "fork-b")
 
-        async def attack():
+        async def attack(frames):
             p2p = await P2P.create(initial_peers=[node.loopback_maddr()], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                    use_relay=False, auto_nat=False, nat_port_map=False)
             target = PeerID.from_base58(node.peer_id)
@@ -125,28 +126,32 @@ def test_malicious_peer_changes_nothing(tmp_path):
                         writer.write(raw_frame)
                         await writer.drain()
                     else:
-                        await write_frame(writer, obj)
-                    replies.append(await asyncio.wait_for(read_frame(reader), 10))
+                        await write_frame(writer, obj, LIMITS.max_request)
+                    replies.append((await asyncio.wait_for(read_frame(reader, MAX_FRAME, 1 << 16), 10))[0])
                 except (asyncio.IncompleteReadError, ConnectionError):
                     replies.append("closed")
                 finally:
                     writer.close()
 
             try:
-                await send(raw_frame=(MAX_FRAME + 1).to_bytes(4, "big"))  # oversize announcement
-                await send(raw_frame=(5).to_bytes(4, "big") + b"\xc1\xc1\xc1\xc1\xc1")  # malformed msgpack
-                await send(obj=[1, "push", "not a list"])  # wrong types
-                await send(obj=[1, "explode", []])  # unknown op
-                await send(obj=[1, "push", [bytes(forged)]])  # forged signature -> banned from here on
-                await send(obj=[1, "push", [good0.to_wire()]])  # even a valid entry is now refused
+                for frame in frames:
+                    await send(**frame)
                 return replies
             finally:
                 await p2p.shutdown()
 
-        replies = asyncio.run(attack())
-        assert replies[0] == "closed"
-        assert all(r == "closed" or r[0] == 1 for r in replies), replies
-        assert "banned" in replies[-1][1]
+        # from one fresh peer each: requests of the wrong shape are refused with a reason
+        replies = asyncio.run(attack([dict(obj=[1, "push", "not a list"]),  # wrong types
+                                      dict(obj=[1, "explode", []])]))  # unknown op
+        assert [r[0] for r in replies] == [1, 1] and "unknown op" in replies[1][1], replies
+        # a forged signature -> banned from here on: even a valid entry is then refused
+        replies = asyncio.run(attack([dict(obj=[1, "push", [bytes(forged)]]), dict(obj=[1, "push", [good0.to_wire()]])]))
+        assert replies[0][0] == 1 and "banned" in replies[1][1], replies
+        # an oversize announcement or malformed msgpack: the stream is reset unread and the sender banned
+        replies = asyncio.run(attack([dict(raw_frame=(MAX_FRAME + 1).to_bytes(4, "big")),  # oversize announcement
+                                      dict(raw_frame=(5).to_bytes(4, "big") + b"\xc1\xc1\xc1\xc1\xc1"),  # bad msgpack
+                                      dict(obj=[1, "push", [good0.to_wire()]])]))
+        assert replies[0] == "closed" and "banned" in replies[2][1], replies
         assert entry_ids(node.data_dir) == before  # nothing any of it sent was stored
 
         async def push_batches(batches):  # from a fresh peer id each time
@@ -157,8 +162,8 @@ def test_malicious_peer_changes_nothing(tmp_path):
             try:
                 for payload in batches:
                     _i, reader, writer = await p2p.call_binary_stream_handler(target, PROTOCOL)
-                    await write_frame(writer, [1, "push", payload])
-                    out.append(await asyncio.wait_for(read_frame(reader), 10))
+                    await write_frame(writer, [1, "push", payload], LIMITS.max_request)
+                    out.append((await asyncio.wait_for(read_frame(reader, MAX_FRAME, 1 << 16), 10))[0])
                     writer.close()
             finally:
                 await p2p.shutdown()

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import LOOPBACK, p2pc_json, peer_ids_seen_by, run_p2pc, wait_until
+from p2pcompute.errors import ConfigError
 from p2pcompute.identity import Identity
 
 
@@ -121,7 +122,7 @@ def test_bad_config_is_named(tmp_path, config_text, env, expected):
     data_dir.mkdir()
     (data_dir / "config.toml").write_text(config_text)
     proc = run_p2pc("node", "start", "--data-dir", str(data_dir), timeout=60, env={**os.environ, **env})
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == ConfigError.exit_code, proc.stderr
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
 

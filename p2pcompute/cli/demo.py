@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 from p2pcompute.cli.common import console
-from p2pcompute.errors import UsageError
+from p2pcompute.errors import TimedOut
 from p2pcompute.node.control import ControlClient
 from p2pcompute.node.launcher import NodeProcess
 
@@ -144,7 +144,7 @@ def _show_training(nodes: list[NodeProcess], run_id: str, epochs: int) -> dict[i
             if status["epoch"] >= epochs:
                 break
             if time.monotonic() > deadline:
-                raise UsageError(f"the demo run did not finish within {TRAINING_TIMEOUT:.0f} s")
+                raise TimedOut(f"the demo run did not finish within {TRAINING_TIMEOUT:.0f} s")
             time.sleep(0.5)
     return losses
 
@@ -209,7 +209,7 @@ def _show_discovery(boot: NodeProcess, nodes: list[NodeProcess]) -> None:
             if all(s >= everyone for s in seen.values()):
                 break
             if time.monotonic() > deadline:
-                raise UsageError(f"the demo swarm did not converge within {DISCOVERY_TIMEOUT:.0f} s")
+                raise TimedOut(f"the demo swarm did not converge within {DISCOVERY_TIMEOUT:.0f} s")
             time.sleep(0.5)
     console.print(f"[bold green]all {len(nodes)} nodes and the bootstrap peer see each other[/]")
 

@@ -368,7 +368,8 @@ def _sync_offline(directory: Path, maddr: str) -> dict:
     from hivemind.p2p import P2P
 
     from p2pcompute.errors import SwarmError
-    from p2pcompute.ledger.sync import LedgerSync, Replica, parse_peer_maddr, sync_once_with_maddr
+    from p2pcompute.ledger.replica import Replica
+    from p2pcompute.services.sync import LedgerSync, parse_peer_maddr, sync_once_with_maddr
 
     parse_peer_maddr(maddr)  # a bad address fails before anything starts
     directory.mkdir(parents=True, exist_ok=True)

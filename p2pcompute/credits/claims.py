@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar, Iterable, Protocol
+from typing import Any, ClassVar, Iterable
 
-from p2pcompute import crypto
+from p2pcompute import canonical, crypto
+from p2pcompute.crypto import Signer
 from p2pcompute.errors import InvalidMessage, InvalidSignature
-from p2pcompute.ledger import canonical
 
 CLAIM_VERSION = 1
 # Domain separation: every kind of thing we sign starts with its own tag, so a signature made for
@@ -28,15 +28,6 @@ MAX_WITNESSES = 64
 # A claim is ~190 bytes; a receipt with MAX_WITNESSES witnesses ~6.6 KiB.
 MAX_CLAIM_SIZE = 512
 MAX_RECEIPT_SIZE = 8 * 1024
-
-
-class Signer(Protocol):
-    """Anything that signs with an Ed25519 key: `identity.Identity` or `crypto.SigningKey`."""
-
-    @property
-    def public_key(self) -> bytes: ...
-
-    def sign(self, message: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from p2pcompute import crypto
 from p2pcompute.errors import InvalidMessage, InvalidSignature
-from p2pcompute.ledger import canonical
+from p2pcompute import canonical
 
 # One credit is 1_000_000 micro-credits; amounts and balances are integers of micro-credits.
 MICRO_PER_CREDIT = 1_000_000

@@ -7,11 +7,12 @@ from functools import cached_property
 from typing import Any, Union
 
 from p2pcompute import crypto
-from p2pcompute.credits.claims import Receipt, Signer
+from p2pcompute.credits.claims import Receipt
+from p2pcompute.crypto import Signer
 from p2pcompute.credits.policy import MAX_AMOUNT, CreditPolicy
 from p2pcompute.errors import InvalidEntry, InvalidMessage
 from p2pcompute.identity import parse_peer_id
-from p2pcompute.ledger import canonical
+from p2pcompute import canonical
 
 ENTRY_VERSION = 1
 # Domain tag prefixed to the encoded entry before signing (see credits.claims for the other tags).

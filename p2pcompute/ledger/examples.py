@@ -4,7 +4,8 @@ and benchmarks (built in memory, no store)."""
 from __future__ import annotations
 
 from p2pcompute import crypto
-from p2pcompute.credits.claims import Claim, Receipt, Signer
+from p2pcompute.credits.claims import Claim, Receipt
+from p2pcompute.crypto import Signer
 from p2pcompute.credits.policy import CreditPolicy
 from p2pcompute.ledger.codec import (
     GENESIS_PREV,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from p2pcompute.credits.claims import Signer
+from p2pcompute.crypto import Signer
 from p2pcompute.credits.policy import CreditPolicy
 from p2pcompute.crypto import PUBLIC_KEY_SIZE
 from p2pcompute.errors import InvalidEntry, InvalidMessage, MissingDependency, NotFound, StoreError

@@ -51,11 +51,11 @@ class Node:
         self._refresher: threading.Thread | None = None
         self._known_peers: list[PeerRecord] = []
         self.store = None  # ledger.store.Store
-        self.replica = None  # ledger.sync.Replica
+        self.replica = None  # ledger.replica.Replica
         self.loop = None  # node.loop.BackgroundLoop running our libp2p protocols
-        self.sync = None  # ledger.sync.LedgerSync
+        self.sync = None  # services.sync.LedgerSync
         self.supervisor = None  # node.training.TrainingSupervisor
-        self.credits = None  # credits.service.CreditsService of the run being (or last) trained
+        self.credits = None  # services.credits.CreditsService of the run being (or last) trained
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -98,7 +98,8 @@ class Node:
 
     def _start_ledger(self) -> None:
         from p2pcompute.ledger.store import Store
-        from p2pcompute.ledger.sync import LedgerSync, Replica
+        from p2pcompute.ledger.replica import Replica
+        from p2pcompute.services.sync import LedgerSync
         from p2pcompute.node.loop import BackgroundLoop
 
         self.store = Store.in_data_dir(self.config.data_dir)
@@ -188,7 +189,7 @@ class Node:
         return payload
 
     def on_trainer_started(self, trainer, signed) -> None:
-        from p2pcompute.credits.service import CreditsService
+        from p2pcompute.services.credits import CreditsService
 
         self._stop_credits()
         service = CreditsService(self.sync.p2p, self.replica, self.identity, signed, trainer)
@@ -298,7 +299,7 @@ class Node:
 
     def _api_ledger_sync(self, args: dict) -> dict:
         """One reconciliation with the peer at args["maddr"] (…/p2p/<peer id>), now."""
-        from p2pcompute.ledger.sync import sync_once_with_maddr
+        from p2pcompute.services.sync import sync_once_with_maddr
 
         maddr = args.get("maddr")
         if not isinstance(maddr, str):

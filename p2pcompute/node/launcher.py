@@ -11,14 +11,10 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from p2pcompute.errors import P2PCError
+from p2pcompute.errors import NodeProcessError
 
 READY_TIMEOUT = 60.0  # seconds for a node to come up on a loaded 2-core machine (normally ~2 s)
 STOP_TIMEOUT = 15.0  # seconds for a clean shutdown before the process group is killed
-
-
-class NodeProcessError(P2PCError):
-    """A node subprocess exited early or did not become ready in time."""
 
 
 class NodeProcess:

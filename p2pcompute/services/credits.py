@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from p2pcompute.credits.claims import Claim, SignedClaim, WitnessSignature
 from p2pcompute.credits.witness import MAX_CLAIMS_PER_PAYLOAD, Observations, check_claim
-from p2pcompute.errors import InvalidMessage, MissingDependency, StoreError
+from p2pcompute.errors import InvalidMessage, InvalidSignature, MissingDependency, ProtocolError, StoreError
 from p2pcompute.identity import PEER_ID_PREFIX, public_key_from_peer_id
-from p2pcompute.ledger.sync import CALL_TIMEOUT, SyncError, read_frame, request_response, write_frame
+from p2pcompute.protocol import Limits, PeerLimits, Servicer, short_peer
 
 if TYPE_CHECKING:
-    from p2pcompute.ledger.sync import Replica
+    from p2pcompute.ledger.replica import Replica
     from p2pcompute.runs.manifest import SignedManifest
 
 logger = logging.getLogger(__name__)
@@ -26,15 +26,28 @@ CLAIM_ROUNDS = ("gradients", "outer")  # averaging rounds that carry claims: one
 POLL_PERIOD = 0.5  # seconds between looks at the trainer's finished rounds
 DIRECT_CLAIM_AFTER = 20.0  # seconds a claim may wait for witnesses from rounds before we ask mates directly
 MAX_PENDING_CLAIMS = 64  # our claims still lacking a quorum; older ones are given up (their epochs are long gone)
-MAX_REQUEST = 4096  # bytes: a credits request is one signed claim or one witness signature
+MAX_FRAME = 4096  # bytes: a credits request is one signed claim (<= 512 B) or one witness signature, plus framing
+LIMITS = Limits(
+    max_request=MAX_FRAME, max_response=MAX_FRAME, max_array_len=8,  # [op, [claim, [key, signature]]]
+    call_timeout=10.0,  # seconds for one request/response, connection set-up included
+    # a mate sends one witness signature per claim (<= 4 per round) and asks at most once per epoch directly:
+    # a few requests per round; 10/s with a burst of 40 is far above that and bounds a flood's CPU cost
+    rate_per_s=10.0, burst=40.0,
+    ban_seconds=600.0,  # a peer that sent a forged signature or a malformed frame is ignored this long
+)
 
 
-class CreditsService:
+class CreditsService(Servicer):
     """One per trained run: `payload()` for the trainer's rounds, `start()`/`shutdown()` on the node's loop."""
 
+    PROTOCOL = PROTOCOL
+    LIMITS = LIMITS
+
     def __init__(self, p2p, replica: "Replica", identity, signed: "SignedManifest", trainer,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
-        self.p2p, self.replica, self.identity, self.signed, self.trainer = p2p, replica, identity, signed, trainer
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 limits: PeerLimits | None = None):
+        super().__init__(p2p, limits)
+        self.replica, self.identity, self.signed, self.trainer = replica, identity, signed, trainer
         self.clock, self.monotonic = clock, monotonic
         self.me = identity.public_key
         self.observed = Observations()
@@ -60,7 +73,7 @@ class CreditsService:
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(PROTOCOL, self._handle)
+        await self.add_handler()
         self._task = asyncio.ensure_future(self._poll())
 
     async def finish(self) -> None:
@@ -68,7 +81,7 @@ class CreditsService:
         later round to carry them). The handler stays, so mates that stop a moment later still get our
         signatures, until `shutdown()`."""
         try:
-            await asyncio.wait_for(self._process(final=True), 2 * CALL_TIMEOUT)
+            await asyncio.wait_for(self._process(final=True), 2 * LIMITS.call_timeout)
         except asyncio.TimeoutError:
             logger.info("gave up on the last witness signatures")
 
@@ -76,10 +89,7 @@ class CreditsService:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        try:
-            await self.p2p.remove_binary_stream_handler(PROTOCOL)
-        except Exception as e:  # the daemon may already be gone at shutdown
-            logger.debug("could not remove the credits handler: %s", e)
+        await self.remove_handler()
 
     async def _poll(self) -> None:
         while True:
@@ -172,8 +182,14 @@ class CreditsService:
         for epoch, pending in due:
             for key in sorted(self._members.get(epoch, set()) - set(pending["sigs"])):
                 reply = await self._send_quietly(key, ["claim", pending["signed"].to_wire()])
-                if reply is not None:
+                if reply is None:
+                    continue
+                try:
                     self._accept_signature(pending["signed"].to_wire(), reply, key)
+                except InvalidSignature as e:  # provably forged: this mate is not asked again for a while
+                    self.limits.ban(PEER_ID_PREFIX + key, f"forged witness signature: {e}")
+                except InvalidMessage as e:  # one mate's bad answer never holds up the other claims
+                    logger.info("witness answer of %s refused: %s", short_peer(PEER_ID_PREFIX + key), e)
             pending["since"] = self.monotonic()  # next direct attempt after another DIRECT_CLAIM_AFTER
 
     def _accept_signature(self, claim_wire: Any, sig_obj: Any, sender: bytes) -> None:
@@ -230,46 +246,32 @@ class CreditsService:
     async def _send_quietly(self, key: bytes, request: list) -> Any:
         from hivemind.p2p import PeerID
 
+        peer_id = PeerID(PEER_ID_PREFIX + key)
+        if self.limits.banned(peer_id.to_bytes()):
+            return None
         try:
-            return await self._call(PeerID(PEER_ID_PREFIX + key), request)
-        except (SyncError, InvalidMessage) as e:
-            logger.info("credits %s to %s failed: %s", request[0], key.hex()[:12], e)
+            return (await self.call(peer_id, request, f"credits {request[0]}"))[0]
+        except ProtocolError as e:
+            logger.info("credits %s to %s failed: %s", request[0], short_peer(peer_id.to_bytes()), e)
             return None
 
-    async def _call(self, peer_id, request: list) -> Any:
-        return (await request_response(self.p2p, peer_id, PROTOCOL, request, f"credits {request[0]}"))[0]
-
-    async def _handle(self, stream_info, reader, writer) -> None:
-        sender = stream_info.peer_id.to_bytes()
-        try:
-            request = await asyncio.wait_for(read_frame(reader), CALL_TIMEOUT)
-            key = _key_of(sender)
-            if key is None:
-                raise InvalidMessage("only Ed25519 peers take part in credits")
-            if not (isinstance(request, list) and len(request) == 2 and request[0] in ("claim", "witness")):
-                raise InvalidMessage("expected [op, payload] with op claim or witness")
-            op, payload = request
-            if op == "claim":  # a mate asks us to witness its claim directly
-                sig = self._witness(payload, key)
-                if sig is None:
-                    raise InvalidMessage("not witnessed (see the witness's log for why)")
-                reply = [0, sig.to_obj()]
-            else:  # a mate sends us its signature on one of our claims
-                if not (isinstance(payload, list) and len(payload) == 2):
-                    raise InvalidMessage("witness payload must be [claim, signature]")
-                self._accept_signature(payload[0], payload[1], key)
-                reply = [0, None]
-        except (InvalidMessage, SyncError) as e:
-            reply = [1, str(e)[:300]]
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-            return
-        try:
-            await write_frame(writer, reply)
-        except ConnectionError as e:  # the asker hung up; it will ask again or go without our signature
-            logger.debug("credits reply not delivered: %s", e)
-        finally:
-            writer.close()
+    async def rpc(self, peer: bytes, request: Any) -> Any:
+        key = _key_of(peer)
+        if key is None:
+            raise InvalidMessage("only Ed25519 peers take part in credits")
+        if not (isinstance(request, list) and len(request) == 2 and request[0] in ("claim", "witness")):
+            raise InvalidMessage("expected [op, payload] with op claim or witness")
+        op, payload = request
+        if op == "claim":  # a mate asks us to witness its claim directly
+            sig = self._witness(payload, key)
+            if sig is None:
+                raise InvalidMessage("not witnessed (see the witness's log for why)")
+            return sig.to_obj()
+        # a mate sends us its signature on one of our claims
+        if not (isinstance(payload, list) and len(payload) == 2):
+            raise InvalidMessage("witness payload must be [claim, signature]")
+        self._accept_signature(payload[0], payload[1], key)
+        return None
 
 
 def _parse_payload(payload: Any) -> tuple[int | None, list]:
