@@ -18,7 +18,8 @@ from p2pcompute.ledger import reconcile
 from p2pcompute import crypto
 from p2pcompute.ledger.codec import Entry
 from p2pcompute.ledger.reconcile import Answer, PrefixIndex
-from p2pcompute.ledger.store import AppendResult, Store
+from p2pcompute.ledger.ingest import AppendResult
+from p2pcompute.ledger.store import Store
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P, PeerID
