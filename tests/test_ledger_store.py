@@ -17,12 +17,23 @@ from p2pcompute.credits.policy import CreditPolicy
 from p2pcompute.errors import InvalidMessage, NotFound, StoreError
 from p2pcompute.ledger.codec import KIND_RECEIPT, KIND_RUN_PUBLISH, RunPublish, sign_entry
 from p2pcompute.ledger.examples import ChainBuilder, receipt_body, seed_key
-from p2pcompute.ledger.store import APPLICATION_ID, SCHEMA_VERSION, Store
+from p2pcompute.ledger.reconcile import FINGERPRINT_SIZE, PrefixIndex, prefix_bounds
+from p2pcompute.ledger.schema import APPLICATION_ID, SCHEMA_VERSION
+from p2pcompute.ledger.store import Store
+from p2pcompute.ledger.replica import Replica
 
 PUB, C1, C2, C3, W1, W2 = (seed_key(b) for b in range(1, 7))
 CLAIMANTS = (C1, C2, C3)
 T0 = 1_700_000_000_000
 POLICY = CreditPolicy.create(rate=7, quorum=2)
+
+
+def _fingerprint(ids: list[bytes]) -> tuple[int, bytes]:
+    """(count, last FINGERPRINT_SIZE bytes of the XOR) of `ids`, computed the slow way."""
+    xor = 0
+    for i in ids:
+        xor ^= int.from_bytes(i, "big")
+    return len(ids), xor.to_bytes(32, "big")[-FINGERPRINT_SIZE:]
 
 
 def _populated(path: Path) -> list:
@@ -100,11 +111,11 @@ def test_lookups_for_sync(tmp_path):
         lo, hi = ids[2], ids[7]
         assert store.ids_in_range(lo, hi) == ids[2:7]
         assert store.ids_in_range(lo, hi, limit=2) == ids[2:4]
-        xor = 0
-        for i in ids[2:7]:
-            xor ^= int.from_bytes(i, "big")
-        assert store.range_fingerprint(lo, hi) == (5, xor.to_bytes(32, "big"))
-        assert store.range_fingerprint(b"", None)[0] == len(entries)
+        # the replica's prefix index: (count, XOR) of exactly the stored ids under each prefix
+        index = Replica(store).index
+        assert index.count() == len(entries)
+        for prefix in ("", *"0123456789abcdef"):
+            assert index.fingerprint(prefix) == _fingerprint(store.ids_in_range(*prefix_bounds(prefix)))
         heads = store.heads(limit=2)
         assert len(heads) == 2 and store.heads(after=heads[-1].author) == store.heads()[2:]
         head = store.head(C1.public_key)
@@ -123,8 +134,13 @@ def test_fingerprint_pages_through_large_ranges(tmp_path):
     path = tmp_path / "ledger.sqlite"
     entries = _populated(path)
     with Store(path) as store:
-        assert store.range_fingerprint(b"", None, page=3) == store.range_fingerprint(b"", None)
-        assert store.range_fingerprint(b"", None, page=3)[0] == len(entries)
+        paged, lo = [], b""
+        while ids := store.ids_in_range(lo, None, limit=3):
+            paged += ids
+            lo = ids[-1] + b"\x00"  # the next id after the last one
+        by_pages, whole = PrefixIndex(paged), Replica(store).index
+        assert all(by_pages.fingerprint(p) == whole.fingerprint(p) for p in ("", *"0123456789abcdef"))
+        assert by_pages.count() == len(entries)
 
 
 def test_concurrent_local_appends_never_fork_the_chain(tmp_path):

@@ -18,7 +18,8 @@ from p2pcompute.errors import InvalidEntry, MissingDependency
 from p2pcompute.ledger.codec import KIND_RECEIPT, KIND_RUN_PUBLISH, ReceiptBody, RunPublish, sign_entry
 from p2pcompute.ledger.examples import ChainBuilder, receipt_body, seed_key
 from p2pcompute.ledger.pending import PendingPool
-from p2pcompute.ledger.store import INT64_MAX, Store
+from p2pcompute.ledger.derived import INT64_MAX
+from p2pcompute.ledger.store import Store
 
 PUB, C1, C2, C3, W1, W2, W3 = (seed_key(b) for b in range(1, 8))
 T0 = 1_700_000_000_000

@@ -7,7 +7,8 @@ from typing import Callable, Iterable
 from p2pcompute.ledger import reconcile
 from p2pcompute.ledger.codec import Entry
 from p2pcompute.ledger.reconcile import PrefixIndex
-from p2pcompute.ledger.store import AppendResult, Store
+from p2pcompute.ledger.ingest import AppendResult
+from p2pcompute.ledger.store import Store
 
 INDEX_LOAD_BATCH = 50_000  # ids read from SQLite per query while building the prefix index at start
 

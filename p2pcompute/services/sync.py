@@ -14,7 +14,7 @@ from p2pcompute.errors import InvalidEntry, InvalidMessage, ProtocolError, Store
 from p2pcompute.ledger import reconcile
 from p2pcompute.ledger.reconcile import Answer
 from p2pcompute.ledger.replica import Replica
-from p2pcompute.ledger.store import AppendResult
+from p2pcompute.ledger.ingest import AppendResult
 from p2pcompute.protocol import DAEMON_ERRORS, Limits, PeerLimits, Servicer, short_peer
 
 if TYPE_CHECKING:

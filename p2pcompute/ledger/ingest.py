@@ -1,0 +1,313 @@
+"""The append path: a batch checked, validated against the store plus itself, pending entries woken, written all or nothing."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from p2pcompute.crypto import Signer
+from p2pcompute.errors import InvalidEntry, InvalidMessage, MissingDependency, StoreError
+from p2pcompute.ledger import derived, schema, validate
+from p2pcompute.ledger.codec import GENESIS_PREV, Body, Entry, sign_entry
+from p2pcompute.ledger.pending import PendingPool
+from p2pcompute.ledger.validate import EntryRef, Publication
+
+logger = logging.getLogger(__name__)
+
+# Host parameters per `IN (...)` query: SQLite before 3.32 allowed 999 per statement.
+_IN_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an append did. Only `added` entries are acknowledged (durable when append returns)."""
+
+    added: tuple[bytes, ...]  # stored now, in order; may include earlier pending entries this batch completed
+    duplicates: tuple[bytes, ...]  # already stored, or repeated in the batch
+    pending: tuple[bytes, ...]  # held in memory until their previous entry or run arrives
+    dropped: tuple[tuple[bytes, str], ...]  # earlier pending entries found invalid once completed, with why
+    equivocators: tuple[bytes, ...]  # authors whose fork point appeared or moved down in this append
+
+
+class _Head:
+    __slots__ = ("seq", "id", "entries", "fork_seq", "dirty")
+
+    def __init__(self, seq: int, entry_id: bytes, entries: int, fork_seq: int | None):
+        self.seq, self.id, self.entries, self.fork_seq, self.dirty = seq, entry_id, entries, fork_seq, False
+
+
+def _chunks(items: list, size: int = _IN_CHUNK) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class _Batch:
+    """One append inside a write transaction: the LedgerView that validation reads (the store plus the
+    entries accepted so far in this batch), and the rows and derived changes to write at the end."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.refs: dict[bytes, EntryRef] = {}
+        self.heads: dict[bytes, _Head | None] = {}
+        self.pubs: dict[tuple[bytes, bytes], list[Publication]] = {}
+        self.new_receipts: dict[tuple, list[EntryRef]] = {}
+        self.entry_rows: list[tuple] = []
+        self.run_rows: list[tuple] = []
+        self.receipt_rows: list[tuple] = []
+        self.balance_delta: dict[bytes, list[int]] = {}
+        self.run_delta: dict[tuple[bytes, bytes], list[int]] = {}
+        self.forked: list[bytes] = []
+        self.stored_authors: set[bytes] = set()  # authors with entries stored before this batch
+        self.next_n: int | None = None  # entries.n of the next accepted entry (loaded on first use)
+
+    # ---- LedgerView ----------------------------------------------------------------------------
+
+    def entry_ref(self, entry_id: bytes) -> EntryRef | None:
+        ref = self.refs.get(entry_id)
+        if ref is None:
+            row = self.conn.execute(
+                "SELECT author, seq, prev, timestamp FROM entries WHERE id = ?", (entry_id,)
+            ).fetchone()
+            if row is not None:
+                ref = self.refs[entry_id] = EntryRef(entry_id, *row)
+        return ref
+
+    def fork_seq(self, author: bytes) -> int | None:
+        head = self.head(author)
+        return None if head is None else head.fork_seq
+
+    def publications(self, publisher: bytes, run_id: bytes) -> list[Publication]:
+        key = (publisher, run_id)
+        pubs = self.pubs.get(key)
+        if pubs is None:
+            rows = self.conn.execute(
+                "SELECT e.id, u.seq, u.rate, u.quorum, u.validators FROM runs u JOIN entries e ON e.n = u.n"
+                " WHERE u.publisher = ? AND u.run_id = ?",
+                key,
+            ).fetchall()
+            pubs = self.pubs[key] = [
+                Publication(entry_id, publisher, seq, run_id, schema.policy_from_row(rate, quorum, validators))
+                for entry_id, seq, rate, quorum, validators in rows
+            ]
+        return pubs
+
+    def receipts_for(self, author: bytes, publisher: bytes, run_id: bytes, epoch: int) -> list[EntryRef]:
+        found = list(self.new_receipts.get((author, publisher, run_id, epoch), ()))
+        self.head(author)  # loads the author, and with it whether it had entries before this batch
+        if author in self.stored_authors:
+            for (entry_id,) in self.conn.execute(
+                "SELECT e.id FROM receipts r JOIN entries e ON e.n = r.n"
+                " WHERE r.author = ? AND r.publisher = ? AND r.run_id = ? AND r.epoch = ?",
+                (author, publisher, run_id, epoch),
+            ).fetchall():
+                found.append(self.entry_ref(entry_id))
+        return found
+
+    # ---- batch state ---------------------------------------------------------------------------
+
+    def load_heads(self, authors: Iterable[bytes]) -> None:
+        """Fetch the heads of these authors in a few queries, and cache each head's EntryRef (the usual
+        `prev` of the next entry)."""
+        missing = [a for a in set(authors) if a not in self.heads]
+        for chunk in _chunks(missing):
+            rows = self.conn.execute(
+                "SELECT a.author, a.head_seq, a.head_id, a.entries, a.fork_seq, e.prev, e.timestamp"
+                " FROM authors a JOIN entries e ON e.id = a.head_id"
+                f" WHERE a.author IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            for author, seq, head_id, entries, fork_seq, prev, timestamp in rows:
+                self.heads[author] = _Head(seq, head_id, entries, fork_seq)
+                self.stored_authors.add(author)
+                self.refs[head_id] = EntryRef(head_id, author, seq, prev, timestamp)
+            for author in chunk:
+                self.heads.setdefault(author, None)
+
+    def head(self, author: bytes) -> _Head | None:
+        if author not in self.heads:
+            self.load_heads([author])
+        return self.heads[author]
+
+    def accept(self, entry: Entry) -> None:
+        """Record a validated entry: chain head, equivocation mark, index rows, derived deltas."""
+        author = entry.author
+        head = self.head(author)
+        if head is None:
+            head = self.heads[author] = _Head(entry.seq, entry.id, 0, None)
+        elif entry.seq > head.seq:
+            head.seq, head.id = entry.seq, entry.id
+        else:
+            # Chains are contiguous (every entry's predecessor is stored first), so an author already
+            # has an entry at every seq up to its head: this one is a second entry at entry.seq.
+            if head.fork_seq is None or entry.seq < head.fork_seq:
+                head.fork_seq = entry.seq
+                self.forked.append(author)
+            if entry.seq == head.seq and entry.id < head.id:
+                head.id = entry.id
+        head.entries += 1
+        head.dirty = True
+        ref = self.refs[entry.id] = EntryRef(entry.id, author, entry.seq, entry.prev, entry.timestamp)
+        if self.next_n is None:
+            self.next_n = self.conn.execute("SELECT coalesce(max(n), 0) + 1 FROM entries").fetchone()[0]
+        n, self.next_n = self.next_n, self.next_n + 1
+        self.entry_rows.append((n, entry.id, author, entry.seq, entry.prev, entry.timestamp, entry.kind, entry.wire))
+        run_row, receipt_row = schema.index_rows(entry, n)
+        if run_row is not None:
+            self.run_rows.append(run_row)
+            self.publications(author, entry.body.run_id).append(
+                Publication(entry.id, author, entry.seq, entry.body.run_id, entry.body.policy)
+            )
+        if receipt_row is not None:
+            claim = entry.body.receipt.claim
+            self.receipt_rows.append(receipt_row)
+            self.new_receipts.setdefault((author, claim.publisher, claim.run_id, claim.epoch), []).append(ref)
+            if self._counts(author, entry.seq, claim.publisher, claim.run_id):
+                for delta in (
+                    self.balance_delta.setdefault(author, [0, 0, 0]),
+                    self.run_delta.setdefault((claim.publisher, claim.run_id), [0, 0, 0]),
+                ):
+                    delta[0] += entry.body.amount
+                    delta[1] += claim.samples
+                    delta[2] += 1
+
+    def _counts(self, author: bytes, seq: int, publisher: bytes, run_id: bytes) -> bool:
+        """derived.COUNTED_RECEIPTS for one receipt, as the batch sees the ledger."""
+        fork = self.fork_seq(author)
+        if fork is not None and seq >= fork:
+            return False
+        publisher_fork = self.fork_seq(publisher)
+        return any(publisher_fork is None or p.seq < publisher_fork for p in self.publications(publisher, run_id))
+
+    def write(self) -> None:
+        """Write rows and derived changes (still inside the caller's transaction)."""
+        conn = self.conn
+        conn.executemany(
+            "INSERT INTO entries (n, id, author, seq, prev, timestamp, kind, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self.entry_rows,
+        )
+        conn.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.run_rows)
+        conn.executemany("INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.receipt_rows)
+        heads = [(a, h.seq, h.id, h.entries, h.fork_seq) for a, h in self.heads.items() if h is not None and h.dirty]
+        derived.apply(conn, heads, self.balance_delta, self.run_delta, self.forked)
+
+
+# ---- the append path ---------------------------------------------------------------------------
+
+
+def check_batch(items: Iterable[Entry | bytes]) -> tuple[dict[bytes, Entry], list[bytes]]:
+    """Decode a batch (objects or wire bytes) and check each entry on its own (format, signatures), before
+    any transaction: ({id: entry} in batch order, ids repeated in the batch). Raises InvalidEntry naming
+    the first bad entry."""
+    batch: dict[bytes, Entry] = {}
+    repeated: list[bytes] = []
+    for i, item in enumerate(items):
+        entry = item if isinstance(item, Entry) else _decode(item, i)
+        if entry.id in batch:
+            repeated.append(entry.id)
+            continue
+        try:
+            validate.check_entry(entry)
+        except InvalidMessage as e:
+            raise InvalidEntry(f"entry {entry.id.hex()}: {e}") from None
+        batch[entry.id] = entry
+    return batch, repeated
+
+
+def ingest(
+    conn: sqlite3.Connection, pending: PendingPool, batch: dict[bytes, Entry], repeated: list[bytes], hold_pending: bool
+) -> AppendResult:
+    """Contextual validation and writes of a checked batch; the caller holds the write transaction.
+
+    All or nothing: an invalid entry of the batch raises InvalidEntry (and the caller rolls back). An entry
+    whose previous entry or run is missing goes to `pending` (hold_pending) or raises MissingDependency.
+    Pending entries the batch completes are validated and added with it; those found invalid are dropped.
+    """
+    stored: set[bytes] = set()
+    ids = list(batch)
+    for chunk in _chunks(ids):
+        stored.update(
+            i for (i,) in conn.execute(f"SELECT id FROM entries WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        )
+    duplicates = repeated + [i for i in ids if i in stored]
+    view = _Batch(conn)
+    view.load_heads(e.author for e in batch.values())
+    queue = deque(sorted((e for e in batch.values() if e.id not in stored), key=lambda e: (e.author, e.seq)))
+    new_waiting: dict[tuple, list[Entry]] = {}
+    new_pending: dict[bytes, tuple[Entry, tuple]] = {}
+    added: list[bytes] = []
+    dropped: list[tuple[bytes, str]] = []
+    while queue:
+        entry = queue.popleft()
+        if entry.id in view.refs:
+            continue  # a pending copy of an entry accepted meanwhile
+        try:
+            validate.check_in_context(entry, view)
+        except MissingDependency as e:
+            if not hold_pending:
+                raise
+            # (re)register under what it waits for now: a woken entry may miss something else next
+            new_pending[entry.id] = (entry, e.key)
+            new_waiting.setdefault(e.key, []).append(entry)
+            continue
+        except InvalidEntry as e:
+            if entry.id in batch:
+                raise InvalidEntry(f"entry {entry.id.hex()}: {e}") from None
+            logger.info("dropping pending entry %s: %s", entry.id.hex(), e)
+            dropped.append((entry.id, str(e)))
+            continue
+        new_pending.pop(entry.id, None)
+        view.accept(entry)
+        added.append(entry.id)
+        for key in validate.provided_keys(entry):
+            queue.extend(new_waiting.pop(key, ()))
+            queue.extend(w for w in pending.waiting_on(key) if w.id not in view.refs)
+    view.write()
+    forked = tuple(dict.fromkeys(view.forked))
+    result = AppendResult(tuple(added), tuple(duplicates), tuple(new_pending), tuple(dropped), forked)
+    # The transaction commits after we return; the pool changes below are in memory only and harmless
+    # if the commit failed (pending entries are never acknowledged).
+    pending.remove(added)
+    pending.remove(d for d, _ in dropped)
+    pending.remove(duplicates)
+    for entry, key in new_pending.values():
+        for evicted in pending.add(entry, key):
+            logger.info("pending pool full: dropped %s", evicted.hex())
+    for author in forked:
+        logger.info("equivocation: author %s signed two entries with the same seq", author.hex())
+    return result
+
+
+def append_local(
+    conn: sqlite3.Connection, pending: PendingPool, signer: Signer, kind: str, body: Body, now: int
+) -> Entry:
+    """Sign `body` as the next entry of `signer`'s own chain and ingest it; the caller holds the write
+    transaction. The timestamp never goes below the previous entry's. Raises MissingDependency if a
+    receipt's run is not in this replica, StoreError if this identity's chain is forked."""
+    view = _Batch(conn)
+    head = view.head(signer.public_key)
+    if head is None:
+        seq, prev, timestamp = 0, GENESIS_PREV, now
+    elif head.fork_seq is not None:
+        raise StoreError(
+            f"this identity signed two entries at seq {head.fork_seq} (its key is used by two nodes?);"
+            " refusing to extend a forked chain"
+        )
+    else:
+        seq, prev, timestamp = head.seq + 1, head.id, max(now, view.refs[head.id].timestamp)
+    entry = sign_entry(signer, seq, prev, timestamp, kind, body)
+    try:
+        validate.check_entry(entry)
+    except InvalidMessage as e:
+        raise InvalidEntry(f"new entry: {e}") from None
+    ingest(conn, pending, {entry.id: entry}, [], hold_pending=False)
+    return entry
+
+
+def _decode(item: bytes, index: int) -> Entry:
+    try:
+        return Entry.from_wire(item)
+    except InvalidMessage as e:
+        raise InvalidEntry(f"entry #{index} of the batch: {e}") from None

@@ -1,0 +1,153 @@
+"""The ledger's on-disk layout: the SQLite schema, its versioned migrations, and how an entry maps to its rows and back."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Callable, Iterator
+
+from p2pcompute.credits.policy import CreditPolicy
+from p2pcompute.crypto import PUBLIC_KEY_SIZE
+from p2pcompute.errors import InvalidMessage, StoreError
+from p2pcompute.ledger.codec import KIND_RECEIPT, KIND_RUN_PUBLISH, Entry
+
+SCHEMA_VERSION = 1
+# PRAGMA application_id: marks the file as ours ("p2pc"), so we never migrate someone else's database.
+APPLICATION_ID = 0x70327063
+
+_SCHEMA_V1 = """
+-- Every entry exactly as signed. n is the local arrival order: an entry always comes after the entries
+-- it depends on, so replaying by n re-validates without reordering. author..kind repeat fields of raw
+-- for indexing; rebuild_derived() re-extracts them.
+CREATE TABLE entries (
+    n INTEGER PRIMARY KEY,
+    id BLOB NOT NULL UNIQUE,        -- digest(raw); range-based set reconciliation walks this index
+    author BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    prev BLOB NOT NULL,
+    timestamp INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    raw BLOB NOT NULL
+);
+CREATE INDEX entries_by_author ON entries (author, seq);
+
+-- Per-entry facts of the two kinds, extracted from raw (rebuildable). Keyed by the entry's n, so that
+-- ingest appends to them instead of inserting at random places (as keys by entry id would).
+CREATE TABLE runs (
+    n INTEGER PRIMARY KEY,          -- entries.n of the run.publish entry
+    publisher BLOB NOT NULL,
+    run_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    timestamp INTEGER NOT NULL,
+    rate INTEGER NOT NULL,
+    quorum INTEGER NOT NULL,
+    validators BLOB NOT NULL        -- the policy's validator keys, concatenated (32 bytes each)
+);
+CREATE INDEX runs_by_publisher ON runs (publisher, run_id);
+CREATE TABLE receipts (
+    n INTEGER PRIMARY KEY,          -- entries.n of the receipt entry
+    author BLOB NOT NULL,           -- the claimant
+    seq INTEGER NOT NULL,
+    publisher BLOB NOT NULL,
+    run_id BLOB NOT NULL,
+    epoch INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    amount INTEGER NOT NULL
+);
+CREATE INDEX receipts_by_claim ON receipts (author, publisher, run_id, epoch);
+CREATE INDEX receipts_by_run ON receipts (publisher, run_id);
+
+-- Derived (rebuildable): chain heads, equivocation marks, balances, run totals.
+CREATE TABLE authors (
+    author BLOB PRIMARY KEY,
+    head_seq INTEGER NOT NULL,
+    head_id BLOB NOT NULL,          -- the smallest id among the entries at head_seq
+    entries INTEGER NOT NULL,
+    fork_seq INTEGER                -- lowest seq with two or more entries (equivocation), NULL if none
+) WITHOUT ROWID;
+CREATE TABLE balances (
+    peer BLOB PRIMARY KEY,
+    credits INTEGER NOT NULL,       -- micro-credits, saturating at 2^63 - 1
+    samples INTEGER NOT NULL,
+    receipts INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX balances_rank ON balances (credits DESC, peer);   -- the leaderboard
+CREATE TABLE run_totals (
+    publisher BLOB NOT NULL,
+    run_id BLOB NOT NULL,
+    credits INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    receipts INTEGER NOT NULL,
+    PRIMARY KEY (publisher, run_id)
+) WITHOUT ROWID;
+"""
+
+# index in this list = the schema version the script migrates to
+_MIGRATIONS = ["", _SCHEMA_V1]
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the file at `path` (open on `conn`) to SCHEMA_VERSION, one transaction per version; refuse a
+    newer schema and any database that is not a p2pcompute ledger."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if app_id not in (0, APPLICATION_ID):
+        raise StoreError(f"{path} is not a p2pcompute ledger (application_id {app_id:#x})")
+    if app_id == 0 and version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        raise StoreError(f"{path} is an SQLite database of something else, not a p2pcompute ledger")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has ledger schema version {version}; this p2pc reads up to {SCHEMA_VERSION}: upgrade p2pc"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        # executescript runs the migration and the version bump as one transaction
+        conn.executescript(
+            f"BEGIN IMMEDIATE; {_MIGRATIONS[target]}; PRAGMA application_id = {APPLICATION_ID};"
+            f" PRAGMA user_version = {target}; COMMIT;"
+        )
+
+
+# ---- entries to rows and back ------------------------------------------------------------------
+
+
+def index_rows(entry: Entry, n: int) -> tuple[tuple | None, tuple | None]:
+    """The `runs` or `receipts` row of an entry stored as number `n` (one of them, or neither)."""
+    if entry.kind == KIND_RUN_PUBLISH:
+        policy = entry.body.policy
+        return (
+            (n, entry.author, entry.body.run_id, entry.seq, entry.timestamp, policy.rate, policy.quorum,
+             b"".join(policy.validators)),
+            None,
+        )
+    if entry.kind == KIND_RECEIPT:
+        claim = entry.body.receipt.claim
+        return None, (
+            n, entry.author, entry.seq, claim.publisher, claim.run_id, claim.epoch, claim.samples, entry.body.amount,
+        )
+    return None, None
+
+
+def policy_from_row(rate: int, quorum: int, validators: bytes) -> CreditPolicy:
+    """The CreditPolicy of a `runs` row (validators: the keys concatenated)."""
+    keys = tuple(validators[i : i + PUBLIC_KEY_SIZE] for i in range(0, len(validators), PUBLIC_KEY_SIZE))
+    return CreditPolicy(rate, quorum, keys)
+
+
+def decode_stored(raw: bytes, entry_id: bytes) -> Entry:
+    """A stored entry's raw bytes decoded; StoreError if they no longer decode (a corrupt file)."""
+    try:
+        return Entry.from_wire(raw)
+    except InvalidMessage as e:
+        raise StoreError(f"stored entry {entry_id.hex()} is corrupt ({e}); run `p2pc ledger verify`") from None
+
+
+def iter_stored(fetch: Callable[[str, tuple], list[tuple]], page: int) -> Iterator[tuple[int, bytes, bytes]]:
+    """(arrival number, id, raw) of every stored entry in arrival order, `page` rows per `fetch(sql, params)`:
+    dependencies always come before what depends on them."""
+    last = 0
+    while True:
+        rows = fetch("SELECT n, id, raw FROM entries WHERE n > ? ORDER BY n LIMIT ?", (last, page))
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1][0]
