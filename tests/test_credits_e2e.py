@@ -1,10 +1,14 @@
 """End to end: three nodes train a published run; every contributor gets a witnessed receipt per epoch,
-balances equal samples x rate on every replica, and `ledger verify` catches a changed byte."""
+balances equal samples x rate on every replica, and `ledger verify` catches a changed byte; a peer flooding
+one node's credits protocol meanwhile is rate-limited and banned, and changes none of that."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from p2pcompute.credits.claims import Claim
 from p2pcompute.errors import InvalidMessage
 from p2pcompute.identity import Identity
 from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, toml_lines
+from p2pcompute.services.credits import LIMITS as CREDITS_LIMITS
 
 EPOCHS = 5
 RATE = 1000
@@ -60,6 +65,57 @@ quorum = {QUORUM}
 """
 
 
+FLOOD = 300  # concurrent requests from one peer: far past the credits protocol's burst
+
+
+async def flood_credits(node) -> dict:
+    """One peer floods /p2pc/credits/1 of `node`: claims it was never in a round for, as fast as it can, while
+    the node's control API is asked for its status; then one frame over the protocol's size limit."""
+    from hivemind.p2p import P2P, PeerID
+
+    from p2pcompute.protocol import read_frame, write_frame
+    from p2pcompute.services.credits import PROTOCOL
+
+    p2p = await P2P.create(initial_peers=[node.loopback_maddr()], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                           use_relay=False, auto_nat=False, nat_port_map=False)
+    target = PeerID.from_base58(node.peer_id)
+    attacker = Identity.generate()
+    junk = Claim(b"\x01" * 32, attacker.public_key, 1, attacker.public_key, 100).sign(attacker).to_wire()
+
+    async def send(raw: bytes | None = None):
+        try:
+            _info, reader, writer = await p2p.call_binary_stream_handler(target, PROTOCOL)
+        except Exception as e:  # the daemon refuses a stream: counted as closed
+            return f"closed: {e}"
+        try:
+            if raw is None:
+                await write_frame(writer, ["claim", junk], 1 << 20)
+            else:
+                writer.write(raw)
+                await writer.drain()
+            return (await asyncio.wait_for(read_frame(reader, 1 << 20, 64), 30))[0]
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return "closed"
+        finally:
+            writer.close()
+
+    try:
+        status = asyncio.ensure_future(asyncio.to_thread(
+            p2pc_json, "node", "status", "--data-dir", str(node.data_dir)))
+        started = time.monotonic()
+        replies = await asyncio.gather(*(send() for _ in range(FLOOD)))
+        seconds = time.monotonic() - started
+        assert (await asyncio.wait_for(status, 60))["peer_id"] == node.peer_id  # the node answers meanwhile
+        oversize = b"\x00" * (CREDITS_LIMITS.max_request + 1)
+        after_oversize = await send(len(oversize).to_bytes(4, "big") + oversize)
+        after_ban = await send()
+    finally:
+        await p2p.shutdown()
+    kinds = collections.Counter("accepted" if r[0] == 0 else "rate limited" if "rate limit" in r[1] else "examined"
+                                if isinstance(r, list) else "closed" for r in replies)
+    return {**kinds, "seconds": seconds, "after_oversize": after_oversize, "after_ban": str(after_ban)}
+
+
 def receipts_in(data_dir: Path) -> list[dict]:
     proc = run_p2pc("ledger", "export", "--format", "jsonl", "--data-dir", str(data_dir), check=True)
     return [e for e in map(json.loads, proc.stdout.splitlines()) if e["kind"] == "receipt"]
@@ -85,6 +141,18 @@ def test_training_run_pays_every_contributor(own_swarm, tmp_path, mode):
         return status["epoch"] >= EPOCHS and all(p["status"] == "finished" for p in status["peers"].values()) \
             and len(status["peers"]) == 3
 
+    if mode == "gradients":  # while the run trains, one peer floods node 0's credits protocol
+        def node0_epoch():
+            trainer = (p2pc_json("node", "status", "--data-dir", str(nodes[0].data_dir))["training"] or {}).get("trainer")
+            return (trainer or {}).get("epoch", 0)
+
+        wait_until(lambda: node0_epoch() >= 1, timeout=240, interval=1, what="node 0 to finish an epoch")
+        flood = asyncio.run(flood_credits(nodes[0]))
+        # nothing witnessed, and the node examined no more than its rate limit lets through; the rest were
+        # refused unread (rate limit) or, when p2pd itself pushed back, never reached the handler
+        assert flood.get("accepted", 0) == 0 and flood.get("rate limited", 0) > 0, flood
+        assert flood.get("examined", 0) <= CREDITS_LIMITS.burst + CREDITS_LIMITS.rate_per_s * flood["seconds"], flood
+        assert flood["after_oversize"] == "closed" and "banned" in flood["after_ban"], flood
     wait_until(all_done, timeout=300, interval=1, what="the run to finish on all three peers")
     peers = {n.peer_id for n in nodes}
 
