@@ -94,14 +94,13 @@ def bench_ours(n: int, repeats: int, root: Path) -> tuple[list[float], list[floa
             try:
                 deadline = time.monotonic() + JOIN_TIMEOUT
                 while time.monotonic() < deadline:
-                    if len(node.fetch_peers()) >= n:
+                    if len(node.announcer.fetch_peers()) >= n:
                         break
                     time.sleep(0.02)
                 else:
                     raise RuntimeError(f"our join did not see {n} peers")
                 joins.append(time.perf_counter() - t0)
             finally:
-                node.status = "stopped"
                 node.shutdown()
             # cold CLI start: exec of `p2pc node start` to its ready file
             proc = NodeProcess(["node", "start"], root / f"cli{r}", ["--listen", LOOPBACK, "--bootstrap", boot])

@@ -2,60 +2,60 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
+from p2pcompute.config import NodeConfig
 from p2pcompute.errors import P2PCError
+from p2pcompute.identity import Identity
+from p2pcompute.node.hardware import Hardware
+from p2pcompute.node.selection import choose_run
+from p2pcompute.node.shared_dht import SharedDHT
 
 if TYPE_CHECKING:
-    from p2pcompute.node.daemon import Node
     from p2pcompute.runs.manifest import SignedManifest
 
 logger = logging.getLogger(__name__)
 
 SELECT_PERIOD = 5.0  # seconds between looks for a run while the node has none
-MIN_RUN_PREFIX = 4  # hex digits of a run id a user must give to pick it (like short git hashes)
+TRAINER_POLL_PERIOD = 1.0  # seconds between looks at the running trainer (status, re-announcing the run)
+SHUTDOWN_TIMEOUT = 120.0  # seconds for the supervisor's thread to end (a trainer leaving its group cleanly)
 
 
-def choose_run(runs: Sequence["SignedManifest"], device: str, memory_bytes: int, wanted: str = "",
-               skip: frozenset[bytes] = frozenset()) -> tuple["SignedManifest | None", str]:
-    """The run to join and why: the one asked for (id prefix or exact name), else the largest model among
-    the runs this hardware can take (small runs can be trained by anyone; big ones need the big machines)."""
-    candidates = [r for r in runs if r.run_id not in skip]
-    if wanted:
-        wanted_lower = wanted.lower()
-        matches = [r for r in candidates if r.manifest.name == wanted
-                   or (len(wanted) >= MIN_RUN_PREFIX and r.run_id.hex().startswith(wanted_lower))]
-        if not matches:
-            return None, f"run {wanted!r} is not announced in the swarm (yet)"
-        if len({r.run_id for r in matches}) > 1:
-            return None, f"run {wanted!r} is ambiguous: give more of the run id"
-        why_not = matches[0].manifest.hardware.unmet(device, memory_bytes)
-        return (None, why_not) if why_not else (matches[0], "asked for")
-    fitting = [r for r in candidates if r.manifest.hardware.unmet(device, memory_bytes) is None]
-    if not fitting:
-        if candidates:
-            return None, "no announced run fits this node"
-        return None, "every announced run has ended here" if runs else "no run is announced in the swarm"
-    best = max(fitting, key=lambda r: (r.manifest.parameter_count, r.run_id))
-    return best, "best fit for this hardware"
+@dataclasses.dataclass(frozen=True)
+class SupervisorHooks:
+    """What the supervisor tells the node, each called from the supervisor's thread."""
+
+    state_changed: Callable[[str, bytes], None]  # (idle / starting / training / paused, run id or b"")
+    round_payload: Callable[["SignedManifest"], Callable[[str], Any]]  # the trainer's per-round payload for a run
+    trainer_started: Callable[[Any, "SignedManifest"], None]  # (trainer, its run)
+    trainer_stopped: Callable[[Any], None]  # (trainer), after it has shut down
 
 
 class TrainingSupervisor:
-    """A thread that keeps one Trainer going on the node: `start()`, `shutdown()`, `status()`."""
+    """A thread that keeps one Trainer going on the node: `start()`, `shutdown()`, `status()`.
 
-    def __init__(self, node: "Node", period: float = SELECT_PERIOD):
-        self.node = node
+    It reads the run wish and trainer settings from `config`, looks for runs and keeps its own announced
+    through `shared`, and tells the node what happens through `hooks`."""
+
+    def __init__(self, config: NodeConfig, identity: Identity, shared: SharedDHT, hardware: Hardware,
+                 hooks: SupervisorHooks, period: float = SELECT_PERIOD):
+        self.config = config
+        self.identity = identity
+        self.shared = shared
+        self.hardware = hardware
+        self.hooks = hooks
         self.period = period
-        self.trainer = None
-        self.watcher = None
-        self.signed: "SignedManifest | None" = None
-        self.reason = "looking for a run"
+        self._trainer = None
+        self._watcher = None
+        self._signed: "SignedManifest | None" = None
+        self._reason = "looking for a run"
         self._finished: set[bytes] = set()
-        self.final_checkpoints: dict[bytes, Path] = {}  # run id -> the parameters when the run ended here
+        self._final_checkpoints: dict[bytes, Path] = {}  # run id -> the parameters when the run ended here
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_announce = 0.0
@@ -68,8 +68,30 @@ class TrainingSupervisor:
     def shutdown(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=120)
+            self._thread.join(timeout=SHUTDOWN_TIMEOUT)
         self._stop_trainer()
+
+    # ---- what the node may ask -----------------------------------------------------------------
+
+    def status(self) -> dict:
+        out = {"reason": self._reason, "run": None, "trainer": None, "idle": None}
+        if self._signed is not None and self._trainer is not None:
+            out["run"] = {"run_id": self._signed.run_id.hex(), "name": self._signed.manifest.name}
+            out["trainer"] = self._trainer.status().to_json()
+        if self._watcher is not None:
+            out["idle"] = {"train": self._watcher.decision.train, "reason": self._watcher.decision.reason}
+        return out
+
+    def trainer_for(self, run_id: bytes):
+        """Our running Trainer if it trains `run_id`, else None."""
+        trainer, signed = self._trainer, self._signed
+        return trainer if trainer is not None and signed is not None and signed.run_id == run_id else None
+
+    def final_checkpoint(self, run_id: bytes) -> Path | None:
+        """The checkpoint written when `run_id` finished on this node, if it did."""
+        return self._final_checkpoints.get(run_id)
+
+    # ---- the supervisor's thread ---------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -77,39 +99,39 @@ class TrainingSupervisor:
                 self._tick()
             except P2PCError as e:  # a run we cannot train (bad dataset file, ...): say why, try others
                 logger.warning("training: %s", e)
-                self.reason = str(e)
-                if self.signed is not None:
-                    self._finished.add(self.signed.run_id)
+                self._reason = str(e)
+                if self._signed is not None:
+                    self._finished.add(self._signed.run_id)
                 self._stop_trainer()
-            self._stop.wait(self.period if self.trainer is None else 1.0)
+            self._stop.wait(self.period if self._trainer is None else TRAINER_POLL_PERIOD)
 
     def _tick(self) -> None:
         from p2pcompute.swarm.dht import dht_time
         from p2pcompute.swarm.runs import RUN_RECORD_TTL, announce_run
 
-        if self.trainer is not None:
-            status = self.trainer.status()
-            self.node.set_training_state("paused" if status.status == "paused" else "training", self.signed.run_id)
+        if self._trainer is not None:
+            signed = self._signed
+            status = self._trainer.status()
+            self.hooks.state_changed("paused" if status.status == "paused" else "training", signed.run_id)
             if status.status in ("finished", "failed", "stopped"):
-                logger.info("run %s %s: %s", self.signed.manifest.name, status.status, status.reason)
-                self._finished.add(self.signed.run_id)
+                logger.info("run %s %s: %s", signed.manifest.name, status.status, status.reason)
+                self._finished.add(signed.run_id)
                 if status.status == "finished":  # keep the result: nobody serves a finished run's state
-                    self.final_checkpoints[self.signed.run_id] = self.trainer.save_checkpoint()
-                self.reason = f"{self.signed.manifest.name} {status.status} {status.reason}".strip()
+                    self._final_checkpoints[signed.run_id] = self._trainer.save_checkpoint()
+                self._reason = f"{signed.manifest.name} {status.status} {status.reason}".strip()
                 self._stop_trainer()
                 return
             if time.monotonic() >= self._next_announce:  # keep the run findable while anyone trains it
-                with self.node.dht_lock:
-                    announce_run(self.node.dht, self.signed, dht_time())
+                with self.shared.held() as dht:
+                    announce_run(dht, signed, dht_time())
                 self._next_announce = time.monotonic() + RUN_RECORD_TTL / 3
             return
         from p2pcompute.swarm.runs import fetch_runs
 
-        with self.node.dht_lock:
-            runs = fetch_runs(self.node.dht)
-        hw = self.node.hardware
-        signed, self.reason = choose_run(runs, hw.device, hw.memory_bytes, self.node.config.run,
-                                         frozenset(self._finished))
+        with self.shared.held() as dht:
+            runs = fetch_runs(dht)
+        signed, self._reason = choose_run(runs, self.hardware.device, self.hardware.memory_bytes, self.config.run,
+                                          frozenset(self._finished))
         if signed is not None:
             self._start_trainer(signed)
 
@@ -118,39 +140,30 @@ class TrainingSupervisor:
         from p2pcompute.training.nvml import IdleWatcher
         from p2pcompute.training.trainer import Trainer, TrainerOptions
 
-        config = self.node.config
+        config = self.config
         logger.info("joining run %s (%s)", signed.manifest.name, signed.run_id.hex())
         options = TrainerOptions(
             device=config.device, max_memory_fraction=config.max_memory_fraction,
             data_dir=config.data_dir / "datasets", checkpoint_dir=config.data_dir / "checkpoints",
-            round_payload=self.node.round_payload(signed), min_peers=config.min_peers,
+            round_payload=self.hooks.round_payload(signed), min_peers=config.min_peers,
         )
-        self.signed = signed
-        self.node.set_training_state("starting", signed.run_id)
-        self.trainer = Trainer(self.node.dht, signed, self.node.identity, options).start()
-        self.node.on_trainer_started(self.trainer, signed)
+        self._signed = signed
+        self.hooks.state_changed("starting", signed.run_id)
+        self._trainer = Trainer(self.shared.dht, signed, self.identity, options).start()
+        self.hooks.trainer_started(self._trainer, signed)
         policy = IdlePolicy(max_other_utilization=config.idle_gpu_util, max_memory_fraction=config.max_memory_fraction,
                             schedule=parse_schedule(config.schedule))
-        gpu_index = 0 if str(self.trainer.device).startswith("cuda") else None
-        self.watcher = IdleWatcher(self.trainer, policy, gpu_index).start()
-        self.reason = "training"
+        gpu_index = 0 if str(self._trainer.device).startswith("cuda") else None
+        self._watcher = IdleWatcher(self._trainer, policy, gpu_index).start()
+        self._reason = "training"
         self._next_announce = 0.0
 
     def _stop_trainer(self) -> None:
-        if self.watcher is not None:
-            self.watcher.shutdown()
-            self.watcher = None
-        if self.trainer is not None:
-            trainer, self.trainer = self.trainer, None
+        if self._watcher is not None:
+            self._watcher.shutdown()
+            self._watcher = None
+        if self._trainer is not None:
+            trainer, self._trainer = self._trainer, None
             trainer.shutdown()
-            self.node.on_trainer_stopped(trainer)
-        self.node.set_training_state("idle", b"")
-
-    def status(self) -> dict:
-        out = {"reason": self.reason, "run": None, "trainer": None, "idle": None}
-        if self.signed is not None and self.trainer is not None:
-            out["run"] = {"run_id": self.signed.run_id.hex(), "name": self.signed.manifest.name}
-            out["trainer"] = self.trainer.status().to_json()
-        if self.watcher is not None:
-            out["idle"] = {"train": self.watcher.decision.train, "reason": self.watcher.decision.reason}
-        return out
+            self.hooks.trainer_stopped(trainer)
+        self.hooks.state_changed("idle", b"")
