@@ -101,7 +101,8 @@ class Number(Check):
                 value = int(value) if self.integer else float(value)
             except ValueError:
                 raise ValueError(f"{value!r} is not {what}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and not isinstance(value, int)):
+        wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+        if wrong_type or (self.integer and not isinstance(value, int)):
             raise ValueError(f"{value!r} is not {what}")
         if not self.lo <= value <= self.hi:
             raise ValueError(f"{value} is out of range [{self.lo}, {self.hi}]")
@@ -124,6 +125,8 @@ class Boolean(Check):
 
 @dataclasses.dataclass(frozen=True)
 class Text(Check):
+    """A string of at most max_len characters."""
+
     max_len: int = 256  # every text setting is a name, id prefix or schedule: short
 
     def __call__(self, value: Any) -> str:
@@ -134,6 +137,8 @@ class Text(Check):
 
 @dataclasses.dataclass(frozen=True)
 class Choice(Check):
+    """One of a fixed set of strings."""
+
     options: tuple[str, ...]
 
     @property
@@ -191,25 +196,28 @@ class NodeConfig:
                                         "multiaddrs announced to others (needed behind NAT or in containers)")
     bootstrap: tuple[str, ...] = setting("swarm", Multiaddrs(require_peer_id=True), (),
                                          "bootstrap peers' multiaddrs, each ending in /p2p/<peer id>")
-    public: bool = setting("swarm", Boolean(), False, "enable NAT port mapping, AutoNAT and relays (off for local swarms)",
-                           off_flag="--local")
+    public: bool = setting("swarm", Boolean(), False,
+                           "enable NAT port mapping, AutoNAT and relays (off for local swarms)", off_flag="--local")
     record_ttl: float = setting("swarm", Number(2, 3600), 30, "seconds a peer record lives in the DHT without refresh")
     startup_timeout: float = setting("swarm", Number(1, 300), 30, "seconds to wait for p2pd and the bootstrap peers")
     # [node]
     name: str = setting("node", Text(64), "", "a display name for this node (shown to others; not an identity)")
-    control_port: int = setting("node", Number(0, 65535, integer=True), 0, "control API port on 127.0.0.1 (0: any free)")
+    control_port: int = setting("node", Number(0, 65535, integer=True), 0,
+                                "control API port on 127.0.0.1 (0: any free)")
     # [training]
     train: bool = setting("training", Boolean(), True, "take part in training runs (false: swarm and ledger only)")
     run: str = setting("training", Text(128), "", "run id (or unique prefix) to join; empty: pick the best-fitting run")
     device: str = setting("training", Choice(("auto", "cpu", "cuda")), "auto", "device to train on")
-    max_memory_fraction: float = setting("training", Number(0.05, 1.0), 0.9, "cap on the GPU memory fraction we may use")
+    max_memory_fraction: float = setting("training", Number(0.05, 1.0), 0.9,
+                                         "cap on the GPU memory fraction we may use")
     idle_gpu_util: float = setting("training", Number(0, 100), 10, "GPU utilisation (%) by others above which we pause")
     schedule: str = setting("training", Text(256), "",
                             "windows when training is allowed, e.g. '22:00-07:00,12:00-13:00'; empty: any time")
     min_peers: int = setting("training", Number(1, 1000, integer=True), 1,
                              "hold a run's first epoch until this many peers train it (local swarms, demos)")
     # [ledger]
-    sync_interval: float = setting("ledger", Number(0, 3600), 10.0, "seconds between ledger anti-entropy rounds (0: off)")
+    sync_interval: float = setting("ledger", Number(0, 3600), 10.0,
+                                   "seconds between ledger anti-entropy rounds (0: off)")
 
     @property
     def key_path(self) -> Path:

@@ -17,7 +17,8 @@ from p2pcompute.identity import Identity, check_key_permissions
 from p2pcompute.node.control import ControlClient, write_private
 
 NODE_SETTINGS = tuple(SETTINGS)  # `p2pc node start` takes a flag for every setting
-BOOTSTRAP_SETTINGS = tuple(name for name, declared in SETTINGS.items() if declared.section != "training")  # trains nothing
+# a bootstrap peer trains nothing
+BOOTSTRAP_SETTINGS = tuple(name for name, declared in SETTINGS.items() if declared.section != "training")
 
 ready_file_option = click.option(
     "--ready-file", type=click.Path(dir_okay=False), default=None,
