@@ -1,4 +1,11 @@
-"""Node configuration: defaults < TOML file < P2PC_* environment variables < command-line flags, all validated."""
+"""Node settings, each declared once on `NodeConfig`; merged as defaults < TOML file < P2PC_* env < flags, all checked.
+
+A setting is one `NodeConfig` field made with `setting(section, check, default, help)`. Everything else is
+derived from that declaration: its config.toml key (`[section] name`), its environment variable
+(`P2PC_<NAME>`), its command-line flag (`--name-with-dashes`, built by the CLI), the `SETTINGS` table and the
+error messages. `data_dir` is not a setting: it says where config.toml is, so it comes only from
+`--data-dir`, `P2PC_DATA_DIR` or the user's data home (`resolve_data_dir`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,13 @@ import dataclasses
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from p2pcompute.errors import ConfigError
 
 ENV_PREFIX = "P2PC_"
 CONFIG_FILENAME = "config.toml"
+_DECLARATION = "p2pcompute.setting"  # the dataclasses.field metadata key under which `setting` stores a declaration
 
 
 def default_data_dir() -> Path:
@@ -29,7 +37,37 @@ def resolve_data_dir(value: str | os.PathLike | None) -> Path:
     return default_data_dir()
 
 
-# ---- value checkers: take a raw value (from TOML, env or flag), return the typed value or raise ValueError
+# ---- value checks: called with a raw value (from TOML, env or flag), return the typed value or raise ValueError
+
+
+class Check:
+    """Base of the value checks; the class attributes tell the CLI how to spell the setting's flag."""
+
+    metavar: str | None = "TEXT"  # the flag's value in --help; None: an on/off flag pair
+    multiple: bool = False  # a list: the flag may be repeated
+
+    def __call__(self, value: Any) -> Any:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Multiaddrs(Check):
+    """A list of multiaddrs: a TOML array, repeated flags, or one string separated by commas or whitespace (env)."""
+
+    require_peer_id: bool = False  # each must end in /p2p/<peer id> (a bootstrap address names the peer it reaches)
+    metavar = "MADDR"
+    multiple = True
+
+    def __call__(self, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("expected a list of multiaddrs")
+        addrs = tuple(_multiaddr(v) for v in value)
+        for addr in addrs:
+            if self.require_peer_id and "/p2p/" not in addr:
+                raise ValueError(f"{addr!r} does not end in /p2p/<peer id>; bootstrap addresses must name the peer")
+        return addrs
 
 
 def _multiaddr(value: Any) -> str:
@@ -44,131 +82,142 @@ def _multiaddr(value: Any) -> str:
     return value
 
 
-def _maddr_list(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):  # env vars and single flags: comma or whitespace separated
-        value = [v for v in value.replace(",", " ").split() if v]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError("expected a list of multiaddrs")
-    return tuple(_multiaddr(v) for v in value)
+@dataclasses.dataclass(frozen=True)
+class Number(Check):
+    """A number in [lo, hi]; from a string (env, flags) it is parsed first."""
 
+    lo: float
+    hi: float
+    integer: bool = False
 
-def _bootstrap_list(value: Any) -> tuple[str, ...]:
-    addrs = _maddr_list(value)
-    for addr in addrs:
-        if "/p2p/" not in addr:
-            raise ValueError(f"{addr!r} does not end in /p2p/<peer id>; bootstrap addresses must name the peer")
-    return addrs
+    @property
+    def metavar(self) -> str:
+        return "INTEGER" if self.integer else "NUMBER"
 
-
-def _number(lo: float, hi: float, integer: bool = False) -> Callable[[Any], float]:
-    def check(value: Any):
+    def __call__(self, value: Any) -> float:
+        what = "an integer" if self.integer else "a number"
         if isinstance(value, str):
             try:
-                value = int(value) if integer else float(value)
+                value = int(value) if self.integer else float(value)
             except ValueError:
-                raise ValueError(f"{value!r} is not a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-            raise ValueError(f"{value!r} is not {'an integer' if integer else 'a number'}")
-        if not lo <= value <= hi:
-            raise ValueError(f"{value} is out of range [{lo}, {hi}]")
+                raise ValueError(f"{value!r} is not {what}") from None
+        wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+        if wrong_type or (self.integer and not isinstance(value, int)):
+            raise ValueError(f"{value!r} is not {what}")
+        if not self.lo <= value <= self.hi:
+            raise ValueError(f"{value} is out of range [{self.lo}, {self.hi}]")
         return value
-
-    return check
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.lower() in ("1", "true", "yes", "on")
-    raise ValueError(f"{value!r} is not a boolean")
-
-
-def _str(max_len: int = 256) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or len(value) > max_len:
-            raise ValueError(f"expected a string of at most {max_len} characters")
-        return value
-
-    return check
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if value not in options:
-            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
-        return value
-
-    return check
 
 
 @dataclasses.dataclass(frozen=True)
-class _Field:
-    section: str
-    check: Callable[[Any], Any]
+class Boolean(Check):
+    """true/false; from a string: 1/true/yes/on or 0/false/no/off (any case)."""
+
+    metavar = None
+
+    def __call__(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ValueError(f"{value!r} is not a boolean")
+
+
+@dataclasses.dataclass(frozen=True)
+class Text(Check):
+    """A string of at most max_len characters."""
+
+    max_len: int = 256  # every text setting is a name, id prefix or schedule: short
+
+    def __call__(self, value: Any) -> str:
+        if not isinstance(value, str) or len(value) > self.max_len:
+            raise ValueError(f"expected a string of at most {self.max_len} characters")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice(Check):
+    """One of a fixed set of strings."""
+
+    options: tuple[str, ...]
+
+    @property
+    def metavar(self) -> str:
+        return "[" + "|".join(self.options) + "]"
+
+    def __call__(self, value: Any) -> str:
+        if value not in self.options:
+            raise ValueError(f"{value!r} is not one of {', '.join(self.options)}")
+        return value
+
+
+# ---- the declaration
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting as declared on `NodeConfig`, with the names it goes by in each source."""
+
+    name: str
+    section: str  # its [section] in config.toml
+    check: Check
+    default: Any
     help: str
+    off_flag: str | None = None  # on/off settings: the flag that turns it off (default --no-<name>)
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
-# name -> (TOML section, checker, help). The environment variable is P2PC_<NAME upper-cased>.
-FIELDS: dict[str, _Field] = {
-    "listen": _Field("swarm", _maddr_list, "multiaddrs the libp2p host listens on"),
-    "announce": _Field("swarm", _maddr_list, "multiaddrs announced to others (needed behind NAT or in containers)"),
-    "bootstrap": _Field("swarm", _bootstrap_list, "bootstrap peers' multiaddrs, each ending in /p2p/<peer id>"),
-    "public": _Field("swarm", _bool, "enable NAT port mapping, AutoNAT and relays (off for local swarms)"),
-    "record_ttl": _Field("swarm", _number(2, 3600), "seconds a peer record lives in the DHT without refresh"),
-    "startup_timeout": _Field("swarm", _number(1, 300), "seconds to wait for p2pd and the bootstrap peers"),
-    "name": _Field("node", _str(64), "a display name for this node (shown to others; not an identity)"),
-    "control_port": _Field("node", _number(0, 65535, integer=True), "control API port on 127.0.0.1 (0: any free)"),
-    "train": _Field("training", _bool, "take part in training runs (false: swarm and ledger only)"),
-    "run": _Field("training", _str(128), "run id (or unique prefix) to join; empty: pick the best-fitting run"),
-    "device": _Field("training", _choice("auto", "cpu", "cuda"), "device to train on"),
-    "max_memory_fraction": _Field("training", _number(0.05, 1.0), "cap on the GPU memory fraction we may use"),
-    "idle_gpu_util": _Field("training", _number(0, 100), "GPU utilisation (%) by others above which we pause"),
-    "schedule": _Field("training", _str(256), "windows when training is allowed, e.g. '22:00-07:00,12:00-13:00'"),
-    "min_peers": _Field("training", _number(1, 1000, integer=True),
-                        "hold a run's first epoch until this many peers train it (local swarms, demos)"),
-    "sync_interval": _Field("ledger", _number(0, 3600), "seconds between ledger anti-entropy rounds (0: off)"),
-}
-
-DEFAULTS: dict[str, Any] = {
-    "listen": ("/ip4/0.0.0.0/tcp/0",),
-    "announce": (),
-    "bootstrap": (),
-    "public": False,
-    "record_ttl": 30,
-    "startup_timeout": 30,
-    "name": "",
-    "control_port": 0,
-    "train": True,
-    "run": "",
-    "device": "auto",
-    "max_memory_fraction": 0.9,
-    "idle_gpu_util": 10,
-    "schedule": "",
-    "min_peers": 1,
-    "sync_interval": 10.0,
-}
+def setting(section: str, check: Check, default: Any, help: str, *, off_flag: str | None = None) -> Any:
+    """Declare a `NodeConfig` field as a setting; the default must pass `check` (a test makes sure)."""
+    declaration = dict(section=section, check=check, help=help, off_flag=off_flag)
+    return dataclasses.field(default=default, metadata={_DECLARATION: declaration})
 
 
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
+    """Everything a node or bootstrap peer is configured with; every field but `data_dir` is a setting."""
+
     data_dir: Path
-    listen: tuple[str, ...]
-    announce: tuple[str, ...]
-    bootstrap: tuple[str, ...]
-    public: bool
-    record_ttl: float
-    startup_timeout: float
-    name: str
-    control_port: int
-    train: bool
-    run: str
-    device: str
-    max_memory_fraction: float
-    idle_gpu_util: float
-    schedule: str
-    min_peers: int
-    sync_interval: float
+    # [swarm]
+    listen: tuple[str, ...] = setting("swarm", Multiaddrs(), ("/ip4/0.0.0.0/tcp/0",),
+                                      "multiaddrs the libp2p host listens on (port 0: any free port)")
+    announce: tuple[str, ...] = setting("swarm", Multiaddrs(), (),
+                                        "multiaddrs announced to others (needed behind NAT or in containers)")
+    bootstrap: tuple[str, ...] = setting("swarm", Multiaddrs(require_peer_id=True), (),
+                                         "bootstrap peers' multiaddrs, each ending in /p2p/<peer id>")
+    public: bool = setting("swarm", Boolean(), False,
+                           "enable NAT port mapping, AutoNAT and relays (off for local swarms)", off_flag="--local")
+    record_ttl: float = setting("swarm", Number(2, 3600), 30, "seconds a peer record lives in the DHT without refresh")
+    startup_timeout: float = setting("swarm", Number(1, 300), 30, "seconds to wait for p2pd and the bootstrap peers")
+    # [node]
+    name: str = setting("node", Text(64), "", "a display name for this node (shown to others; not an identity)")
+    control_port: int = setting("node", Number(0, 65535, integer=True), 0,
+                                "control API port on 127.0.0.1 (0: any free)")
+    # [training]
+    train: bool = setting("training", Boolean(), True, "take part in training runs (false: swarm and ledger only)")
+    run: str = setting("training", Text(128), "", "run id (or unique prefix) to join; empty: pick the best-fitting run")
+    device: str = setting("training", Choice(("auto", "cpu", "cuda")), "auto", "device to train on")
+    max_memory_fraction: float = setting("training", Number(0.05, 1.0), 0.9,
+                                         "cap on the GPU memory fraction we may use")
+    idle_gpu_util: float = setting("training", Number(0, 100), 10, "GPU utilisation (%) by others above which we pause")
+    schedule: str = setting("training", Text(256), "",
+                            "windows when training is allowed, e.g. '22:00-07:00,12:00-13:00'; empty: any time")
+    min_peers: int = setting("training", Number(1, 1000, integer=True), 1,
+                             "hold a run's first epoch until this many peers train it (local swarms, demos)")
+    # [ledger]
+    sync_interval: float = setting("ledger", Number(0, 3600), 10.0,
+                                   "seconds between ledger anti-entropy rounds (0: off)")
 
     @property
     def key_path(self) -> Path:
@@ -179,7 +228,17 @@ class NodeConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+# name -> Setting, in declaration order (which is also the order of the flags in --help)
+SETTINGS: dict[str, Setting] = {
+    f.name: Setting(name=f.name, default=f.default, **f.metadata[_DECLARATION])
+    for f in dataclasses.fields(NodeConfig) if _DECLARATION in f.metadata
+}
+
+
+# ---- loading
+
+
+def _read_toml(path: Path) -> dict[str, tuple[Any, str]]:
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -187,15 +246,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    flat: dict[str, Any] = {}
+    flat: dict[str, tuple[Any, str]] = {}
     for section, table in doc.items():
         if not isinstance(table, dict):
             raise ConfigError(f"config file {path}: top-level key {section!r} must be a [section]")
         for key, value in table.items():
-            field = FIELDS.get(key)
-            if field is None or field.section != section:
+            declared = SETTINGS.get(key)
+            if declared is None or declared.section != section:
                 raise ConfigError(f"config file {path}: unknown key {section}.{key}")
-            flat[key] = (value, f"{path}: {section}.{key}")
+            flat[key] = (value, f"{path}: {declared.key}")
     return flat
 
 
@@ -206,7 +265,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
 ) -> NodeConfig:
     """Merge defaults, the config file (explicit, or <data-dir>/config.toml if present), P2PC_* env vars and
-    command-line overrides (None means 'not given'); every value is checked and errors name the source."""
+    command-line overrides (None or () means 'not given'); every value is checked and errors name the source."""
     environ = os.environ if environ is None else environ
     resolved_dir = resolve_data_dir(data_dir)
     raw: dict[str, tuple[Any, str]] = {}
@@ -214,19 +273,18 @@ def load_config(
         config_file = resolved_dir / CONFIG_FILENAME
     if config_file is not None:
         raw.update(_read_toml(Path(config_file)))
-    for name in FIELDS:
-        env_name = ENV_PREFIX + name.upper()
-        if env_name in environ:
-            raw[name] = (environ[env_name], f"environment variable {env_name}")
+    for declared in SETTINGS.values():
+        if declared.env_var in environ:
+            raw[declared.name] = (environ[declared.env_var], f"environment variable {declared.env_var}")
     for name, value in (overrides or {}).items():
-        if name not in FIELDS:
+        if name not in SETTINGS:
             raise ConfigError(f"unknown setting {name!r}")
         if value is not None and value != ():
-            raw[name] = (value, f"--{name.replace('_', '-')}")
-    values = dict(DEFAULTS)
+            raw[name] = (value, SETTINGS[name].flag)
+    values: dict[str, Any] = {}
     for name, (value, source) in raw.items():
         try:
-            values[name] = FIELDS[name].check(value)
+            values[name] = SETTINGS[name].check(value)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
     return NodeConfig(data_dir=resolved_dir, **values)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from p2pcompute.config import load_config
+from p2pcompute.config import SETTINGS, load_config
 from p2pcompute.errors import ConfigError, InvalidMessage, KeyFileError
 from p2pcompute.identity import Identity, parse_peer_id, peer_id_b58, public_key_from_peer_id
 
@@ -97,6 +99,63 @@ def test_config_section_mismatch(tmp_path):
     (tmp_path / "config.toml").write_text("[node]\nlisten = []\n")
     with pytest.raises(ConfigError, match="unknown key node.listen"):
         load_config(tmp_path, environ={})
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_node_example_config_loads_and_lists_every_setting(tmp_path):
+    example = REPO / "node" / "node.example.toml"
+    config = load_config(tmp_path, config_file=example, environ={})
+    assert config.public is True and config.name == "my-gpu-box"
+    with open(example, "rb") as f:
+        keys = {f"{section}.{key}" for section, table in tomllib.load(f).items() for key in table}
+    assert keys == {declared.key for declared in SETTINGS.values()}
+
+
+def test_bootstrap_example_config_loads(tmp_path):
+    config = load_config(tmp_path, config_file=REPO / "bootstrap" / "bootstrap.example.toml", environ={})
+    assert config.announce == ("/ip4/203.0.113.10/tcp/31337",)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_every_default_passes_its_check_also_as_env_text(tmp_path, name):
+    declared = SETTINGS[name]
+    assert declared.check(declared.default) == declared.default
+    environ = {declared.env_var: _as_env_text(declared.default)}
+    assert getattr(load_config(tmp_path, environ=environ), name) == declared.default
+
+
+def _as_env_text(value) -> str:
+    """How a user writes a value in an environment variable: lists comma-separated, booleans as true/false."""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def test_every_setting_is_a_flag():
+    from conftest import run_p2pc
+
+    node_help = run_p2pc("node", "start", "--help", check=True).stdout
+    bootstrap_help = run_p2pc("bootstrap", "--help", check=True).stdout
+    for declared in SETTINGS.values():
+        assert declared.flag in node_help
+        assert (declared.flag in bootstrap_help) == (declared.section != "training")
+    assert "--public / --local" in node_help and "--train / --no-train" in node_help
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--record-ttl", "abc", "--record-ttl: 'abc' is not a number"),
+    ("--min-peers", "1.5", "--min-peers: '1.5' is not an integer"),
+    ("--device", "tpu", "--device: 'tpu' is not one of auto, cpu, cuda"),
+    ("--schedule", "x" * 300, "--schedule: expected a string of at most 256 characters"),
+])
+def test_bad_flag_is_one_line_naming_it(tmp_path, flag, value, message):
+    from conftest import run_p2pc
+
+    proc = run_p2pc("node", "start", "--data-dir", str(tmp_path), flag, value)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_export_and_import_key_move_the_identity(tmp_path):

@@ -10,24 +10,16 @@ from pathlib import Path
 import click
 
 from p2pcompute.cli.common import console, data_dir_option, emit, json_option, print_fields, print_table
-from p2pcompute.config import load_config, resolve_data_dir
+from p2pcompute.cli.settings import SETTINGS_EPILOG, config_option, setting_option, setting_options
+from p2pcompute.config import SETTINGS, load_config, resolve_data_dir
 from p2pcompute.errors import KeyFileError, UsageError
 from p2pcompute.identity import Identity, check_key_permissions
 from p2pcompute.node.control import ControlClient, write_private
 
-config_option = click.option(
-    "--config", "config_file", type=click.Path(dir_okay=False), default=None,
-    help="TOML config file (default: <data-dir>/config.toml if present).",
-)
-listen_option = click.option(
-    "--listen", multiple=True, metavar="MADDR",
-    help="Multiaddr to listen on (repeatable; default /ip4/0.0.0.0/tcp/0, any free port).",
-)
-announce_option = click.option("--announce", multiple=True, metavar="MADDR", help="Multiaddr to announce (repeatable).")
-bootstrap_option = click.option(
-    "--bootstrap", multiple=True, metavar="MADDR",
-    help="Bootstrap peer multiaddr ending in /p2p/<peer id> (repeatable; also $P2PC_BOOTSTRAP).",
-)
+NODE_SETTINGS = tuple(SETTINGS)  # `p2pc node start` takes a flag for every setting
+# a bootstrap peer trains nothing
+BOOTSTRAP_SETTINGS = tuple(name for name, declared in SETTINGS.items() if declared.section != "training")
+
 ready_file_option = click.option(
     "--ready-file", type=click.Path(dir_okay=False), default=None,
     help="Write the multiaddrs here once the node is up (for scripts and tests).",
@@ -61,29 +53,15 @@ def node() -> None:
     """Run and inspect a volunteer node."""
 
 
-@node.command("start")
+@node.command("start", epilog=SETTINGS_EPILOG)
 @data_dir_option
 @config_option
-@listen_option
-@announce_option
-@bootstrap_option
-@click.option("--name", default=None, help="Display name shown to other peers.")
-@click.option("--run", "run", default=None, help="Run id (or prefix) to join; default: the best-fitting run.")
-@click.option("--train/--no-train", default=None, help="Take part in training runs (default) or only in the swarm and ledger.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device to train on.")
-@click.option("--public/--local", default=None, help="Enable NAT traversal and relays (default: --local).")
-@click.option("--record-ttl", type=float, default=None, help="Seconds our peer record lives without refresh.")
-@click.option("--sync-interval", type=float, default=None, help="Seconds between ledger anti-entropy rounds.")
-@click.option("--min-peers", type=int, default=None, help="Hold a run's first epoch until this many peers train it.")
+@setting_options(NODE_SETTINGS)
 @ready_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the startup report as JSON.")
-def node_start(data_dir, config_file, listen, announce, bootstrap, name, run, train, device, public, record_ttl,
-               sync_interval, min_peers, ready_file, as_json) -> None:
+def node_start(data_dir, config_file, ready_file, as_json, **settings) -> None:
     """Run a node in the foreground until Ctrl-C / SIGTERM."""
-    overrides = dict(listen=listen, announce=announce, bootstrap=bootstrap, name=name, run=run, train=train,
-                     device=device,
-                     public=public, record_ttl=record_ttl, sync_interval=sync_interval, min_peers=min_peers)
-    _start("node", data_dir, config_file, overrides, ready_file, as_json)
+    _start("node", data_dir, config_file, settings, ready_file, as_json)
 
 
 @node.command("status")
@@ -180,24 +158,20 @@ def import_key(data_dir, key_file, force) -> None:
     console.print(f"this node is now {identity.peer_id_b58}")
 
 
-@click.command()
+@click.command(epilog=SETTINGS_EPILOG)
 @data_dir_option
 @config_option
-@listen_option
-@announce_option
-@bootstrap_option
-@click.option("--public/--local", default=None, help="Enable NAT traversal and relays (default: --local).")
+@setting_options(BOOTSTRAP_SETTINGS)
 @ready_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the startup report as JSON.")
-def bootstrap(data_dir, config_file, listen, announce, bootstrap, public, ready_file, as_json) -> None:
+def bootstrap(data_dir, config_file, ready_file, as_json, **settings) -> None:
     """Run a DHT-only bootstrap peer with a persistent identity; prints the multiaddrs to hand out."""
-    overrides = dict(listen=listen, announce=announce, bootstrap=bootstrap, public=public)
-    _start("bootstrap", data_dir, config_file, overrides, ready_file, as_json)
+    _start("bootstrap", data_dir, config_file, settings, ready_file, as_json)
 
 
 @click.command()
 @data_dir_option
-@bootstrap_option
+@setting_option("bootstrap")
 @json_option
 def peers(data_dir, bootstrap, as_json) -> None:
     """List live peers from the DHT (through the running node, or with --bootstrap as a one-shot client)."""
