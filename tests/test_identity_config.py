@@ -154,7 +154,7 @@ def test_bad_flag_is_one_line_naming_it(tmp_path, flag, value, message):
     from conftest import run_p2pc
 
     proc = run_p2pc("node", "start", "--data-dir", str(tmp_path), flag, value)
-    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.returncode == ConfigError.exit_code and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
