@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "p2pcompute"
 # and units of one layer do not import each other
 LAYERS = {
     "errors": 0,
-    "crypto": 1, "canonical": 1, "retry": 1,
+    "crypto": 1, "canonical": 1, "retry": 1, "logs": 1,
     "identity": 2, "config": 2, "protocol": 2,
     "credits": 3, "runs": 3,  # records: claims, policy, manifests
     "ledger": 4, "swarm": 4,  # the ledger (entries, store, replica); swarm records and the DHT

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import click
@@ -48,10 +47,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _configure_logging(debug: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HIVEMIND_LOGLEVEL", "DEBUG" if debug else "ERROR")
-    os.environ.setdefault("GOLOG_LOG_LEVEL", "debug" if debug else "fatal")
+    from p2pcompute import logs
+
+    logs.configure(logging.WARNING, debug)  # a running node raises its own level to INFO (cli/node.py)
 
 
 def _register() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 import time
@@ -27,9 +28,11 @@ ready_file_option = click.option(
 
 
 def _start(role: str, data_dir, config_file, overrides: dict, ready_file, as_json: bool) -> None:
+    from p2pcompute import logs
     from p2pcompute.node.daemon import Node, run_foreground
 
     config = load_config(data_dir, config_file, overrides)
+    logs.set_level(logging.INFO)  # a running node says what it does: one line per event
 
     def on_ready(node: Node) -> None:
         if ready_file:

@@ -74,9 +74,9 @@ def status_json(trainer, extra: dict | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # read by hivemind when first imported (below)
-    os.environ.setdefault("GOLOG_LOG_LEVEL", "fatal")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from p2pcompute import logs
+
+    logs.configure(getattr(logging, args.log_level.upper()), debug=args.log_level.upper() == "DEBUG")
 
     from p2pcompute.errors import P2PCError
 
