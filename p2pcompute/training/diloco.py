@@ -9,7 +9,7 @@ Every peer keeps two copies of the model:
 
 An epoch ends when the swarm has processed `target_batch_size` samples (hivemind's ProgressTracker, the
 same one hivemind.Optimizer uses, so `run status` and the late-join logic read it unchanged). Then every
-peer averages its theta with its group (our raw-frame all-reduce, `averaging.TunedAverager`'s data plane;
+peer averages its theta with its group (our raw-frame all-reduce, `dataplane.TunedAverager`'s data plane;
 weights = samples each peer trained since its last successful round), and applies
 
     pseudo-gradient g = phi - mean(theta)        (what the group learnt this epoch, as a descent direction)
@@ -46,7 +46,7 @@ What fails how:
 
 What a peer serves to others (`rpc_download_state`, hivemind's protocol): metadata `{"epoch": e}` and
 the tensors phi followed by the outer momentum buffers, every one checked on arrival (count, shape,
-dtype, finite: `averagers._ObservedAverager.load_state_from_peers`) before anything is overwritten.
+dtype, finite: `observed.ObservedAverager.load_state_from_peers`) before anything is overwritten.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
 from p2pcompute.runs.optimizers import allocate_state
-from p2pcompute.training.averagers import RoundObserver, _ObservedAverager
-from p2pcompute.training.averaging import RawAllReduceMixin
+from p2pcompute.training.dataplane import RawAllReduceMixin
+from p2pcompute.training.observed import ObservedAverager, RoundObserver
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ RETRY_LOAD_TIMEOUT = 10.0
 ROUND_FAILURES = (Exception,)
 
 
-class ObservedOuterAverager(RawAllReduceMixin, _ObservedAverager):
+class ObservedOuterAverager(RawAllReduceMixin, ObservedAverager):
     """Averages the peers' parameters (theta) on our raw-frame data plane; every round is recorded for the
     claims layer (kind "outer"); serves the swarm state (phi, outer momentum, epoch) to peers that download it."""
 

@@ -11,7 +11,7 @@ Changes to hivemind's behaviour, all by subclassing:
   round, the group members and every member's payload. This is where signed claims ride (DESIGN:
   Credits). hivemind reads the gathered values only when `sync_epoch_when_averaging=True`, which we
   never set; otherwise it only counts them.
-* Parts travel on our raw-frame data plane (training/averaging.py, RawAllReduceMixin), 1.6-2x faster
+* Parts travel on our raw-frame data plane (training/dataplane/, RawAllReduceMixin), 1.6-2x faster
   than hivemind's per round (docs/benchmarks.md).
 * Shutting down with a round in flight works (hivemind's `_shutdown` raises then, see `_shutdown`).
 * A downloaded state is checked against our own layout before use, and hivemind.Optimizer's
@@ -36,7 +36,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from p2pcompute.training.averaging import RawAllReduceMixin
+from p2pcompute.training.dataplane import RawAllReduceMixin
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _our_part(value: Any) -> Any:
     return value[1] if isinstance(value, list) and len(value) == 2 else None
 
 
-class _ObservedAverager(DecentralizedAverager):
+class ObservedAverager(DecentralizedAverager):
     """Mixin placed right above DecentralizedAverager in the MRO, so hivemind's own `super().step(...)`
     calls (GradientAverager.schedule_step, TrainingStateAverager._do) pass through `step` here."""
 
@@ -170,13 +170,13 @@ def _state_problem(metadata: Any, tensors: Any, expected) -> Optional[str]:
 
 # Averagers of one run must all use the same data plane: ours (RawAllReduceMixin) moves parts as raw frames on
 # its own stream protocol, which a peer on hivemind's stock protobuf all-reduce does not speak.
-class ObservedGradientAverager(RawAllReduceMixin, GradientAverager, _ObservedAverager):
+class ObservedGradientAverager(RawAllReduceMixin, GradientAverager, ObservedAverager):
     def __init__(self, *args, observer: RoundObserver, **kwargs):
         self._observer, self._round_kind = observer, "gradients"
         super().__init__(*args, **kwargs)
 
 
-class ObservedStateAverager(RawAllReduceMixin, TrainingStateAverager, _ObservedAverager):
+class ObservedStateAverager(RawAllReduceMixin, TrainingStateAverager, ObservedAverager):
     def __init__(self, *args, observer: RoundObserver, **kwargs):
         self._observer, self._round_kind = observer, "state"
         super().__init__(*args, **kwargs)
