@@ -64,7 +64,8 @@ from hivemind.utils import get_dht_time
 
 from p2pcompute.runs.optimizers import allocate_state
 from p2pcompute.training.dataplane import RawAllReduceMixin
-from p2pcompute.training.observed import ObservedAverager, RoundObserver
+from p2pcompute.retry import retry_until
+from p2pcompute.training.observed import ObservedAverager, RoundObserver, log_download_failure
 
 logger = logging.getLogger(__name__)
 
@@ -332,25 +333,22 @@ class LocalUpdatesOptimizer:
             return self._download_state(self.load_state_timeout if timeout is None else timeout)
 
     def _download_state(self, timeout: float) -> bool:
-        deadline = self._clock() + timeout
-        while True:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                break
-            try:
-                result = self.averager.load_state_from_peers(timeout=remaining)
-            except ROUND_FAILURES as e:  # TimeoutError, a peer's stream failing mid-download
-                logger.info("state download failed: %s", type(e).__name__)
-                continue
-            if result is None:  # no peer offers its state
-                break
+        def attempt(remaining: float) -> Optional[bool]:
+            """True: adopted; False: no peer offers its state (give up); None: an unusable state (try again)."""
+            result = self.averager.load_state_from_peers(timeout=remaining)
+            if result is None:
+                return False
             problem = self._check_state(*result)
-            if problem is None:
-                self._adopt(*result)
-                self._needs_state = False
-                return True
-            logger.warning("a peer sent an unusable state (%s)", problem)
-            time.sleep(min(1.0, max(0.0, deadline - self._clock())))
+            if problem is not None:
+                logger.warning("a peer sent an unusable state (%s)", problem)
+                return None
+            self._adopt(*result)
+            return True
+
+        # a failed attempt (TimeoutError, a peer's stream failing mid-download) is retried after a pause
+        if retry_until(attempt, timeout, retry_on=ROUND_FAILURES, on_failure=log_download_failure, clock=self._clock):
+            self._needs_state = False
+            return True
         self._needs_state = True
         logger.warning("no peer sent the run's state within %.0f s; training on, without averaging until it arrives",
                        timeout)

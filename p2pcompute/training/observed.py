@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import signal
 import threading
-import time
 from functools import partial
 from typing import Any, Callable, Optional
 
@@ -36,6 +35,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
+from p2pcompute.retry import retry_until
 from p2pcompute.training.dataplane import RawAllReduceMixin
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,11 @@ class RoundObserver:
     def rounds(self) -> list[AveragingRound]:
         with self._lock:
             return list(self._rounds)
+
+
+def log_download_failure(error: BaseException) -> None:
+    """How a failed state download is reported before the next attempt (retry_until's on_failure)."""
+    logger.info("state download failed (%s: %s); retrying", type(error).__name__, error)
 
 
 def _our_part(value: Any) -> Any:
@@ -210,22 +215,19 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._tag_along_with_zero_weight(self.scheduled_grads)
             self.scheduled_grads = None
         self.state_averager.step(wait_for_delayed_updates=True)
-        deadline = time.monotonic() + self.load_state_timeout
+
+        def download(remaining: float) -> bool:
+            self.state_averager.load_state_from_peers(timeout=remaining, **kwargs)
+            if self.grad_averager is not None:
+                self.grad_averager.load_state_from_peers(timeout=remaining, **kwargs)
+            return True
+
         with self.tracker.pause_updates():
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    logger.warning("no peer sent the run's state within %.0f s; training on from our own",
-                                   self.load_state_timeout)
-                    break
-                try:
-                    self.state_averager.load_state_from_peers(timeout=remaining, **kwargs)
-                    if self.grad_averager is not None:
-                        self.grad_averager.load_state_from_peers(timeout=remaining, **kwargs)
-                    break
-                except Exception as e:  # hivemind's own loop catches everything here too, then retries
-                    logger.info("state download failed (%s: %s); retrying", type(e).__name__, e)
-                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            # hivemind's own loop catches every exception here too, then retries
+            if retry_until(download, self.load_state_timeout, retry_on=(Exception,),
+                           on_failure=log_download_failure) is None:
+                logger.warning("no peer sent the run's state within %.0f s; training on from our own",
+                               self.load_state_timeout)
             if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
                 self.state_averager.local_epoch = self.tracker.global_epoch
             self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
