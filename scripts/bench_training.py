@@ -3,7 +3,7 @@
 
 Parts, all measured side by side in one run:
   (a) all-reduce round time on 127.0.0.1 of 1M/10M/25M float32 between 2 and 4 processes: torch.distributed
-      gloo vs hivemind 1.1.12's own data plane vs ours (p2pcompute.training.averaging, fp32 and fp16 on libp2p
+      gloo vs hivemind 1.1.12's own data plane vs ours (p2pcompute.training.dataplane, fp32 and fp16 on libp2p
       streams through p2pd, and fp32 on its direct TCP path: "ours-direct"), with matchmaking time apart, CPU
       seconds per round (averager process vs p2pd), ratios to gloo.
   (b) samples/s of k collaborating trainer processes (p2pcompute.training.worker, the Trainer as a node runs it)
@@ -267,7 +267,7 @@ def worker_allreduce(args) -> None:
     from hivemind.averaging.matchmaking import MatchmakingException
     from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES, AllreduceException
 
-    from p2pcompute.training.averaging import RoundTimingMixin, TunedAverager, tuned_options
+    from p2pcompute.training.dataplane import RoundTimingMixin, TunedAverager, tuned_options
 
     class TimedHivemindAverager(RoundTimingMixin, DecentralizedAverager):
         """hivemind's own data plane, with our round timing (and our timeouts, so rounds complete)."""
@@ -379,7 +379,7 @@ def worker_train(args) -> None:
     from hivemind.averaging.matchmaking import MatchmakingException
     from hivemind.averaging.partition import AllreduceException
 
-    from p2pcompute.training.averaging import TunedAverager, tuned_options
+    from p2pcompute.training.dataplane import TunedAverager, tuned_options
 
     directory, rank, world, mode = Path(args.dir), args.rank, args.world, args.mode
     model, loss_of_a_batch = training_model(rank)
@@ -487,10 +487,10 @@ def worker_train_local(args) -> None:
     for a round it would never join. Rounds that fail then are counted apart (failed_after_window)."""
     import torch
 
-    from p2pcompute.training.averagers import RoundObserver
-    from p2pcompute.training.averaging import (MIN_MATCHMAKING_TIME, NEXT_CHUNK_TIMEOUT, PART_SIZE_BYTES,
-                                               REQUEST_TIMEOUT)
+    from p2pcompute.training.dataplane.settings import (MIN_MATCHMAKING_TIME, NEXT_CHUNK_TIMEOUT, PART_SIZE_BYTES,
+                                                        REQUEST_TIMEOUT)
     from p2pcompute.training.diloco import LocalUpdatesOptimizer
+    from p2pcompute.training.observed import RoundObserver
 
     directory, rank, world, mode = Path(args.dir), args.rank, args.world, args.mode
     model, loss_of_a_batch = training_model(rank)

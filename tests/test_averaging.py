@@ -1,4 +1,4 @@
-"""Our tuned averager (p2pcompute.training.averaging) gives the exact mean across 3 real peers, for every codec."""
+"""Our tuned averager (p2pcompute.training.dataplane) gives the exact mean across 3 real peers, for every codec."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_8bit_round_is_the_mean_up_to_quantization(results):
 
 # ---- one peer (run by the fixture as a subprocess) ----------------------------------------------------------
 def _peer(rank: int, directory: Path) -> None:
-    from p2pcompute.training.averaging import TunedAverager, tuned_options
+    from p2pcompute.training.dataplane import TunedAverager, tuned_options
     from p2pcompute.training.compression import compression_for
 
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""The direct TCP path of our averaging data plane (p2pcompute.training.averaging, docs/protocol.md "Direct TCP
+"""The direct TCP path of our averaging data plane (p2pcompute.training.dataplane, docs/protocol.md "Direct TCP
 path"): 3 real peer processes on 127.0.0.1, and the reducer's listener in-process.
 
 Peer rounds (ranks 0 and 1 honest, rank 2 the forger in the rounds named after an attack):
@@ -28,31 +28,25 @@ from unittest import mock
 import pytest
 import torch
 from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.partition import AllreduceException
 from hivemind.proto import averaging_pb2
 from hivemind.utils.multiaddr import Multiaddr
 from peer_procs import barrier, loopback_dht, peer_main, run_peers, write_atomic
 
-from p2pcompute.training import averaging
-from p2pcompute.training.averaging import (
-    _ACK,
-    _CHOICE_DIRECT,
-    _CHOICE_STREAM,
-    _OFFER,
-    _REPLY,
-    DIRECT_ENV,
-    SENDER_START_TIMEOUT,
+from p2pcompute.training import dataplane
+from p2pcompute.training.dataplane import TunedAverager, averagers, direct, tuned_options
+from p2pcompute.training.dataplane.direct import DirectListener, StreamOnly, connect_direct, direct_ip, listen
+from p2pcompute.training.dataplane.frames import (
+    ACK,
+    CHOICE_DIRECT,
+    CHOICE_STREAM,
+    OFFER,
+    REPLY,
     STATUS_OK,
     TICKET_BYTES,
-    AllreduceException,
-    DirectListener,
-    RawAllReduceRunner,
-    TunedAverager,
-    _connect_direct,
-    _direct_ip,
-    _listen,
-    _StreamOnly,
-    tuned_options,
 )
+from p2pcompute.training.dataplane.runner import RawAllReduceRunner
+from p2pcompute.training.dataplane.settings import DIRECT_ENV, MAX_DIRECT_SENDERS, SENDER_START_TIMEOUT
 
 PEERS, FORGER = 3, 2
 SHAPES = [(50_001,), (7, 13), (3,)]
@@ -103,24 +97,24 @@ class FastpathRunner(RawAllReduceRunner):
         if self.mode not in ATTACKS:
             try:
                 return await super()._try_direct(hosts, reader, writer)
-            except _StreamOnly:
+            except StreamOnly:
                 self.stream_only_fallbacks += 1
                 raise
-        status, length = _REPLY.unpack(await asyncio.wait_for(reader.readexactly(_REPLY.size), READ_TIMEOUT))
-        assert status == STATUS_OK and length == _OFFER.size, (status, length)
-        ticket, port = _OFFER.unpack(await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT))
+        status, length = REPLY.unpack(await asyncio.wait_for(reader.readexactly(REPLY.size), READ_TIMEOUT))
+        assert status == STATUS_OK and length == OFFER.size, (status, length)
+        ticket, port = OFFER.unpack(await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT))
         if self.mode == "bad_ticket":
             self.outcomes.append(await _present(hosts[0], port, bytes(b ^ 0xFF for b in ticket)))
-            writer.write(_CHOICE_STREAM)
+            writer.write(CHOICE_STREAM)
             return None
         if self.mode == "reused_ticket":
-            connection = await _connect_direct(hosts, port, ticket)
+            connection = await connect_direct(hosts, port, ticket)
             self.outcomes.append(["accepted" if connection is not None else "refused",
                                   await _present(hosts[0], port, ticket)])
-            writer.write(_CHOICE_STREAM if connection is None else _CHOICE_DIRECT)
+            writer.write(CHOICE_STREAM if connection is None else CHOICE_DIRECT)
             return connection
-        writer.write(_CHOICE_DIRECT)  # bad_choice: a connection we never opened
-        status, _ = _REPLY.unpack(await asyncio.wait_for(reader.readexactly(_REPLY.size), READ_TIMEOUT))
+        writer.write(CHOICE_DIRECT)  # bad_choice: a connection we never opened
+        status, _ = REPLY.unpack(await asyncio.wait_for(reader.readexactly(REPLY.size), READ_TIMEOUT))
         self.outcomes.append(status)
         raise AllreduceException("refused, as it should be")
 
@@ -135,7 +129,7 @@ async def _present(host: str, port: int, token: bytes) -> str:
         answer = b""
     finally:
         writer.close()
-    return "accepted" if answer == _ACK else "refused"
+    return "accepted" if answer == ACK else "refused"
 
 
 class FastpathAverager(TunedAverager):
@@ -158,7 +152,7 @@ class FastpathAverager(TunedAverager):
             return runners[-1]
 
         try:
-            with mock.patch.object(averaging, "RawAllReduceRunner", make_runner):
+            with mock.patch.object(averagers, "RawAllReduceRunner", make_runner):
                 return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         finally:
             write_atomic(self.record_dir / f"record-{name}-{self.rank}.json",
@@ -277,8 +271,9 @@ def test_a_peer_from_before_the_direct_path_still_averages(results):
 
 
 def test_no_handler_or_task_died_with_an_exception(results):
+    in_our_code = [f'training/dataplane/{path.name}", line' for path in Path(dataplane.__file__).parent.glob("*.py")]
     for rank, log in enumerate(results["logs"]):  # (hivemind logs a failed matchmaking attempt with its traceback)
-        for sign in ("Exception in callback", "Task exception was never retrieved", "training/averaging.py\", line"):
+        for sign in ("Exception in callback", "Task exception was never retrieved", *in_our_code):
             assert sign not in log, f"rank {rank}:\n{log[log.index(sign) - 200:][:3000]}"
 
 
@@ -353,7 +348,7 @@ def _old_round_averager(rank: int, dht, options: dict, fastpath):
     did (PROTOCOL_VIOLATION before reading the group id); the others record their fallbacks."""
     if rank != OLD_PEER:
         return fastpath(OLD_ROUNDS, "test_fast_old", **tuned_options(part_size_bytes=PART_SIZE_BYTES))
-    with mock.patch.object(averaging, "_VERSION_DIRECT", 99):  # the averager process forks with it
+    with mock.patch.object(averagers, "VERSION_DIRECT", 99):  # the averager process forks with it
         return TunedAverager(peer_tensors(rank, ROUNDS.index(OLD_ROUNDS[0])), dht, prefix="test_fast_old",
                              **options, **tuned_options(part_size_bytes=PART_SIZE_BYTES, direct=False))
 
@@ -365,7 +360,7 @@ def _run(coroutine):
 
 @contextlib.asynccontextmanager
 async def _listener():
-    sock = _listen("127.0.0.1", 0)
+    sock = listen("127.0.0.1", 0)
     listener = DirectListener([sock], sock.getsockname()[1])
     try:
         yield listener
@@ -402,7 +397,7 @@ def test_listener_bounds_its_tickets():
         async with _listener() as listener:
             first = listener.issue("a", b"group")
             assert listener.issue("a", b"group") is None  # one live ticket per sender and group
-            others = [listener.issue(f"s{i}", b"group") for i in range(averaging.MAX_DIRECT_SENDERS - 1)]
+            others = [listener.issue(f"s{i}", b"group") for i in range(MAX_DIRECT_SENDERS - 1)]
             assert all(others) and listener.issue("late", b"group") is None
             listener.release(first)
             assert listener.issue("late", b"group") is not None
@@ -411,8 +406,8 @@ def test_listener_bounds_its_tickets():
 
 
 def test_listener_bounds_connections_without_a_ticket(monkeypatch):
-    monkeypatch.setattr(averaging, "MAX_UNAUTHENTICATED", 4)
-    monkeypatch.setattr(averaging, "TICKET_READ_TIMEOUT", 1.0)
+    monkeypatch.setattr(direct, "MAX_UNAUTHENTICATED", 4)
+    monkeypatch.setattr(direct, "TICKET_READ_TIMEOUT", 1.0)
 
     async def scenario():
         async with _listener() as listener:
@@ -434,10 +429,10 @@ def test_listener_bounds_connections_without_a_ticket(monkeypatch):
 
 def test_listener_close_ends_the_connections_it_serves():
     async def scenario():
-        sock = _listen("127.0.0.1", 0)
+        sock = listen("127.0.0.1", 0)
         listener = DirectListener([sock], sock.getsockname()[1])
         ticket = listener.issue("sender", b"group")
-        connection = await _connect_direct(["127.0.0.1"], listener.port, ticket.token)
+        connection = await connect_direct(["127.0.0.1"], listener.port, ticket.token)
         served = await asyncio.wait_for(ticket.connection, 5)
         reading = asyncio.create_task(served.readexactly(4))
         await asyncio.sleep(0.1)
@@ -454,26 +449,26 @@ def test_listener_close_ends_the_connections_it_serves():
 
 
 def test_sender_takes_tickets_only_to_loopback_or_private_addresses_it_is_connected_at():
-    assert _direct_ip(Multiaddr("/ip4/127.0.0.1/tcp/4001")) == "127.0.0.1"
-    assert _direct_ip(Multiaddr("/ip4/10.1.2.3/tcp/4001")) == "10.1.2.3"
-    assert _direct_ip(Multiaddr("/ip4/192.168.0.7/tcp/1/p2p/12D3KooWFAdMJEkQUYyaBxFRNNSsdFWtKht5sGipiAei9MBY1DsB"))
-    assert _direct_ip(Multiaddr("/ip6/::1/tcp/4001")) == "::1"
+    assert direct_ip(Multiaddr("/ip4/127.0.0.1/tcp/4001")) == "127.0.0.1"
+    assert direct_ip(Multiaddr("/ip4/10.1.2.3/tcp/4001")) == "10.1.2.3"
+    assert direct_ip(Multiaddr("/ip4/192.168.0.7/tcp/1/p2p/12D3KooWFAdMJEkQUYyaBxFRNNSsdFWtKht5sGipiAei9MBY1DsB"))
+    assert direct_ip(Multiaddr("/ip6/::1/tcp/4001")) == "::1"
     for public in ("/ip4/8.8.8.8/tcp/4001", "/ip4/172.32.0.1/tcp/4001", "/ip6/2001:db8::1/tcp/4001",
                    "/ip4/127.0.0.1/udp/4001/quic",  # not TCP
                    # a relayed connection: the IP is the relay's
                    "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWFAdMJEkQUYyaBxFRNNSsdFWtKht5sGipiAei9MBY1DsB/p2p-circuit"):
-        assert _direct_ip(Multiaddr(public)) is None, public
+        assert direct_ip(Multiaddr(public)) is None, public
 
 
 def test_connect_direct_gives_up_within_its_timeout(monkeypatch):
-    monkeypatch.setattr(averaging, "DIRECT_SETUP_TIMEOUT", 1.0)
+    monkeypatch.setattr(direct, "DIRECT_SETUP_TIMEOUT", 1.0)
 
     async def scenario():
         with socket.socket() as silent:  # accepts (backlog) but never answers a ticket
             silent.bind(("127.0.0.1", 0))
             silent.listen(4)
             started = time.monotonic()
-            assert await _connect_direct(["127.0.0.1"], silent.getsockname()[1], b"x" * TICKET_BYTES) is None
+            assert await connect_direct(["127.0.0.1"], silent.getsockname()[1], b"x" * TICKET_BYTES) is None
             assert time.monotonic() - started < 3.0
 
     _run(scenario())

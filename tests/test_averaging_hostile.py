@@ -1,4 +1,4 @@
-"""A hostile group mate on our raw all-reduce data plane (p2pcompute.training.averaging): 2 honest TunedAverager
+"""A hostile group mate on our raw all-reduce data plane (p2pcompute.training.dataplane): 2 honest TunedAverager
 peers and 1 peer whose sender side breaks the protocol, all real processes on 127.0.0.1.
 
 Per round the hostile peer, a group member (target and min group size 3), sends to each of its 2 remote reducers:
@@ -27,21 +27,10 @@ import torch
 from hivemind.proto import averaging_pb2
 from peer_procs import loopback_dht, peer_main, run_peers, run_round, write_atomic
 
-from p2pcompute.training import averaging
-from p2pcompute.training.averaging import (
-    _HEADER,
-    _MAGIC,
-    _PART,
-    _REPLY,
-    _VERSION,
-    SENDER_START_TIMEOUT,
-    STATUS_OK,
-    STREAM_OPEN_TIMEOUT,
-    RawAllReduceRunner,
-    TunedAverager,
-    _raw_bytes,
-    tuned_options,
-)
+from p2pcompute.training.dataplane import TunedAverager, averagers, tuned_options
+from p2pcompute.training.dataplane.frames import MAGIC, PART, REPLY, STATUS_OK, VERSION, encode_header, raw_bytes
+from p2pcompute.training.dataplane.runner import RawAllReduceRunner
+from p2pcompute.training.dataplane.settings import SENDER_START_TIMEOUT, STREAM_OPEN_TIMEOUT
 
 PEERS, HOSTILE = 3, 2  # ranks 0 and 1 are honest
 WEIGHTS = (1.0, 2.0, 1.5)
@@ -70,7 +59,7 @@ def peer_tensors(rank: int, round_index: int) -> list[torch.Tensor]:
 
 # ---- the hostile peer -------------------------------------------------------------------------------------------
 def _frame(part: torch.Tensor) -> bytes:
-    return _PART.pack(part.numel() * part.element_size()) + bytes(_raw_bytes(part))
+    return PART.pack(part.numel() * part.element_size()) + bytes(raw_bytes(part))
 
 
 class HostileRunner(RawAllReduceRunner):
@@ -107,9 +96,9 @@ class HostileRunner(RawAllReduceRunner):
         finally:
             writer.close()
 
-    def _header(self, weight: float | None = None, magic: bytes = _MAGIC) -> bytes:
+    def _header(self, weight: float | None = None, magic: bytes = MAGIC) -> bytes:
         weight = self.weight if weight is None else weight
-        return _HEADER.pack(magic, _VERSION, self.codec, len(self.group_id), weight) + self.group_id
+        return encode_header(VERSION, self.codec, self.group_id, weight, magic)
 
     @staticmethod
     async def _statuses(reader: asyncio.StreamReader, count: int) -> list:
@@ -117,7 +106,7 @@ class HostileRunner(RawAllReduceRunner):
         statuses = []
         for _ in range(count):
             try:
-                status, length = _REPLY.unpack(await asyncio.wait_for(reader.readexactly(_REPLY.size), REPLY_TIMEOUT))
+                status, length = REPLY.unpack(await asyncio.wait_for(reader.readexactly(REPLY.size), REPLY_TIMEOUT))
             except asyncio.IncompleteReadError:
                 return [*statuses, "eof"]
             statuses.append(status)
@@ -129,9 +118,9 @@ class HostileRunner(RawAllReduceRunner):
     async def _send_bad_length(self, peer_id, parts, nth: int) -> list:
         if nth == 0:  # 4 bytes too many, all sent
             size = parts[1].numel() * parts[1].element_size() + 4
-            bad_frame = _PART.pack(size) + bytes(size)
+            bad_frame = PART.pack(size) + bytes(size)
         else:  # 4 GiB announced, nothing follows: must be refused before the reducer tries to read it
-            bad_frame = _PART.pack(2**32 - 1)
+            bad_frame = PART.pack(2**32 - 1)
         async with self._stream(peer_id) as (reader, writer):
             writer.write(self._header() + _frame(parts[0]) + bad_frame)
             return [await self._statuses(reader, len(parts))]
@@ -176,7 +165,7 @@ class HostileAverager(TunedAverager):
             return runners[-1]
 
         try:  # this process is the hostile peer only: its runner class is ours
-            with mock.patch.object(averaging, "RawAllReduceRunner", make_runner):
+            with mock.patch.object(averagers, "RawAllReduceRunner", make_runner):
                 return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         finally:  # one record per all-reduce (a retried round would have several)
             path = self.record_dir / f"hostile-{mode}.json"

@@ -90,7 +90,7 @@ def fetch_checkpoint(dht, manifest: Manifest, path: str | Path, timeout: float) 
 
 def _download_optimizer_state(dht, manifest: Manifest, model: nn.Module, prefix: str, timeout: float) -> int | None:
     from p2pcompute.runs.optimizers import optimizer_factory
-    from p2pcompute.training.averagers import ObservedStateAverager, RoundObserver
+    from p2pcompute.training.observed import ObservedStateAverager, RoundObserver
 
     averager = ObservedStateAverager(
         observer=RoundObserver(), dht=dht, prefix=prefix, start=True,

@@ -9,7 +9,7 @@ Every peer keeps two copies of the model:
 
 An epoch ends when the swarm has processed `target_batch_size` samples (hivemind's ProgressTracker, the
 same one hivemind.Optimizer uses, so `run status` and the late-join logic read it unchanged). Then every
-peer averages its theta with its group (our raw-frame all-reduce, `averaging.TunedAverager`'s data plane;
+peer averages its theta with its group (our raw-frame all-reduce, `dataplane.TunedAverager`'s data plane;
 weights = samples each peer trained since its last successful round), and applies
 
     pseudo-gradient g = phi - mean(theta)        (what the group learnt this epoch, as a descent direction)
@@ -46,7 +46,7 @@ What fails how:
 
 What a peer serves to others (`rpc_download_state`, hivemind's protocol): metadata `{"epoch": e}` and
 the tensors phi followed by the outer momentum buffers, every one checked on arrival (count, shape,
-dtype, finite: `averagers._ObservedAverager.load_state_from_peers`) before anything is overwritten.
+dtype, finite: `observed.ObservedAverager.load_state_from_peers`) before anything is overwritten.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
 from p2pcompute.runs.optimizers import allocate_state
-from p2pcompute.training.averagers import RoundObserver, _ObservedAverager
-from p2pcompute.training.averaging import RawAllReduceMixin
+from p2pcompute.training.dataplane import RawAllReduceMixin
+from p2pcompute.retry import retry_until
+from p2pcompute.training.observed import ObservedAverager, RoundObserver, log_download_failure
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ RETRY_LOAD_TIMEOUT = 10.0
 ROUND_FAILURES = (Exception,)
 
 
-class ObservedOuterAverager(RawAllReduceMixin, _ObservedAverager):
+class ObservedOuterAverager(RawAllReduceMixin, ObservedAverager):
     """Averages the peers' parameters (theta) on our raw-frame data plane; every round is recorded for the
     claims layer (kind "outer"); serves the swarm state (phi, outer momentum, epoch) to peers that download it."""
 
@@ -332,25 +333,22 @@ class LocalUpdatesOptimizer:
             return self._download_state(self.load_state_timeout if timeout is None else timeout)
 
     def _download_state(self, timeout: float) -> bool:
-        deadline = self._clock() + timeout
-        while True:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                break
-            try:
-                result = self.averager.load_state_from_peers(timeout=remaining)
-            except ROUND_FAILURES as e:  # TimeoutError, a peer's stream failing mid-download
-                logger.info("state download failed: %s", type(e).__name__)
-                continue
-            if result is None:  # no peer offers its state
-                break
+        def attempt(remaining: float) -> Optional[bool]:
+            """True: adopted; False: no peer offers its state (give up); None: an unusable state (try again)."""
+            result = self.averager.load_state_from_peers(timeout=remaining)
+            if result is None:
+                return False
             problem = self._check_state(*result)
-            if problem is None:
-                self._adopt(*result)
-                self._needs_state = False
-                return True
-            logger.warning("a peer sent an unusable state (%s)", problem)
-            time.sleep(min(1.0, max(0.0, deadline - self._clock())))
+            if problem is not None:
+                logger.warning("a peer sent an unusable state (%s)", problem)
+                return None
+            self._adopt(*result)
+            return True
+
+        # a failed attempt (TimeoutError, a peer's stream failing mid-download) is retried after a pause
+        if retry_until(attempt, timeout, retry_on=ROUND_FAILURES, on_failure=log_download_failure, clock=self._clock):
+            self._needs_state = False
+            return True
         self._needs_state = True
         logger.warning("no peer sent the run's state within %.0f s; training on, without averaging until it arrives",
                        timeout)

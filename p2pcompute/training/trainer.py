@@ -18,7 +18,7 @@ from p2pcompute.runs.manifest import Manifest, SignedManifest
 from p2pcompute.runs.models import build_model, loss_function
 from p2pcompute.runs.optimizers import optimizer_factory
 from p2pcompute.training import device as devices
-from p2pcompute.training.averagers import AveragingRound, RoundObserver, SwarmOptimizer
+from p2pcompute.training.observed import AveragingRound, RoundObserver, SwarmOptimizer
 from p2pcompute.training.checkpoint import checkpoint_name, save_checkpoint
 from p2pcompute.training.compression import compression_for
 from p2pcompute.training.diloco import LocalUpdatesOptimizer
@@ -338,7 +338,7 @@ class Trainer:
 
     def _make_optimizer(self):
         """gradients mode: hivemind.Optimizer with our averagers; local mode: DiLoCo (training/diloco.py).
-        Both average on our raw-frame data plane (training/averaging.py)."""
+        Both average on our raw-frame data plane (training/dataplane/)."""
         m, a = self.manifest, self.manifest.averaging
         codec = compression_for(a.compression)
         tracker_opts = dict(min_refresh_period=float(a.min_refresh_period),

@@ -11,7 +11,7 @@ Changes to hivemind's behaviour, all by subclassing:
   round, the group members and every member's payload. This is where signed claims ride (DESIGN:
   Credits). hivemind reads the gathered values only when `sync_epoch_when_averaging=True`, which we
   never set; otherwise it only counts them.
-* Parts travel on our raw-frame data plane (training/averaging.py, RawAllReduceMixin), 1.6-2x faster
+* Parts travel on our raw-frame data plane (training/dataplane/, RawAllReduceMixin), 1.6-2x faster
   than hivemind's per round (docs/benchmarks.md).
 * Shutting down with a round in flight works (hivemind's `_shutdown` raises then, see `_shutdown`).
 * A downloaded state is checked against our own layout before use, and hivemind.Optimizer's
@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import signal
 import threading
-import time
 from functools import partial
 from typing import Any, Callable, Optional
 
@@ -36,7 +35,8 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from p2pcompute.training.averaging import RawAllReduceMixin
+from p2pcompute.retry import retry_until
+from p2pcompute.training.dataplane import RawAllReduceMixin
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +87,16 @@ class RoundObserver:
             return list(self._rounds)
 
 
+def log_download_failure(error: BaseException) -> None:
+    """How a failed state download is reported before the next attempt (retry_until's on_failure)."""
+    logger.info("state download failed (%s: %s); retrying", type(error).__name__, error)
+
+
 def _our_part(value: Any) -> Any:
     return value[1] if isinstance(value, list) and len(value) == 2 else None
 
 
-class _ObservedAverager(DecentralizedAverager):
+class ObservedAverager(DecentralizedAverager):
     """Mixin placed right above DecentralizedAverager in the MRO, so hivemind's own `super().step(...)`
     calls (GradientAverager.schedule_step, TrainingStateAverager._do) pass through `step` here."""
 
@@ -170,13 +175,13 @@ def _state_problem(metadata: Any, tensors: Any, expected) -> Optional[str]:
 
 # Averagers of one run must all use the same data plane: ours (RawAllReduceMixin) moves parts as raw frames on
 # its own stream protocol, which a peer on hivemind's stock protobuf all-reduce does not speak.
-class ObservedGradientAverager(RawAllReduceMixin, GradientAverager, _ObservedAverager):
+class ObservedGradientAverager(RawAllReduceMixin, GradientAverager, ObservedAverager):
     def __init__(self, *args, observer: RoundObserver, **kwargs):
         self._observer, self._round_kind = observer, "gradients"
         super().__init__(*args, **kwargs)
 
 
-class ObservedStateAverager(RawAllReduceMixin, TrainingStateAverager, _ObservedAverager):
+class ObservedStateAverager(RawAllReduceMixin, TrainingStateAverager, ObservedAverager):
     def __init__(self, *args, observer: RoundObserver, **kwargs):
         self._observer, self._round_kind = observer, "state"
         super().__init__(*args, **kwargs)
@@ -210,22 +215,19 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._tag_along_with_zero_weight(self.scheduled_grads)
             self.scheduled_grads = None
         self.state_averager.step(wait_for_delayed_updates=True)
-        deadline = time.monotonic() + self.load_state_timeout
+
+        def download(remaining: float) -> bool:
+            self.state_averager.load_state_from_peers(timeout=remaining, **kwargs)
+            if self.grad_averager is not None:
+                self.grad_averager.load_state_from_peers(timeout=remaining, **kwargs)
+            return True
+
         with self.tracker.pause_updates():
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    logger.warning("no peer sent the run's state within %.0f s; training on from our own",
-                                   self.load_state_timeout)
-                    break
-                try:
-                    self.state_averager.load_state_from_peers(timeout=remaining, **kwargs)
-                    if self.grad_averager is not None:
-                        self.grad_averager.load_state_from_peers(timeout=remaining, **kwargs)
-                    break
-                except Exception as e:  # hivemind's own loop catches everything here too, then retries
-                    logger.info("state download failed (%s: %s); retrying", type(e).__name__, e)
-                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            # hivemind's own loop catches every exception here too, then retries
+            if retry_until(download, self.load_state_timeout, retry_on=(Exception,),
+                           on_failure=log_download_failure) is None:
+                logger.warning("no peer sent the run's state within %.0f s; training on from our own",
+                               self.load_state_timeout)
             if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
                 self.state_averager.local_epoch = self.tracker.global_epoch
             self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
