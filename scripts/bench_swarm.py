@@ -30,10 +30,12 @@ from hivemind.utils import get_dht_time  # noqa: E402
 from p2pcompute.config import load_config  # noqa: E402
 from p2pcompute.node.daemon import Node  # noqa: E402
 from p2pcompute.node.launcher import NodeProcess  # noqa: E402
+from p2pcompute.retry import poll_until  # noqa: E402
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 BARE_KEY = "bench/peers"
 JOIN_TIMEOUT = 60.0
+JOIN_POLL = 0.02  # seconds between looks: small against the join times measured (0.14 s and up, docs/benchmarks.md)
 
 
 def bare_kwargs() -> dict:
@@ -53,14 +55,8 @@ def bench_bare(n: int, repeats: int) -> list[float]:
             t0 = time.perf_counter()
             new = hivemind.DHT(start=True, initial_peers=boot, **bare_kwargs())
             new.store(BARE_KEY, subkey=new.peer_id.to_bytes(), value=b"x" * 300, expiration_time=get_dht_time() + 600)
-            deadline = time.monotonic() + JOIN_TIMEOUT
-            while time.monotonic() < deadline:
-                found = new.get(BARE_KEY, latest=True)
-                if found is not None and len(found.value) >= n:
-                    break
-                time.sleep(0.02)
-            else:
-                raise RuntimeError(f"bare join did not see {n} peers")
+            poll_until(lambda: (found := new.get(BARE_KEY, latest=True)) is not None and len(found.value) >= n,
+                       JOIN_TIMEOUT, interval=JOIN_POLL, what=f"the bare joiner to see {n} peers")
             times.append(time.perf_counter() - t0)
             new.shutdown()
             # the departed joiner's value stays (600 s); remove it from the count by using a fresh key next time
@@ -92,13 +88,8 @@ def bench_ours(n: int, repeats: int, root: Path) -> tuple[list[float], list[floa
             t0 = time.perf_counter()
             node = Node(config).start()
             try:
-                deadline = time.monotonic() + JOIN_TIMEOUT
-                while time.monotonic() < deadline:
-                    if len(node.announcer.fetch_peers()) >= n:
-                        break
-                    time.sleep(0.02)
-                else:
-                    raise RuntimeError(f"our join did not see {n} peers")
+                poll_until(lambda: len(node.announcer.fetch_peers()) >= n, JOIN_TIMEOUT, interval=JOIN_POLL,
+                           what=f"our joiner to see {n} peers")
                 joins.append(time.perf_counter() - t0)
             finally:
                 node.shutdown()

@@ -38,7 +38,6 @@ import logging
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,11 @@ from pathlib import Path
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 os.environ.setdefault("GOLOG_LOG_LEVEL", "fatal")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from p2pcompute.devtools import peers as harness  # noqa: E402
+from p2pcompute.devtools.peers import PeerGroup, TrainerWorker, write_atomic  # noqa: E402
+from p2pcompute.node.launcher import NodeProcessError  # noqa: E402
+from p2pcompute.retry import Timeout, poll_until  # noqa: E402
 
 # ---- limits: every wait in this script is bounded by one of these -------------------------------------
 PEER_START_TIMEOUT = 60.0  # p2pd + DHT start and bootstrap file on a loaded 2-core box
@@ -83,58 +87,21 @@ TRAINER_BATCH = 64
 # alone on one core here). Averaging rounds cost ~2 s of matchmaking plus the all-reduce: an epoch of 16
 # steps (the old 1024 samples) was mostly matchmaking.
 TRAINER_EPOCH_STEPS = 128
-# the trainer's manifest: the 6.3M-parameter MLP of parts (c)/(d); [averaging] timeouts for one machine
-# (manifest.LOCAL_NETWORK_AVERAGING, as the demo and the tests use), target_group_size left at its default
-TRAINER_MANIFEST = """
-name = "bench-mlp"
-description = "bench_training.py part (b)"
-batch_size_per_step = {batch}
-target_batch_size = {target}
-max_epochs = 0
-
-[model]
-name = "mlp"
-in_features = 512
-hidden = [2048, 2048]
-out_features = 512
-activation = "relu"
-
-[dataset]
-name = "synthetic"
-task = "regression"
-input_shape = [512]
-outputs = 512
-noise = 0.1
-seed = 1
-
-[optimizer]
-name = "sgd"
-lr = 0.001
-
-[averaging]
-mode = "{mode}"
-overlap = {overlap}
-compression = "fp16"
-{timeouts}
-[hardware]
-min_memory_mb = 256
-devices = ["cpu"]
-
-[credits]
-rate = 1000
-quorum = 1
-"""
 
 
 def trainer_manifest(mode: str, peers: int, rank: int = 0) -> str:
-    """part (b)'s run spec for one mode and swarm size (separate: a run of its own for each rank)."""
-    from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, toml_lines
+    """part (b)'s run spec for one mode and swarm size (separate: a run of its own for each rank): the 6.3M-parameter
+    MLP of parts (c)/(d); [averaging] timeouts for one machine (manifest.LOCAL_NETWORK_AVERAGING, as the demo and the
+    tests use), target_group_size left at its default."""
+    from p2pcompute.runs.specs import mlp_synthetic_spec
 
-    text = TRAINER_MANIFEST.replace('name = "bench-mlp"', f'name = "bench-mlp-{rank}"') if mode == "separate" \
-        else TRAINER_MANIFEST
-    return text.format(batch=TRAINER_BATCH, target=peers * TRAINER_EPOCH_STEPS * TRAINER_BATCH,
-                       mode="gradients" if mode == "gradients" else "local",
-                       overlap=str(mode == "local-overlap").lower(), timeouts=toml_lines(LOCAL_NETWORK_AVERAGING))
+    return mlp_synthetic_spec(
+        f"bench-mlp-{rank}" if mode == "separate" else "bench-mlp", description="bench_training.py part (b)",
+        batch_size_per_step=TRAINER_BATCH, target_batch_size=peers * TRAINER_EPOCH_STEPS * TRAINER_BATCH,
+        max_epochs=0, in_features=512, hidden=[2048, 2048], out_features=512, activation="relu", noise="0.1", seed=1,
+        optimizer="sgd", lr="0.001", mode="gradients" if mode == "gradients" else "local",
+        averaging={"overlap": mode == "local-overlap", "compression": "fp16"},
+        hardware={"min_memory_mb": 256, "devices": ["cpu"]}, credits={"rate": 1000, "quorum": 1})
 
 
 # ---- parts (c) and (d) ---------------------------------------------------------------------------------
@@ -191,43 +158,14 @@ def children_named(parent: int, name: str) -> list[int]:
     return [pid for pid in below if table[pid][0] == name]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def wait_for_file(path: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text()
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} did not appear within {timeout:.0f} s")
-
-
 def barrier(directory: Path, name: str, rank: int, world: int, timeout: float = BARRIER_TIMEOUT) -> None:
     """All `world` peers reach `name` before any goes on (files in a shared temp dir)."""
-    write_atomic(directory / f"barrier-{name}-{rank}", "")
-    for other in range(world):
-        wait_for_file(directory / f"barrier-{name}-{other}", timeout)
-
-
-def make_dht(host: str, initial_peers: list[str]):
-    import hivemind
-
-    return hivemind.DHT(start=True, initial_peers=initial_peers or None, host_maddrs=[f"/ip4/{host}/tcp/0"],
-                        use_relay=False, use_auto_relay=False, auto_nat=False, nat_port_map=False,
-                        startup_timeout=PEER_START_TIMEOUT)
+    harness.barrier(directory, name, rank, world, timeout)
 
 
 def join_swarm(directory: Path, rank: int, host: str):
     """Peer 0 starts the DHT others bootstrap from (its maddrs in `boot`); returns this peer's DHT."""
-    if rank == 0:
-        dht = make_dht(host, [])
-        write_atomic(directory / "boot", "\n".join(str(m) for m in dht.get_visible_maddrs()))
-        return dht
-    return make_dht(host, wait_for_file(directory / "boot", PEER_START_TIMEOUT).split())
+    return harness.join_dht(directory, rank, host, PEER_START_TIMEOUT)
 
 
 def codec(name: str):
@@ -528,11 +466,9 @@ def worker_train_local(args) -> None:
         warm = Clock(float("inf"), float("inf"))
         for _ in range(WARMUP_STEPS):  # the tracker publishes our progress once we have samples
             train_step(warm)
-        deadline = time.monotonic() + PEER_START_TIMEOUT  # a peer alone would take its outer step alone
-        while opt.tracker.global_progress.num_peers < world:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the progress tracker saw {opt.tracker.global_progress.num_peers} of {world} peers")
-            time.sleep(0.1)
+        # a peer alone would take its outer step alone
+        poll_until(lambda: opt.tracker.global_progress.num_peers >= world, PEER_START_TIMEOUT, interval=0.1,
+                   what=f"the progress tracker to see {world} peers")
         barrier(directory, "measure", rank, world)
         start = time.perf_counter()
         clock = Clock(start, start + args.seconds)
@@ -562,7 +498,7 @@ def worker_train_local(args) -> None:
                "wire_tx": wire1[0] - wire0[0], "wire_rx": wire1[1] - wire0[1],
                "step_compute": clock.compute / max(1, steps_in_window)}
         write_atomic(directory / f"result-{rank}.json", json.dumps(out))
-        with contextlib.suppress(TimeoutError):  # a mate that is still training must not fail this peer
+        with contextlib.suppress(Timeout):  # a mate that is still training must not fail this peer
             barrier(directory, "leave", rank, world, timeout=OVERRUN_LIMIT + STEP_TIMEOUT + ROUND_TIMEOUT)
     finally:
         if opt is not None:
@@ -573,72 +509,36 @@ def worker_train_local(args) -> None:
 # =========================================================================================================
 # orchestration
 # =========================================================================================================
-class Peers:
-    """Worker processes of one measurement, each in its own process group; stop() kills every one."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, rank: int, argv: list[str], prefix: list[str] = (), program: list[str] = (),
-              env: dict | None = None) -> None:
-        """Start `[*prefix, python, *(program or this script), *argv]` in a process group of its own."""
-        log = open(self.directory / f"log-{rank}.txt", "w")
-        self.procs.append(subprocess.Popen([*prefix, sys.executable, *(program or [__file__]), *argv], stdout=log,
-                                           stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                                           env={**os.environ, **(env or {})}))
-        log.close()
-
-    def wait(self, timeout: float) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        for proc in self.procs:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        failed = [rank for rank, proc in enumerate(self.procs)
-                  if proc.returncode != 0 or not (self.directory / f"result-{rank}.json").exists()]
-        if failed:
-            logs = "\n".join(f"--- peer {rank} (exit {proc.returncode}):\n"
-                             + (self.directory / f"log-{rank}.txt").read_text()[-4000:]
-                             for rank, proc in enumerate(self.procs))
-            raise RuntimeError(f"peers {failed} failed:\n{logs}")
-        return [json.loads((self.directory / f"result-{rank}.json").read_text()) for rank in range(len(self.procs))]
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + SHUTDOWN_WAIT
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=SHUTDOWN_WAIT)
-        # the process group outlives its leader when a child (p2pd, averager) lingers
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+def peer_results(group: PeerGroup, timeout: float) -> list[dict]:
+    """Each peer's DIR/result-RANK.json once all exited 0 (bounded); RuntimeError with their logs otherwise."""
+    codes = group.finish(timeout)
+    failed = [rank for rank, code in enumerate(codes)
+              if code != 0 or not (group.directory / f"result-{rank}.json").exists()]
+    if failed:
+        logs = "\n".join(f"--- peer {rank} (exit {'timeout' if code is None else code}):\n" + proc.log_tail()
+                         for rank, (proc, code) in enumerate(zip(group.procs, codes)))
+        raise RuntimeError(f"peers {failed} failed:\n{logs}")
+    return [json.loads((group.directory / f"result-{rank}.json").read_text()) for rank in range(len(group.procs))]
 
 
 @contextlib.contextmanager
 def peer_group():
     directory = Path(tempfile.mkdtemp(prefix="p2pc-bench-training-"))
-    peers = Peers(directory)
     try:
-        yield peers
+        with PeerGroup(directory, grace=SHUTDOWN_WAIT) as group:
+            yield group
     finally:
-        peers.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
 
 def run_allreduce(world: int, sizes: list[int], rounds: int, port: int, log_level: str = "WARNING") -> list[dict]:
-    with peer_group() as peers:
+    with peer_group() as group:
         for rank in range(world):
-            peers.start(rank, ["--worker", "allreduce", "--rank", str(rank), "--world", str(world),
-                               "--sizes", ",".join(map(str, sizes)), "--rounds", str(rounds),
-                               "--dir", str(peers.directory), "--port", str(port), "--log-level", log_level])
-        return peers.wait(ALLREDUCE_RUN_TIMEOUT)
+            group.start([__file__, "--worker", "allreduce", "--rank", str(rank), "--world", str(world),
+                         "--sizes", ",".join(map(str, sizes)), "--rounds", str(rounds),
+                         "--dir", str(group.directory), "--port", str(port), "--log-level", log_level],
+                        log=f"log-{rank}.txt")
+        return peer_results(group, ALLREDUCE_RUN_TIMEOUT)
 
 
 def summarize_allreduce(results: list[dict], sizes: list[int]) -> dict:
@@ -728,43 +628,43 @@ def part_a(args, console) -> dict:
 
 def run_trainers(k: int, window: float, mode: str) -> dict:
     """k trainer processes on 127.0.0.1; samples/s of each over `window` seconds once all of them train."""
-    with peer_group() as peers:
-        directory = peers.directory
+    with peer_group() as group:
+        directory = group.directory
+        workers: list[TrainerWorker] = []
         initial: list[str] = []
         for rank in range(k):
             manifest = directory / f"run-{rank}.toml"
             manifest.write_text(trainer_manifest(mode, 1 if mode == "separate" else k, rank))
-            argv = ["--manifest", str(manifest), "--data-dir", str(directory / f"node{rank}"),
-                    "--ready-file", str(directory / f"ready-{rank}"), "--status-file", str(directory / f"status-{rank}"),
-                    "--min-peers", str(1 if mode == "separate" else k),
+            argv = ["--min-peers", str(1 if mode == "separate" else k),
                     "--max-seconds", str(window + TRAINER_START_TIMEOUT)]
-            peers.start(rank, argv + (["--initial-peers", *initial] if initial else []),
-                        program=["-m", "p2pcompute.training.worker"], env={"OMP_NUM_THREADS": "1"})
+            workers.append(group.add(TrainerWorker(directory, f"node{rank}", manifest, argv + (
+                ["--initial-peers", *initial] if initial else []), env={**os.environ, "OMP_NUM_THREADS": "1"})))
+            workers[-1].start(wait=False)
             if rank == 0:
-                initial = wait_for_file(directory / "ready-0", PEER_START_TIMEOUT).split()
+                initial = workers[0].wait_ready(PEER_START_TIMEOUT)
 
         def snapshot():
             """Each peer's status and when its worker wrote it (the file's mtime: written every second)."""
             statuses = []
-            for rank in range(k):
+            for worker in workers:
                 with contextlib.suppress(OSError, ValueError):
-                    path = directory / f"status-{rank}"
-                    written = path.stat().st_mtime
-                    statuses.append({**json.loads(path.read_text()), "written": written})
+                    written = worker.status_file.stat().st_mtime
+                    statuses.append({**json.loads(worker.status_file.read_text()), "written": written})
             return statuses
 
-        deadline = time.monotonic() + TRAINER_START_TIMEOUT
-        while True:
-            first = snapshot()
-            if len(first) == k and all(st["status"] == "training" and st["samples_done"] > 0 for st in first):
-                break
-            if time.monotonic() > deadline or any(proc.poll() is not None for proc in peers.procs):
-                logs = "\n".join((directory / f"log-{rank}.txt").read_text()[-3000:] for rank in range(k))
-                raise RuntimeError(f"{k} trainers did not all start training: {first}\n{logs}")
-            time.sleep(0.5)
+        def all_training(statuses: list[dict]) -> bool:
+            return len(statuses) == k and all(st["status"] == "training" and st["samples_done"] > 0 for st in statuses)
+
+        with contextlib.suppress(Timeout):  # reported below
+            poll_until(lambda: all_training(snapshot()) or not all(w.alive() for w in workers),
+                       TRAINER_START_TIMEOUT, interval=0.5, what=f"{k} trainers training")
+        first = snapshot()
+        if not all_training(first) or not all(w.alive() for w in workers):
+            logs = "\n".join(worker.log_tail() for worker in workers)
+            raise RuntimeError(f"{k} trainers did not all start training: {first}\n{logs}")
         time.sleep(window)
         last = snapshot()
-        if len(last) != k or any(proc.poll() is not None for proc in peers.procs):
+        if len(last) != k or not all(w.alive() for w in workers):
             raise RuntimeError(f"{k} trainers: a peer left during the window: {last}")
         rates = [(b["samples_done"] - a["samples_done"]) / (b["written"] - a["written"]) for a, b in zip(first, last)]
         rounds = [r for st in last for r in st["rounds"]]  # the newest <= 32 rounds of each peer, whole run
@@ -796,7 +696,7 @@ def part_b(args, console) -> dict:
                 run = runs[mode].setdefault(k, {"repeats": [], "failures": []})
                 try:
                     run["repeats"].append(run_trainers(k, args.trainer_window, mode))
-                except (RuntimeError, TimeoutError) as e:  # reported, and counted in the table
+                except (RuntimeError, NodeProcessError) as e:  # reported, and counted in the table
                     console.print(f"[red](b) {mode}, {k} trainer(s) failed[/red]:\n{str(e)[-4000:]}")
                     run["failures"].append(str(e))
     for mode in modes:
@@ -899,13 +799,13 @@ def namespaces_work() -> str | None:
 
 
 def run_training(mode: str, compression: str, seconds: float) -> list[dict]:
-    with peer_group() as peers:
+    with peer_group() as group:
         for i in range(TRAIN_PEERS):
-            peers.start(i, ["--worker", "train", "--rank", str(i), "--world", str(TRAIN_PEERS), "--mode", mode,
-                            "--compression", compression, "--seconds", str(seconds), "--host", peer_host(i),
-                            "--device", f"vp{i}", "--dir", str(peers.directory)],
-                        prefix=["ip", "netns", "exec", peer_ns(i)])
-        return peers.wait(seconds + TRAIN_GRACE + 2 * (STEP_TIMEOUT + ROUND_TIMEOUT))
+            group.start([__file__, "--worker", "train", "--rank", str(i), "--world", str(TRAIN_PEERS), "--mode", mode,
+                         "--compression", compression, "--seconds", str(seconds), "--host", peer_host(i),
+                         "--device", f"vp{i}", "--dir", str(group.directory)],
+                        log=f"log-{i}.txt", prefix=["ip", "netns", "exec", peer_ns(i)])
+        return peer_results(group, seconds + TRAIN_GRACE + 2 * (STEP_TIMEOUT + ROUND_TIMEOUT))
 
 
 def parts_c_d(args, console) -> dict:

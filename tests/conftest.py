@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from p2pcompute.node.launcher import NodeProcess
+from p2pcompute.retry import Timeout, poll_until
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 TEST_RECORD_TTL = "6"  # seconds: short so that a killed node vanishes quickly in tests
@@ -33,15 +33,11 @@ def p2pc_json(*args: str, timeout: float = 60):
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
-    """Poll `predicate` until it returns a truthy value or `timeout` passes (then fail the test)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {last!r}")
+    """`p2pcompute.retry.poll_until`, failing the test (AssertionError) at the deadline."""
+    try:
+        return poll_until(predicate, timeout, interval=interval, what=what)
+    except Timeout as e:
+        raise AssertionError(str(e)) from None
 
 
 def peer_ids_seen_by(data_dir: Path) -> set[str]:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,9 @@ import pytest
 import torch
 from hivemind.compression import CompressionInfo, Uniform8BitQuantization, deserialize_torch_tensor
 
+from conftest import wait_until
+from p2pcompute.devtools.peers import PeerGroup
+from p2pcompute.node.launcher import SessionProcess
 from p2pcompute.training.compression import FixedUniform8BitQuantization, compression_for, fixed_codecs_installed
 from p2pcompute.training.probe import probe_tensor
 
@@ -70,45 +70,30 @@ def test_unpickling_our_codec_installs_the_fix_in_that_process():
 @contextlib.contextmanager
 def probes(tmp_path: Path):
     """Three probe processes (own sessions); yields their result dirs; kills each process group at the end."""
-    procs: list[subprocess.Popen] = []
+    with PeerGroup(tmp_path, grace=0) as group:
+        def spawn(index: int, seed: int, peers: list[str]) -> SessionProcess:
+            ready = tmp_path / f"p{index}.ready"
+            return group.start(
+                ["-m", "p2pcompute.training.probe", "--seed", str(seed), "--size", str(SIZE), "--group-size",
+                 str(len(SEEDS)), "--rounds", ",".join(ROUNDS), "--result-dir", str(tmp_path / f"r{index}"),
+                 "--ready-file", str(ready), "--initial-peers", *peers], log=f"p{index}.log", ready_file=ready)
 
-    def spawn(index: int, seed: int, peers: list[str]) -> Path:
-        ready = tmp_path / f"p{index}.ready"
-        log = open(tmp_path / f"p{index}.log", "wb")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "p2pcompute.training.probe", "--seed", str(seed), "--size", str(SIZE),
-             "--group-size", str(len(SEEDS)), "--rounds", ",".join(ROUNDS), "--result-dir", str(tmp_path / f"r{index}"),
-             "--ready-file", str(ready), "--initial-peers", *peers],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
-        log.close()
-        return ready
-
-    try:
-        first = spawn(0, SEEDS[0], [])
-        deadline = time.monotonic() + ROUND_DEADLINE
-        while not (first.exists() and first.read_text().endswith("\n")):
-            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "p0.log").read_text()[-3000:]
-            time.sleep(0.05)
-        bootstrap = first.read_text().split()[0]
+        bootstrap = spawn(0, SEEDS[0], []).wait_ready(ROUND_DEADLINE)[0]
         for index, seed in enumerate(SEEDS[1:], start=1):
             spawn(index, seed, [bootstrap])
-        yield [tmp_path / f"r{i}" for i in range(len(SEEDS))], procs
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        yield [tmp_path / f"r{i}" for i in range(len(SEEDS))], group.procs
 
 
 def test_every_compression_matches_the_exact_mean_in_a_real_round(tmp_path):
     exact = torch.stack([probe_tensor(seed, SIZE) for seed in SEEDS]).mean(0)
     with probes(tmp_path) as (dirs, procs):
-        deadline = time.monotonic() + ROUND_DEADLINE
-        while not all((d / f"{ROUNDS[-1]}.json").exists() for d in dirs):
-            for i, proc in enumerate(procs):
-                assert proc.poll() is None, (tmp_path / f"p{i}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the probes did not finish their rounds"
-            time.sleep(0.1)
+        def finished() -> bool:
+            done = all((d / f"{ROUNDS[-1]}.json").exists() for d in dirs)
+            for proc in [] if done else procs:
+                assert proc.alive(), proc.log_tail()
+            return done
+
+        wait_until(finished, ROUND_DEADLINE, interval=0.1, what="the probes to finish their rounds")
         outcomes = {name: [(json.loads((d / f"{name}.json").read_text()),
                             torch.load(d / f"{name}.pt", weights_only=True)) for d in dirs] for name in ROUNDS}
 

@@ -18,51 +18,23 @@ from p2pcompute.credits.witness import Observations, check_claim
 from p2pcompute.credits.claims import Claim
 from p2pcompute.errors import InvalidMessage
 from p2pcompute.identity import Identity
-from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, toml_lines
+from p2pcompute.runs.specs import mlp_synthetic_spec
 from p2pcompute.services.credits import LIMITS as CREDITS_LIMITS
 
 EPOCHS = 5
 RATE = 1000
 QUORUM = 2
-SPEC = f"""
-name = "credits-e2e"
-description = "three peers, witnessed receipts"
-batch_size_per_step = 32
-target_batch_size = 384
-max_epochs = {EPOCHS}
 
-[model]
-name = "mlp"
-in_features = 8
-hidden = [32]
-out_features = 2
-activation = "relu"
 
-[dataset]
-name = "synthetic"
-task = "regression"
-input_shape = [8]
-outputs = 2
-noise = 0.1
-seed = 3
-
-[optimizer]
-name = "adam"
-lr = 0.01
-
-[averaging]
-mode = "{{mode}}"
-compression = "none"
-average_state_every = {{every}}
-{toml_lines({**LOCAL_NETWORK_AVERAGING, "matchmaking_time": "1.5"})}
-[hardware]
-min_memory_mb = 64
-devices = ["cpu", "cuda"]
-
-[credits]
-rate = {RATE}
-quorum = {QUORUM}
-"""
+def credits_spec(mode: str) -> str:
+    """Three peers, witnessed receipts: a quorum of 2 witnesses; groups gather for 1.5 s (as in the demo)."""
+    return mlp_synthetic_spec(
+        "credits-e2e", description="three peers, witnessed receipts", batch_size_per_step=32, target_batch_size=384,
+        max_epochs=EPOCHS, in_features=8, hidden=[32], out_features=2, activation="relu", noise="0.1", seed=3,
+        optimizer="adam", lr="0.01", mode=mode,
+        averaging={"compression": "none", "average_state_every": 5 if mode == "gradients" else 1,
+                   "matchmaking_time": "1.5"},
+        hardware={"min_memory_mb": 64, "devices": ["cpu", "cuda"]}, credits={"rate": RATE, "quorum": QUORUM})
 
 
 FLOOD = 300  # concurrent requests from one peer: far past the credits protocol's burst
@@ -129,7 +101,7 @@ def receipts_in(data_dir: Path) -> list[dict]:
     reason="flaky: local-mode rounds split 2 + 1, a quorum of 2 witnesses then fails (see the comment)"))])
 def test_training_run_pays_every_contributor(own_swarm, tmp_path, mode):
     """Claims ride in gradient rounds (gradients mode) or in the outer rounds (local mode, DiLoCo)."""
-    spec_text = SPEC.format(mode=mode, every=5 if mode == "gradients" else 1)
+    spec_text = credits_spec(mode)
     own_swarm.start_bootstrap()
     nodes = [own_swarm.start_node(f"n{i}", "--sync-interval", "1", "--min-peers", "3") for i in range(3)]
     spec = tmp_path / "run.toml"

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from p2pcompute.errors import InvalidManifest, InvalidSignature
 from p2pcompute.identity import Identity
-from p2pcompute.runs.manifest import AVERAGING, CREDITS, HARDWARE, Averaging, CreditPolicy, HardwareRequirements, \
-    Manifest, SignedManifest, load_signed_or_spec, sign_manifest
+from p2pcompute.runs.manifest import AVERAGING, CREDITS, HARDWARE, LOCAL_NETWORK_AVERAGING, Averaging, CreditPolicy, \
+    HardwareRequirements, Manifest, SignedManifest, load_signed_or_spec, sign_manifest
+from p2pcompute.runs.specs import mlp_synthetic_spec
 from p2pcompute.runs.schema import Dec, canonical_decimal
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "docs" / "examples").glob("*.toml"))
@@ -78,6 +79,18 @@ def test_defaults_filled_in_and_typed():
 def test_dataclass_fields_match_their_schemas():
     for cls, schema in ((Averaging, AVERAGING), (HardwareRequirements, HARDWARE), (CreditPolicy, CREDITS)):
         assert tuple(f.name for f in dataclasses.fields(cls)) == schema.names
+
+
+def test_built_spec_holds_what_it_was_given_over_the_defaults():
+    base = Manifest.from_toml(BASE)
+    built = Manifest.from_toml(mlp_synthetic_spec(
+        "t", batch_size_per_step=4, target_batch_size=16, in_features=3, hidden=[5], out_features=2, seed=1,
+        optimizer="sgd", lr="0.1", mode="local", averaging={"overlap": True}, credits={"quorum": 2}))
+    assert (built.model, built.dataset, built.optimizer, built.hardware) == (base.model, base.dataset, base.optimizer,
+                                                                           base.hardware)
+    assert built.averaging.mode == "local" and built.averaging.overlap is True
+    assert built.averaging.matchmaking_time == Decimal(LOCAL_NETWORK_AVERAGING["matchmaking_time"])
+    assert built.credits == dataclasses.replace(base.credits, quorum=2)
 
 
 @pytest.mark.parametrize("text, field", [

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +12,10 @@ import torch
 
 from hivemind.p2p import PeerID
 
-from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, Manifest, toml_lines
+from conftest import wait_until
+from p2pcompute.devtools.peers import TrainerWorker
+from p2pcompute.runs.manifest import Manifest
+from p2pcompute.runs.specs import mlp_synthetic_spec
 from p2pcompute.training.checkpoint import load_checkpoint
 from p2pcompute.training.local import evaluate_loss, train_locally
 
@@ -28,86 +26,26 @@ RUN_TIMEOUT = 240.0  # seconds for a whole swarm run to finish; it normally take
 STOP_TIMEOUT = 30.0  # SIGTERM to exit: leaving the averaging group is bounded by shutdown_timeout (3 s)
 STALL_SLACK = 10.0  # seconds beyond averaging_timeout a killed peer may hold the others up (loaded CI box)
 
-# Every timeout tuned for one machine (LOCAL_NETWORK_AVERAGING): 2 s matchmaking, a silent peer dropped after 5 s.
-SPEC = f"""
-name = "swarm-test"
-batch_size_per_step = 16
-target_batch_size = 512
 
-[model]
-name = "mlp"
-in_features = 8
-hidden = [32]
-out_features = 2
-
-[dataset]
-name = "synthetic"
-task = "regression"
-input_shape = [8]
-outputs = 2
-noise = 0.05
-seed = 3
-
-[optimizer]
-name = "adam"
-lr = 0.01
-
-[averaging]
-average_state_every = 5
-{toml_lines(LOCAL_NETWORK_AVERAGING)}"""
+def swarm_spec(mode: str = "gradients", **averaging) -> str:
+    """The swarm tests' run; every timeout tuned for one machine (LOCAL_NETWORK_AVERAGING): 2 s matchmaking, a
+    silent peer dropped after 5 s."""
+    return mlp_synthetic_spec("swarm-test", batch_size_per_step=16, target_batch_size=512, in_features=8, hidden=[32],
+                              out_features=2, noise="0.05", seed=3, optimizer="adam", lr="0.01", mode=mode,
+                              averaging=averaging)
 
 
-class Worker:
-    """`python -m p2pcompute.training.worker` in a session of its own; killed by process group."""
-
-    def __init__(self, root: Path, name: str, spec: Path, args: list[str]):
-        self.dir, self.name = root / name, name
-        self.ready, self.status_file, self.log = root / f"{name}.ready", root / f"{name}.json", root / f"{name}.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "p2pcompute.training.worker", "--manifest", str(spec), "--data-dir",
-                 str(self.dir), "--ready-file", str(self.ready), "--status-file", str(self.status_file), *args],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def wait_ready(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (self.ready.exists() and self.ready.read_text().endswith("\n")):
-            assert self.proc.poll() is None, f"{self.name} exited: {self.tail()}"
-            assert time.monotonic() < deadline, f"{self.name} not ready: {self.tail()}"
-            time.sleep(0.05)
-        return self.ready.read_text().split()[0]
-
-    def status(self) -> dict:
-        try:
-            return json.loads(self.status_file.read_text())
-        except FileNotFoundError:
-            return {}
-
-    def epoch(self) -> int:
-        return self.status().get("epoch", -1)
-
-    def wait_exit(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} still running after {timeout:.0f} s: {self.tail()}") from None
-
-    def signal_group(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signum)
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+SPEC = swarm_spec(average_state_every=5)
 
 
 @pytest.fixture
 def swarm(tmp_path):
-    spec = tmp_path / "spec.toml"
-    spec.write_text(SPEC)
-    workers: list[Worker] = []
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text(SPEC)
+    workers: list[TrainerWorker] = []
 
-    def start(name: str, *args: str) -> Worker:
-        worker = Worker(tmp_path, name, spec, list(args))
+    def start(name: str, *args: str) -> TrainerWorker:
+        worker = TrainerWorker(tmp_path, name, spec_file, args).start(wait=False)
         workers.append(worker)
         return worker
 
@@ -115,30 +53,39 @@ def swarm(tmp_path):
         yield start
     finally:
         for worker in workers:
-            worker.signal_group(signal.SIGKILL)
-            worker.proc.wait(10)
+            worker.kill()
+
+
+def ready(worker: TrainerWorker) -> str:
+    """The worker's first multiaddr, once it is up: what the others bootstrap from."""
+    return worker.wait_ready(START_TIMEOUT)[0]
+
+
+def exit_code(worker: TrainerWorker, timeout: float = RUN_TIMEOUT) -> int:
+    code = worker.wait(timeout)
+    assert code is not None, f"{worker.name} still running after {timeout:.0f} s: {worker.log_tail()}"
+    return code
 
 
 def wait_for(predicate, what: str, timeout: float = RUN_TIMEOUT, workers=()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """wait_until, failing as soon as one of `workers` exits."""
+    def check():
         value = predicate()
-        if value:
-            return value
-        for worker in workers:
-            assert worker.proc.poll() is None, f"{worker.name} exited early: {worker.tail()}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+        for worker in [] if value else workers:
+            assert worker.alive(), f"{worker.name} exited early: {worker.log_tail()}"
+        return value
+
+    return wait_until(check, timeout, interval=0.2, what=what)
 
 
 def test_three_peers_match_one_process_on_the_same_samples(swarm):
     manifest = Manifest.from_toml(SPEC)
     common = ["--max-epochs", str(EPOCHS), "--eval-size", str(EVAL_SIZE), "--min-peers", "3"]
     first = swarm("a", *common)
-    bootstrap = first.wait_ready()
+    bootstrap = ready(first)
     peers = [first] + [swarm(n, *common, "--initial-peers", bootstrap) for n in ("b", "c")]
     for worker in peers:
-        assert worker.wait_exit() == 0, worker.tail()
+        assert exit_code(worker) == 0, worker.log_tail()
     statuses = [w.status() for w in peers]
     assert all(s["status"] == "finished" and s["epoch"] == EPOCHS for s in statuses), statuses
 
@@ -198,19 +145,19 @@ def test_late_joiner_converges_to_the_same_parameters(swarm, tmp_path):
     assert any(len(r["members"]) == 3 for r in rounds), late.status()["rounds"]  # it trained with the others
 
 
-def run_with_late_joiner(swarm, common: list[str]) -> tuple[Worker, Worker, Worker]:
+def run_with_late_joiner(swarm, common: list[str]) -> tuple[TrainerWorker, TrainerWorker, TrainerWorker]:
     """Two peers start together; a third joins once they reach epoch 2; all three run to the end."""
     first = swarm("a", *common, "--min-peers", "2")
-    bootstrap = first.wait_ready()
+    bootstrap = ready(first)
     second = swarm("b", *common, "--min-peers", "2", "--initial-peers", bootstrap)
     wait_for(lambda: first.epoch() >= 2, "epoch 2 before the late peer joins", workers=[first, second])
     late = swarm("c", *common, "--initial-peers", bootstrap)
     for worker in (first, second, late):
-        assert worker.wait_exit() == 0, worker.tail()
+        assert exit_code(worker) == 0, worker.log_tail()
     return first, second, late
 
 
-def checkpoint_params(root: Path, manifest: Manifest, worker: Worker, epoch: int) -> torch.Tensor | None:
+def checkpoint_params(root: Path, manifest: Manifest, worker: TrainerWorker, epoch: int) -> torch.Tensor | None:
     """The flat parameters of the worker's checkpoint at `epoch` (--checkpoint-every 1), if it wrote one."""
     found = list((root / worker.name / "checkpoints").glob(f"*-epoch{epoch:06d}.pt"))
     if not found:
@@ -227,13 +174,12 @@ def _initial_params(manifest: Manifest) -> torch.Tensor:
 def test_a_peer_killed_mid_run_does_not_stop_the_others(swarm):
     common = ["--min-peers", "3", "--max-seconds", str(RUN_TIMEOUT)]
     first = swarm("a", *common)
-    bootstrap = first.wait_ready()
+    bootstrap = ready(first)
     others = [swarm(n, *common, "--initial-peers", bootstrap) for n in ("b", "c")]
     survivors, victim = [first, others[0]], others[1]
     wait_for(lambda: min(w.epoch() for w in survivors + [victim]) >= 3, "three peers at epoch 3",
              workers=survivors + [victim])
-    victim.signal_group(signal.SIGKILL)
-    victim.proc.wait(10)
+    victim.kill()
     killed, killed_at = time.monotonic(), max(w.epoch() for w in survivors)
     wait_for(lambda: min(w.epoch() for w in survivors) > killed_at, "the first epoch after the kill",
              timeout=120, workers=survivors)
@@ -245,14 +191,14 @@ def test_a_peer_killed_mid_run_does_not_stop_the_others(swarm):
     averaging_timeout = float(Manifest.from_toml(SPEC).averaging.averaging_timeout)
     assert stalled < averaging_timeout + STALL_SLACK, stalled
     for worker in survivors:
-        worker.proc.send_signal(signal.SIGTERM)  # the worker itself; it stops its DHT and averagers
+        worker.terminate()  # the worker itself; it stops its DHT and averagers
     for worker in survivors:
-        assert worker.wait_exit(STOP_TIMEOUT) == 0, worker.tail()
+        assert exit_code(worker, STOP_TIMEOUT) == 0, worker.log_tail()
         assert worker.status()["status"] == "stopped"
 
 
 SAME_MODEL = 1e-2  # relative eval-loss difference of DiLoCo peers that ended on the same outer step (see below)
-LOCAL_SPEC = SPEC.replace("average_state_every = 5", 'mode = "local"')
+LOCAL_SPEC = swarm_spec(mode="local")
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlapped"])
@@ -260,14 +206,14 @@ def test_local_updates_take_outer_steps_together(swarm, tmp_path, overlap):
     """DiLoCo mode: local steps for a whole epoch, then an outer Nesterov step on the group's mean parameters
     (overlapped: averaged in the background while the next epoch trains, applied an epoch later)."""
     spec = tmp_path / "local.toml"
-    spec.write_text(LOCAL_SPEC.replace('mode = "local"', f'mode = "local"\noverlap = {str(overlap).lower()}'))
+    spec.write_text(swarm_spec(mode="local", overlap=overlap))
     manifest = Manifest.load(spec)
     assert manifest.averaging.overlap is overlap and manifest.averaging.outer_momentum > 0
     common = ["--manifest", str(spec), "--max-epochs", "8", "--eval-size", str(EVAL_SIZE), "--min-peers", "2"]
     first = swarm("a", *common)
-    second = swarm("b", *common, "--initial-peers", first.wait_ready())
+    second = swarm("b", *common, "--initial-peers", ready(first))
     for worker in (first, second):
-        assert worker.wait_exit() == 0, worker.tail()
+        assert exit_code(worker) == 0, worker.log_tail()
     statuses = [first.status(), second.status()]
     initial_model, dataset = train_locally(manifest, [])
     initial = evaluate_loss(initial_model, dataset, manifest.run_id, EVAL_SIZE)
@@ -327,7 +273,7 @@ def test_local_updates_straggler_catches_up(swarm, tmp_path):
     common = ["--manifest", str(spec), "--max-epochs", str(epochs), "--eval-size", str(EVAL_SIZE), "--min-peers", "3",
               "--log-level", "INFO"]
     first = swarm("a", *common)
-    bootstrap = first.wait_ready()
+    bootstrap = ready(first)
     others = [swarm(n, *common, "--initial-peers", bootstrap) for n in ("b", "c")]
     workers, straggler = [first, *others], others[1]
     wait_for(lambda: min(w.epoch() for w in workers) >= 3, "three peers at epoch 3", workers=workers)
@@ -339,7 +285,7 @@ def test_local_updates_straggler_catches_up(swarm, tmp_path):
     finally:
         straggler.signal_group(signal.SIGCONT)
     for worker in workers:
-        assert worker.wait_exit() == 0, worker.tail()
+        assert exit_code(worker) == 0, worker.log_tail()
     statuses = [w.status() for w in workers]
     assert all(s["status"] == "finished" and s["epoch"] == epochs for s in statuses), statuses
     # It either downloads the swarm's state at its first epoch end (if its tracker already shows the swarm 2+

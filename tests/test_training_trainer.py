@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
+from conftest import wait_until
 from p2pcompute.errors import InvalidMessage, NotFound
 from p2pcompute.identity import Identity
-from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, Manifest, toml_lines
+from p2pcompute.runs.manifest import Manifest
+from p2pcompute.runs.specs import mlp_synthetic_spec
 from p2pcompute.swarm.dht import start_dht
 from p2pcompute.training.checkpoint import fetch_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from p2pcompute.training.local import evaluate_loss
@@ -19,40 +19,19 @@ from p2pcompute.training.trainer import Trainer, TrainerOptions
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 DEADLINE = 90.0  # seconds for any awaited state on a loaded 2-core machine (normally 1-5 s)
 
-SPEC = f"""
-name = "trainer-test"
-batch_size_per_step = 16
-target_batch_size = 64
 
-[model]
-name = "mlp"
-in_features = 6
-hidden = [16]
-out_features = 1
-
-[dataset]
-name = "synthetic"
-task = "regression"
-input_shape = [6]
-outputs = 1
-seed = 11
-
-[optimizer]
-name = "adam"
-lr = 0.01
-
-[averaging]
-{toml_lines(LOCAL_NETWORK_AVERAGING)}"""
+def trainer_spec(seed: int = 11, mode: str = "gradients", **averaging) -> str:
+    """The trainer tests' run: a tiny MLP; [averaging] timeouts for one machine (LOCAL_NETWORK_AVERAGING)."""
+    return mlp_synthetic_spec("trainer-test", batch_size_per_step=16, target_batch_size=64, in_features=6, hidden=[16],
+                              out_features=1, seed=seed, optimizer="adam", lr="0.01", mode=mode,
+                              averaging=averaging)
 
 
-def wait_for(predicate, what: str, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+SPEC = trainer_spec()
+
+
+def wait_for(predicate, what: str):
+    return wait_until(predicate, DEADLINE, interval=0.1, what=what)
 
 
 @pytest.fixture
@@ -70,8 +49,8 @@ def test_train_pause_resume_checkpoint_and_fetch(node, tmp_path, mode):
     identity, dht = node
     # local mode without outer momentum (served state: phi only): alone, it is exactly local training; with the
     # default momentum 0.9 the outer steps of 4-step epochs amplify Adam's up to 7x, and this MLP oscillates
-    local = '\nouter_lr = 1\nouter_momentum = 0' if mode == "local" else ""
-    manifest = Manifest.from_toml(SPEC.replace("[averaging]\n", f'[averaging]\nmode = "{mode}"{local}\n'))
+    local = {"outer_lr": "1", "outer_momentum": "0"} if mode == "local" else {}
+    manifest = Manifest.from_toml(trainer_spec(mode=mode, **local))
     assert manifest.averaging.mode == mode
     reader_identity = Identity.load_or_create(tmp_path / "reader" / "identity.key")
     reader = start_dht(reader_identity, listen=LOOPBACK, bootstrap=[str(dht.get_visible_maddrs()[0])])
@@ -140,7 +119,7 @@ def test_trainer_finishes_at_max_epochs(node, tmp_path):
 
 def test_checkpoint_files_are_checked(tmp_path):
     manifest = Manifest.from_toml(SPEC)
-    other = Manifest.from_toml(SPEC.replace("seed = 11", "seed = 12"))
+    other = Manifest.from_toml(trainer_spec(seed=12))
     model, _ = load_checkpoint(save_checkpoint(tmp_path / "a.pt", _model(manifest), manifest, 4), manifest)
     assert read_checkpoint(tmp_path / "a.pt")["epoch"] == 4
     with pytest.raises(InvalidMessage, match="belongs to run"):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -16,6 +16,7 @@ from p2pcompute.cli.common import console
 from p2pcompute.errors import TimedOut
 from p2pcompute.node.control import ControlClient
 from p2pcompute.node.launcher import NodeProcess
+from p2pcompute.retry import Timeout, poll_until
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 DISCOVERY_TIMEOUT = 90.0  # seconds for every node to see every other on a loaded 2-core machine
@@ -23,56 +24,21 @@ TRAINING_TIMEOUT = 600.0  # seconds for the demo run to finish on a loaded 2-cor
 CREDITS_TIMEOUT = 60.0  # seconds for the last receipts to reach every replica
 
 # The demo's run: a small MLP learning a fixed random teacher on synthetic data (nothing to download).
-DEMO_SPEC = """
-name = "demo-mlp"
-description = "p2pc demo: an MLP learns a synthetic teacher function"
-batch_size_per_step = 64
-target_batch_size = 3072
-max_epochs = {epochs}
-
-[model]
-name = "mlp"
-in_features = 16
-hidden = [64, 64]
-out_features = 4
-activation = "relu"
-
-[dataset]
-name = "synthetic"
-task = "regression"
-input_shape = [16]
-outputs = 4
-noise = 0.05
-seed = 7
-
-[optimizer]
-name = "adam"
-lr = 0.01
-
-[averaging]
-mode = "gradients"
-compression = "none"
-average_state_every = 5
-{averaging}
-[hardware]
-min_memory_mb = 256
-devices = ["cpu", "cuda"]
-
-[credits]
-rate = 1000
-quorum = 1
-"""
 # Its [averaging] timeouts: manifest.LOCAL_NETWORK_AVERAGING, but groups gather for 1.5 s instead of 2.
 DEMO_AVERAGING_OVERRIDES = {"matchmaking_time": "1.5"}
 
 
 def demo_spec(epochs: int) -> str:
-    """DEMO_SPEC as TOML for a run of `epochs` epochs."""
+    """The demo run's TOML spec for a run of `epochs` epochs."""
     # imported here, not at the top: every p2pc command loads this module
-    from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, toml_lines
+    from p2pcompute.runs.specs import mlp_synthetic_spec
 
-    averaging = toml_lines({**LOCAL_NETWORK_AVERAGING, **DEMO_AVERAGING_OVERRIDES})
-    return DEMO_SPEC.format(epochs=epochs, averaging=averaging)
+    return mlp_synthetic_spec(
+        "demo-mlp", description="p2pc demo: an MLP learns a synthetic teacher function", batch_size_per_step=64,
+        target_batch_size=3072, max_epochs=epochs, in_features=16, hidden=[64, 64], out_features=4,
+        activation="relu", noise="0.05", seed=7, optimizer="adam", lr="0.01", mode="gradients",
+        averaging={"compression": "none", "average_state_every": 5, **DEMO_AVERAGING_OVERRIDES},
+        hardware={"min_memory_mb": 256, "devices": ["cpu", "cuda"]}, credits={"rate": 1000, "quorum": 1})
 
 
 @click.command()
@@ -134,18 +100,18 @@ def _manifest_hex(spec: Path) -> str:
 def _show_training(nodes: list[NodeProcess], run_id: str, epochs: int) -> dict[int, float]:
     """Live table of every node's trainer until the run reaches its last epoch; returns epoch -> loss."""
     losses: dict[int, float] = {}
-    deadline = time.monotonic() + TRAINING_TIMEOUT
     with Live(console=console, refresh_per_second=4) as live:
-        while True:
+        def finished() -> bool:
             status = ControlClient(nodes[0].data_dir).call("runs/status", {"run": run_id})
             if status["loss"] is not None:
                 losses.setdefault(status["epoch"], status["loss"])
             live.update(_training_table(status, epochs))
-            if status["epoch"] >= epochs:
-                break
-            if time.monotonic() > deadline:
-                raise TimedOut(f"the demo run did not finish within {TRAINING_TIMEOUT:.0f} s")
-            time.sleep(0.5)
+            return status["epoch"] >= epochs
+
+        try:
+            poll_until(finished, TRAINING_TIMEOUT, interval=0.5, what="the demo run to finish")
+        except Timeout:
+            raise TimedOut(f"the demo run did not finish within {TRAINING_TIMEOUT:.0f} s") from None
     return losses
 
 
@@ -180,12 +146,14 @@ def _show_loss_curve(losses: dict[int, float]) -> None:
 
 def _show_credits(nodes: list[NodeProcess]) -> None:
     """Balances as every replica sees them, once the replicas agree."""
-    deadline = time.monotonic() + CREDITS_TIMEOUT
-    while True:
-        views = [ControlClient(n.data_dir).call("ledger/top", {}) for n in nodes]
-        if all(v == views[0] for v in views) and views[0] or time.monotonic() > deadline:
-            break
-        time.sleep(1.0)
+    views: list = []
+
+    def replicas_agree() -> bool:
+        views[:] = [ControlClient(n.data_dir).call("ledger/top", {}) for n in nodes]
+        return all(v == views[0] for v in views) and bool(views[0])
+
+    with contextlib.suppress(Timeout):  # past the deadline: shown as they are, the line below says they differ
+        poll_until(replicas_agree, CREDITS_TIMEOUT, interval=1.0, what="every replica's balances to agree")
     table = Table(title="credits earned (micro-credits), replica of node0")
     for column in ("peer", "credits", "samples", "receipts"):
         table.add_column(column, justify="left" if column == "peer" else "right")
@@ -198,19 +166,19 @@ def _show_credits(nodes: list[NodeProcess]) -> None:
 
 def _show_discovery(boot: NodeProcess, nodes: list[NodeProcess]) -> None:
     everyone = {boot.peer_id} | {n.peer_id for n in nodes}
-    deadline = time.monotonic() + DISCOVERY_TIMEOUT
     with Live(console=console, refresh_per_second=4) as live:
-        while True:
+        def converged() -> bool:
             seen = {}
             for node in nodes:
                 peers = ControlClient(node.data_dir).call("peers")
                 seen[node] = {p["peer_id"] for p in peers}
             live.update(_discovery_table(nodes, seen, len(everyone)))
-            if all(s >= everyone for s in seen.values()):
-                break
-            if time.monotonic() > deadline:
-                raise TimedOut(f"the demo swarm did not converge within {DISCOVERY_TIMEOUT:.0f} s")
-            time.sleep(0.5)
+            return all(s >= everyone for s in seen.values())
+
+        try:
+            poll_until(converged, DISCOVERY_TIMEOUT, interval=0.5, what="every node to see every other")
+        except Timeout:
+            raise TimedOut(f"the demo swarm did not converge within {DISCOVERY_TIMEOUT:.0f} s") from None
     console.print(f"[bold green]all {len(nodes)} nodes and the bootstrap peer see each other[/]")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import tomllib
 from decimal import Decimal
 from pathlib import Path
@@ -86,8 +87,19 @@ LOCAL_NETWORK_AVERAGING = {
 
 
 def toml_lines(values: Mapping[str, Any]) -> str:
-    """`key = "value"` lines for a TOML table (decimal strings are accepted wherever numbers are)."""
-    return "".join(f'{key} = "{value}"\n' for key, value in values.items())
+    """`key = value` lines for a TOML table: strings quoted (decimal strings are accepted wherever numbers
+    are), integers and booleans bare, lists in brackets."""
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    return json.dumps(str(value))  # a TOML basic string; Decimal -> its text
 
 
 HARDWARE = Schema(
