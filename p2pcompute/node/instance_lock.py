@@ -66,6 +66,8 @@ class InstanceLock:
             pid, start = map(int, holder.split())
         except ValueError:  # written by nobody yet, or not by us
             return f"another node holds {self.path}; stop it before starting this one"
+        if not proctree.supported():  # cannot tell whether it runs
+            return f"another node holds {self.path} (pid {pid}); stop it before starting this one"
         running = proctree.read(pid)
         if running is not None and running.state != "Z" and start in (running.start, 0):
             return (f"this node already runs on {self.data_dir} (pid {pid}); stop it first "
