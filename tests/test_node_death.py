@@ -9,46 +9,12 @@ import signal
 import time
 
 from conftest import LOOPBACK, p2pc_json, run_p2pc, wait_until
+from p2pcompute.cli.demo import demo_spec
 from p2pcompute.errors import NodeAlreadyRunning
 from p2pcompute.node import proctree
-from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, toml_lines
 
 DEATH_TIMEOUT = 15.0  # seconds: the watchdog looks every 0.5 s and grants 3 s after SIGTERM; slack for 2 busy cores
 TRAIN_TIMEOUT = 180.0  # seconds for a lone node to pick the run up and finish an epoch on a loaded machine
-SPEC = f"""
-name = "dies-whole"
-description = "a run that never ends, so that the node has its averager processes when it is killed"
-batch_size_per_step = 16
-target_batch_size = 256
-max_epochs = 0
-
-[model]
-name = "mlp"
-in_features = 8
-hidden = [16]
-out_features = 2
-activation = "relu"
-
-[dataset]
-name = "synthetic"
-task = "regression"
-input_shape = [8]
-outputs = 2
-noise = 0.1
-seed = 5
-
-[optimizer]
-name = "adam"
-lr = 0.01
-
-[averaging]
-mode = "gradients"
-compression = "none"
-{toml_lines(LOCAL_NETWORK_AVERAGING)}
-[hardware]
-min_memory_mb = 64
-devices = ["cpu", "cuda"]
-"""
 
 
 def trainer_epoch(node) -> int:
@@ -60,14 +26,15 @@ def test_sigkill_of_the_main_process_leaves_nothing_and_the_node_starts_again(ow
     own_swarm.start_bootstrap()
     node = own_swarm.start_node("victim", "--min-peers", "1")
     spec = tmp_path / "run.toml"
-    spec.write_text(SPEC)
+    spec.write_text(demo_spec(epochs=0))  # no end: the node still has its averager processes when it is killed
     p2pc_json("run", "publish", str(spec), "--data-dir", str(node.data_dir))
     wait_until(lambda: trainer_epoch(node) >= 1, timeout=TRAIN_TIMEOUT, interval=1, what="the node to train")
     first_id = node.peer_id
     family = proctree.descendants(node.pid)  # watchdog, DHT process, p2pd, averagers, torch_shm_manager
     try:
         names = sorted(r.name for r in family)
-        assert "p2pd" in names and len(family) >= 4, names
+        # p2pd, and besides the watchdog and the DHT process at least one averager (all three: forked pythons)
+        assert "p2pd" in names and sum(n.startswith("python") for n in names) >= 3, names
         os.kill(node.pid, signal.SIGKILL)  # the main process only, not its group
         node.proc.wait(DEATH_TIMEOUT)
         killed_at = time.monotonic()
