@@ -20,8 +20,9 @@ STOP_TIMEOUT = 15.0  # seconds for a clean shutdown before the process group is 
 class NodeProcess:
     """One `p2pc <command> --data-dir D ... --ready-file F` subprocess in a session of its own.
 
-    The session makes the node, its DHT process and p2pd one process group, so `kill()` removes them all
-    by the group id of the PID we started (never by name)."""
+    The session makes the node, its watchdog, its DHT process and p2pd one process group, so `kill()` removes
+    them all by the group id of the PID we started (never by name); torch_shm_manager leaves the group and
+    exits by itself once its clients are gone. A SIGKILL of `pid` alone is left to the node's watchdog."""
 
     def __init__(self, command: Sequence[str], data_dir: Path, extra_args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None):
