@@ -135,3 +135,9 @@ class TimedOut(P2PCError):
     """Something awaited (training progress, credits, discovery in `p2pc demo`) did not happen in time."""
 
     exit_code = 20
+
+
+class NodeAlreadyRunning(P2PCError):
+    """A node or bootstrap peer already runs on this data dir (or processes it left still hold its lock)."""
+
+    exit_code = 21

@@ -15,10 +15,12 @@ from p2pcompute.node import hardware
 from p2pcompute.node.announcer import PeerAnnouncer
 from p2pcompute.node.api import ControlAPI
 from p2pcompute.node.control import ControlServer, load_or_create_token, write_private
+from p2pcompute.node.instance_lock import InstanceLock
 from p2pcompute.node.ledger_host import LedgerHost
 from p2pcompute.node.run_credits import RunCredits
 from p2pcompute.node.shared_dht import SharedDHT
 from p2pcompute.node.training import SupervisorHooks, TrainingSupervisor
+from p2pcompute.node.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,9 @@ MULTIADDRS_FILENAME = "multiaddrs"
 class Node:
     """One volunteer node (or, with role="bootstrap", a DHT-only bootstrap peer).
 
-    `start()` returns once the node is reachable and its multiaddrs file is written; `shutdown()` stops
-    everything it started (training, control API, peer record, ledger, DHT process and its p2pd).
+    `start()` takes the data dir's lock first (`NodeAlreadyRunning` if another instance holds it) and returns
+    once the node is reachable and its multiaddrs file is written; `shutdown()` stops everything it started
+    (training, control API, peer record, ledger, DHT process and its p2pd) and releases the lock.
     Also a context manager."""
 
     def __init__(self, config: NodeConfig, role: str = "node", clock: Callable[[], float] = time.time):
@@ -43,6 +46,7 @@ class Node:
         self.maddrs: list[str] = []
         self.shared: SharedDHT | None = None  # the DHT handle and its lock
         self.announcer: PeerAnnouncer | None = None
+        self.lock = InstanceLock(config.data_dir)
         self.ledger = LedgerHost(config.data_dir, config.sync_interval, config.startup_timeout)
         self.credits: RunCredits | None = None
         self.supervisor: TrainingSupervisor | None = None
@@ -55,6 +59,7 @@ class Node:
 
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.lock.acquire()  # before anything else: a second instance must not touch the running one's files
         self.identity = Identity.load_or_create(config.key_path)
         if self.hardware is None:
             self.hardware = hardware.detect(config.device)
@@ -110,8 +115,10 @@ class Node:
         if self.shared is not None:
             self.shared.dht.shutdown()
             self.shared = None
-        with contextlib.suppress(FileNotFoundError):
-            (self.config.data_dir / MULTIADDRS_FILENAME).unlink()
+        if self.lock.held:  # a refused start leaves the running instance's files alone
+            with contextlib.suppress(FileNotFoundError):
+                (self.config.data_dir / MULTIADDRS_FILENAME).unlink()
+            self.lock.release()
 
     def __enter__(self) -> "Node":
         return self.start()
@@ -132,13 +139,15 @@ class Node:
 
 
 def run_foreground(node: Node, on_ready: Callable[[Node], None] | None = None) -> None:
-    """Start `node`, call `on_ready`, serve until SIGINT/SIGTERM, then shut down cleanly (p2pd included)."""
+    """Make this process `node`: start its watchdog, start the node, call `on_ready`, serve until SIGINT/SIGTERM,
+    then shut down cleanly (p2pd included). Should the process die instead, the watchdog stops what it started."""
 
     def _handle(signum, _frame):
         logger.info("signal %s: shutting down", signum)
         node.request_stop()
 
     previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    watchdog = Watchdog().start()  # first: it sees every process the node starts from here on
     try:
         node.start()
         if on_ready is not None:
@@ -147,6 +156,7 @@ def run_foreground(node: Node, on_ready: Callable[[Node], None] | None = None) -
             pass
     finally:
         node.shutdown()
+        watchdog.shutdown()  # not reached if shutdown failed: the watchdog then stops what is left when we exit
         for s, handler in previous.items():
             signal.signal(s, handler)
 

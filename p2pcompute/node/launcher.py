@@ -23,9 +23,10 @@ LOG_TAIL_LINES = 30  # of the log, in error messages: enough to hold a Python tr
 class SessionProcess:
     """`[*prefix, python, *args]` in a session of its own, its output in `log_path`.
 
-    The session makes the process and its children (a DHT process, p2pd) one process group, so `kill()`
-    removes them all by the group id of the PID we started (never by name). A process given a `ready_file`
-    writes its multiaddrs there, one per line, once it is up (`wait_ready`)."""
+    The session makes the process and its children (a node's watchdog, DHT process, p2pd) one process group, so
+    `kill()` removes them all by the group id of the PID we started (never by name); torch_shm_manager leaves the
+    group and exits by itself once its clients are gone. A SIGKILL of `pid` alone is left to a node's watchdog.
+    A process given a `ready_file` writes its multiaddrs there, one per line, once it is up (`wait_ready`)."""
 
     def __init__(self, args: Sequence[str], log_path: Path, *, ready_file: Path | None = None,
                  env: Mapping[str, str] | None = None, prefix: Sequence[str] = ()):
