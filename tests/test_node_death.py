@@ -27,7 +27,8 @@ def test_sigkill_of_the_main_process_leaves_nothing_and_the_node_starts_again(ow
     node = own_swarm.start_node("victim", "--min-peers", "1")
     spec = tmp_path / "run.toml"
     spec.write_text(demo_spec(epochs=0))  # no end: the node still has its averager processes when it is killed
-    p2pc_json("run", "publish", str(spec), "--data-dir", str(node.data_dir))
+    # --force: the demo's fixed 3072-sample epoch, short for a one-node run (the demo itself sizes it at publish)
+    p2pc_json("run", "publish", str(spec), "--force", "--data-dir", str(node.data_dir))
     wait_until(lambda: trainer_epoch(node) >= 1, timeout=TRAIN_TIMEOUT, interval=1, what="the node to train")
     first_id = node.peer_id
     family = proctree.descendants(node.pid)  # watchdog, DHT process, p2pd, averagers, torch_shm_manager

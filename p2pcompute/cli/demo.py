@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import signal
 import tempfile
@@ -22,20 +23,26 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 DISCOVERY_TIMEOUT = 90.0  # seconds for every node to see every other on a loaded 2-core machine
 TRAINING_TIMEOUT = 600.0  # seconds for the demo run to finish on a loaded 2-core machine (normally ~1 min)
 CREDITS_TIMEOUT = 60.0  # seconds for the last receipts to reach every replica
+PACING_TIMEOUT = 120.0  # seconds for node0 to measure the demo run's speed (a few; more on a loaded machine)
 
 # The demo's run: a small MLP learning a fixed random teacher on synthetic data (nothing to download).
 # Its [averaging] timeouts: manifest.LOCAL_NETWORK_AVERAGING, but groups gather for 1.5 s instead of 2.
 DEMO_AVERAGING_OVERRIDES = {"matchmaking_time": "1.5"}
+# Its epoch: at least this many samples, and as many as this machine needs for epochs that are long enough for
+# their rounds (the publish check, docs/training.md "Epoch length"), times DEMO_PACING_MARGIN so that a
+# slightly different estimate at publish still passes. A fixed number would be too short on a fast machine.
+DEMO_TARGET_BATCH_SIZE = 3072
+DEMO_PACING_MARGIN = 1.25
 
 
-def demo_spec(epochs: int) -> str:
-    """The demo run's TOML spec for a run of `epochs` epochs."""
+def demo_spec(epochs: int, target_batch_size: int = DEMO_TARGET_BATCH_SIZE) -> str:
+    """The demo run's TOML spec for a run of `epochs` epochs of `target_batch_size` samples."""
     # imported here, not at the top: every p2pc command loads this module
     from p2pcompute.runs.specs import mlp_synthetic_spec
 
     return mlp_synthetic_spec(
         "demo-mlp", description="p2pc demo: an MLP learns a synthetic teacher function", batch_size_per_step=64,
-        target_batch_size=3072, max_epochs=epochs, in_features=16, hidden=[64, 64], out_features=4,
+        target_batch_size=target_batch_size, max_epochs=epochs, in_features=16, hidden=[64, 64], out_features=4,
         activation="relu", noise="0.05", seed=7, optimizer="adam", lr="0.01", mode="gradients",
         averaging={"compression": "none", "average_state_every": 5, **DEMO_AVERAGING_OVERRIDES},
         hardware={"min_memory_mb": 256, "devices": ["cpu", "cuda"]}, credits={"rate": 1000, "quorum": 1})
@@ -71,8 +78,9 @@ def demo(n_nodes: int, epochs: int, keep: bool) -> None:
             node.wait_ready()
         _show_discovery(boot, nodes)
         spec = root / "demo-run.toml"
-        spec.write_text(demo_spec(epochs))
-        published = ControlClient(nodes[0].data_dir).call("runs/publish", {"manifest": _manifest_hex(spec)})
+        spec.write_text(demo_spec(epochs, _paced_target(nodes[0], epochs)))
+        published = ControlClient(nodes[0].data_dir, timeout=PACING_TIMEOUT).call(
+            "runs/publish", {"manifest": _manifest_hex(spec)})
         console.print(f"published run [bold]{published['name']}[/] {published['run_id'][:16]} from node0; "
                       f"every node picks it up", highlight=False)
         losses = _show_training(nodes, published["run_id"], epochs)
@@ -95,6 +103,23 @@ def _manifest_hex(spec: Path) -> str:
     from p2pcompute.runs.manifest import Manifest
 
     return Manifest.load(spec).to_wire().hex()
+
+
+def _paced_target(node: NodeProcess, epochs: int) -> int:
+    """The demo run's target_batch_size on this machine: DEMO_TARGET_BATCH_SIZE, or what the node's publish check
+    asks for (with DEMO_PACING_MARGIN) if that is more."""
+    from p2pcompute.runs.manifest import Manifest
+
+    manifest = Manifest.from_toml(demo_spec(epochs))
+    pacing = ControlClient(node.data_dir, timeout=PACING_TIMEOUT).call("runs/pacing",
+                                                                       {"manifest": manifest.to_wire().hex()})
+    speed, step = pacing["throughput"], manifest.batch_size_per_step
+    needed = math.ceil((pacing["min_target_batch_size"] or 0) * DEMO_PACING_MARGIN / step) * step
+    target = max(DEMO_TARGET_BATCH_SIZE, needed)
+    console.print(f"epochs of {target:,} samples: ~{target / speed['samples_per_s']:.1f} s of compute at the "
+                  f"~{speed['samples_per_s']:,.0f} samples/s node0 estimates for {speed['peers']} peers "
+                  f"(rounds need >= {pacing['min_epoch_seconds']:.1f} s)", highlight=False)
+    return target
 
 
 def _show_training(nodes: list[NodeProcess], run_id: str, epochs: int) -> dict[int, float]:

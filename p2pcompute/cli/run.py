@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import click
 
-from p2pcompute.cli.common import console, data_dir_option, emit, json_option, print_table
+from p2pcompute.cli.common import console, data_dir_option, emit, err_console, json_option, print_table
 from p2pcompute.config import resolve_data_dir
-from p2pcompute.node.control import ControlClient
+from p2pcompute.node.control import CLIENT_TIMEOUT, ControlClient
+
+# publishing measures the run's training speed on the node first (a few seconds, more on a loaded machine)
+PUBLISH_TIMEOUT = CLIENT_TIMEOUT + 60.0
 
 
 @click.group()
@@ -16,20 +19,31 @@ def run() -> None:
 
 @run.command("publish")
 @click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True,
+              help="Publish even if the run's epochs look too short for its averaging rounds (warns instead).")
 @data_dir_option
 @json_option
-def publish(spec: str, data_dir: str | None, as_json: bool) -> None:
+def publish(spec: str, force: bool, data_dir: str | None, as_json: bool) -> None:
     """Validate a TOML run SPEC, sign it with the node's key, record it in the ledger and announce it.
 
-    The running node of --data-dir signs and announces; the run id is the hash of the canonical manifest."""
+    The running node of --data-dir signs and announces; the run id is the hash of the canonical manifest.
+    The node refuses a run whose epochs are too short for its averaging rounds at the swarm's estimated
+    throughput (docs/training.md, "Epoch length"), naming the smallest target_batch_size that would do."""
     from p2pcompute.runs.manifest import Manifest
 
     manifest = Manifest.load(spec)  # a bad spec fails here, naming the field, before the node is contacted
-    report = ControlClient(resolve_data_dir(data_dir)).call("runs/publish", {"manifest": manifest.to_wire().hex()})
+    report = ControlClient(resolve_data_dir(data_dir), timeout=PUBLISH_TIMEOUT).call(
+        "runs/publish", {"manifest": manifest.to_wire().hex(), "force": force})
+    if report.get("warning"):
+        err_console.print(f"[yellow]warning:[/] published anyway (--force): {report['warning']}", highlight=False)
 
     def render(r: dict) -> None:
         console.print(f"[bold green]published[/] run [bold]{r['name']}[/] id {r['run_id']}", highlight=False)
         console.print(f"ledger entry {r['entry_id']}; announced in the DHT: {r['announced']}", highlight=False)
+        pacing, speed = r["pacing"], r["pacing"]["throughput"]
+        console.print(f"epochs ~{pacing['epoch_seconds']:.1f} s of compute at ~{speed['samples_per_s']:,.0f} samples/s "
+                      f"({speed['peers']} peers); its rounds need >= {pacing['min_epoch_seconds']:.1f} s",
+                      highlight=False)
 
     emit(report, as_json, render)
 

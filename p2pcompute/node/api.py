@@ -8,12 +8,13 @@ from typing import Callable
 
 from p2pcompute import __version__
 from p2pcompute.config import NodeConfig
-from p2pcompute.errors import UsageError
+from p2pcompute.errors import InvalidManifest, UsageError
 from p2pcompute.identity import Identity
 from p2pcompute.node.announcer import PeerAnnouncer
 from p2pcompute.node.control import ControlServer
 from p2pcompute.node.hardware import Hardware
 from p2pcompute.node.ledger_host import LedgerHost
+from p2pcompute.node.pacing import PublishPacing
 from p2pcompute.node.selection import check_run_ref, find_run
 from p2pcompute.node.shared_dht import SharedDHT
 from p2pcompute.node.training import TrainingSupervisor
@@ -30,7 +31,7 @@ class ControlAPI:
 
     def __init__(self, *, role: str, config: NodeConfig, identity: Identity, hardware: Hardware, shared: SharedDHT,
                  announcer: PeerAnnouncer, ledger: LedgerHost, supervisor: TrainingSupervisor | None,
-                 clock: Callable[[], float], request_stop: Callable[[], None]):
+                 pacing: PublishPacing, clock: Callable[[], float], request_stop: Callable[[], None]):
         self.role = role
         self.config = config
         self.identity = identity
@@ -39,6 +40,7 @@ class ControlAPI:
         self.announcer = announcer
         self.ledger = ledger
         self.supervisor = supervisor
+        self.pacing = pacing
         self.clock = clock
         self.request_stop = request_stop
 
@@ -48,6 +50,7 @@ class ControlAPI:
         control.route("POST", "ledger/sync", self.ledger_sync)
         control.route("POST", "ledger/top", self.ledger_top)
         control.route("POST", "runs/publish", self.publish_run)
+        control.route("POST", "runs/pacing", self.run_pacing)
         control.route("GET", "runs", self.runs)
         control.route("POST", "runs/status", self.run_status)
         control.route("POST", "runs/checkpoint", self.run_checkpoint)
@@ -104,26 +107,47 @@ class ControlAPI:
     # ---- runs ----------------------------------------------------------------------------------
 
     def publish_run(self, args: dict) -> dict:
-        """Sign a manifest with this node's key, record it in the ledger and announce it in the DHT."""
+        """Sign a manifest with this node's key, record it in the ledger and announce it in the DHT; refused
+        (InvalidManifest) when its epochs are too short for its rounds at the swarm's throughput, unless
+        args["force"] (then the reason comes back as "warning")."""
         from p2pcompute.ledger.codec import KIND_RUN_PUBLISH, RunPublish
-        from p2pcompute.runs.manifest import Manifest, sign_manifest
+        from p2pcompute.runs.manifest import sign_manifest
         from p2pcompute.swarm.dht import dht_time
         from p2pcompute.swarm.runs import announce_run
 
-        wire = args.get("manifest")
-        if not isinstance(wire, str) or len(wire) > MAX_MANIFEST_HEX:
-            raise UsageError("manifest must be the hex of a canonical manifest (at most 64 KiB)")
-        try:
-            manifest = Manifest.from_wire(bytes.fromhex(wire))
-        except ValueError:
-            raise UsageError("manifest is not hex") from None
+        force = args.get("force", False)
+        if not isinstance(force, bool):
+            raise UsageError("force must be true or false")
+        manifest = self._manifest_arg(args)
+        pacing, throughput = self.pacing.check(manifest, self.announcer.fetch_peers())
+        if not pacing.ok and not force:
+            raise InvalidManifest(f"{pacing.reason} (or publish with --force)")
         signed = sign_manifest(manifest, self.identity)
         entry = self.ledger.replica.append_local(self.identity, KIND_RUN_PUBLISH, RunPublish.from_manifest(manifest),
                                                  int(self.clock() * 1000))
         with self.shared.held() as dht:
             announced = announce_run(dht, signed, dht_time())
         return {"run_id": manifest.run_id_hex, "name": manifest.name, "entry_id": entry.id.hex(),
-                "announced": announced, "publisher": self.identity.peer_id_b58}
+                "announced": announced, "publisher": self.identity.peer_id_b58, "warning": pacing.reason,
+                "pacing": dict(pacing.to_json(), throughput=throughput.to_json())}
+
+    def run_pacing(self, args: dict) -> dict:
+        """The publish check alone: would this manifest's epochs be long enough (and the smallest target that is)."""
+        manifest = self._manifest_arg(args)
+        pacing, throughput = self.pacing.check(manifest, self.announcer.fetch_peers())
+        return dict(pacing.to_json(), throughput=throughput.to_json())
+
+    @staticmethod
+    def _manifest_arg(args: dict):
+        from p2pcompute.runs.manifest import Manifest
+
+        wire = args.get("manifest")
+        if not isinstance(wire, str) or len(wire) > MAX_MANIFEST_HEX:
+            raise UsageError("manifest must be the hex of a canonical manifest (at most 64 KiB)")
+        try:
+            return Manifest.from_wire(bytes.fromhex(wire))
+        except ValueError:
+            raise UsageError("manifest is not hex") from None
 
     def runs(self, _args: dict) -> list[dict]:
         """Runs the swarm knows (DHT) and this replica has recorded (ledger), with who trains them now."""

@@ -17,6 +17,7 @@ from p2pcompute.node.api import ControlAPI
 from p2pcompute.node.control import ControlServer, load_or_create_token, write_private
 from p2pcompute.node.instance_lock import InstanceLock
 from p2pcompute.node.ledger_host import LedgerHost
+from p2pcompute.node.pacing import PublishPacing
 from p2pcompute.node.run_credits import RunCredits
 from p2pcompute.node.shared_dht import SharedDHT
 from p2pcompute.node.training import SupervisorHooks, TrainingSupervisor
@@ -84,7 +85,8 @@ class Node:
                 self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks)
             self.api = ControlAPI(role=self.role, config=config, identity=self.identity, hardware=self.hardware,
                                   shared=self.shared, announcer=self.announcer, ledger=self.ledger,
-                                  supervisor=self.supervisor, clock=self.clock, request_stop=self.request_stop)
+                                  supervisor=self.supervisor, pacing=PublishPacing(self.hardware.device, self.maddrs),
+                                  clock=self.clock, request_stop=self.request_stop)
             self.control = ControlServer(config.data_dir, load_or_create_token(config.data_dir), config.control_port)
             self.api.add_routes(self.control)
             self.control.start()
