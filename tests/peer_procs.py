@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -26,9 +27,27 @@ def run_peers(script: str, peers: int, directory: Path, timeout: float) -> None:
             assert code == 0, f"peer {rank} failed ({'timeout' if code is None else code}):\n{proc.log_tail()}"
 
 
+@contextlib.contextmanager
 def loopback_dht(rank: int, directory: Path):
-    """Peer `rank`'s DHT on 127.0.0.1, bootstrapped through DIR/boot (join_dht)."""
-    return join_dht(directory, rank)
+    """Peer `rank`'s DHT on 127.0.0.1, bootstrapped through DIR/boot (join_dht), for one with-block; torch on one
+    thread (peers share 2 cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+    dht = join_dht(directory, rank)
+    try:
+        yield dht
+    finally:
+        dht.shutdown()
+
+
+@contextlib.contextmanager
+def running(averager):
+    """An averager for one with-block: shut down after it, however it ends."""
+    try:
+        yield averager
+    finally:
+        averager.shutdown()
 
 
 def run_round(averager, directory: Path, name: str, rank: int, peers: int, **step) -> None:

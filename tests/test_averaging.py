@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peer_procs import loopback_dht, peer_main, run_peers, run_round
+from peer_procs import loopback_dht, peer_main, run_peers, run_round, running
 
 PEERS = 3
 SHAPES = [(50_001,), (7, 13), (3,)]  # odd sizes: parts straddle peers and tensors
@@ -84,21 +84,14 @@ def _peer(rank: int, directory: Path) -> None:
     from p2pcompute.training.dataplane import TunedAverager, tuned_options
     from p2pcompute.training.compression import compression_for
 
-    torch.set_num_threads(1)
-    dht = loopback_dht(rank, directory)
-    try:
+    with loopback_dht(rank, directory) as dht:
         for name in ROUNDS:
             codec = compression_for("none" if name == "weighted" else name)
-            averager = TunedAverager(peer_tensors(rank), dht, start=True, prefix=f"test_{name}",
-                                     target_group_size=PEERS, min_group_size=PEERS,
-                                     **tuned_options(compression=codec, part_size_bytes=PART_SIZE_BYTES))
-            try:
+            with running(TunedAverager(peer_tensors(rank), dht, start=True, prefix=f"test_{name}",
+                                       target_group_size=PEERS, min_group_size=PEERS,
+                                       **tuned_options(compression=codec, part_size_bytes=PART_SIZE_BYTES))) as averager:
                 weight = weight_of(rank) if name == "weighted" else 1.0
                 run_round(averager, directory, name, rank, PEERS, weight=weight, timeout=PEER_TIMEOUT / 2)
-            finally:
-                averager.shutdown()
-    finally:
-        dht.shutdown()
 
 
 if __name__ == "__main__":

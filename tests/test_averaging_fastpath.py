@@ -31,7 +31,7 @@ from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import AllreduceException
 from hivemind.proto import averaging_pb2
 from hivemind.utils.multiaddr import Multiaddr
-from peer_procs import barrier, loopback_dht, peer_main, run_peers, write_atomic
+from peer_procs import barrier, loopback_dht, peer_main, run_peers, running, write_atomic
 
 from p2pcompute.training import dataplane
 from p2pcompute.training.dataplane import TunedAverager, averagers, direct, tuned_options
@@ -281,8 +281,6 @@ def test_no_handler_or_task_died_with_an_exception(results):
 def _peer(rank: int, directory: Path) -> None:
     from p2pcompute.training.compression import compression_for
 
-    torch.set_num_threads(1)
-    dht = loopback_dht(rank, directory)
     options = dict(target_group_size=PEERS, min_group_size=PEERS, start=True)
 
     def run(averager, names) -> None:
@@ -314,7 +312,7 @@ def _peer(rank: int, directory: Path) -> None:
             averager.step(timeout=STEP_TIMEOUT)
         barrier(directory, "warmup", rank, PEERS)
 
-    try:
+    with loopback_dht(rank, directory) as dht:
         for names, make in (
                 (SAME_AVERAGER, lambda: fastpath(SAME_AVERAGER, "test_fast",
                                                  **tuned_options(part_size_bytes=PART_SIZE_BYTES))),
@@ -324,15 +322,10 @@ def _peer(rank: int, directory: Path) -> None:
                     compression=compression_for("8bit"), part_size_bytes=PART_SIZE_BYTES))),
                 (("disabled",), lambda: _disabled_averager(rank, dht, options)),
                 (OLD_ROUNDS, lambda: _old_round_averager(rank, dht, options, fastpath))):
-            averager = make()
-            try:
+            with running(make()) as averager:
                 if names == SAME_AVERAGER:
                     warm_up(averager)
                 run(averager, names)
-            finally:
-                averager.shutdown()
-    finally:
-        dht.shutdown()
 
 
 def _disabled_averager(rank: int, dht, options: dict):

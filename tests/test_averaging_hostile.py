@@ -25,7 +25,7 @@ from unittest import mock
 import pytest
 import torch
 from hivemind.proto import averaging_pb2
-from peer_procs import loopback_dht, peer_main, run_peers, run_round, write_atomic
+from peer_procs import loopback_dht, peer_main, run_peers, run_round, running, write_atomic
 
 from p2pcompute.training.dataplane import TunedAverager, averagers, tuned_options
 from p2pcompute.training.dataplane.frames import MAGIC, PART, REPLY, STATUS_OK, VERSION, encode_header, raw_bytes
@@ -264,16 +264,14 @@ def test_reducers_answer_the_hostile_sender_with_the_documented_status(results, 
 
 # ---- one peer (run by the fixture as a subprocess) ----------------------------------------------------------------
 def _peer(rank: int, directory: Path) -> None:
-    torch.set_num_threads(1)
-    dht = loopback_dht(rank, directory)
-    try:
+    with loopback_dht(rank, directory) as dht:
         options = dict(prefix="test_hostile", target_group_size=PEERS, min_group_size=PEERS, start=True,
                        **tuned_options(part_size_bytes=PART_SIZE_BYTES, next_chunk_timeout=NEXT_CHUNK_TIMEOUT))
         if rank == HOSTILE:
             averager = HostileAverager(peer_tensors(rank, 0), dht, record_dir=directory, **options)
         else:
             averager = TunedAverager(peer_tensors(rank, 0), dht, **options)
-        try:
+        with running(averager):
             for index, name in enumerate(ROUNDS):  # the same averagers throughout: each round starts afresh
                 with averager.get_tensors() as tensors:
                     for tensor, value in zip(tensors, peer_tensors(rank, index)):
@@ -281,10 +279,6 @@ def _peer(rank: int, directory: Path) -> None:
                 if rank == HOSTILE:
                     averager.round_index[0] = index
                 run_round(averager, directory, name, rank, PEERS, weight=WEIGHTS[rank], timeout=STEP_TIMEOUT)
-        finally:
-            averager.shutdown()
-    finally:
-        dht.shutdown()
 
 
 if __name__ == "__main__":

@@ -56,15 +56,23 @@ def node() -> None:
     """Run and inspect a volunteer node."""
 
 
-@node.command("start", epilog=SETTINGS_EPILOG)
-@data_dir_option
-@config_option
-@setting_options(NODE_SETTINGS)
-@ready_file_option
-@click.option("--json", "as_json", is_flag=True, help="Print the startup report as JSON.")
-def node_start(data_dir, config_file, ready_file, as_json, **settings) -> None:
-    """Run a node in the foreground until Ctrl-C / SIGTERM."""
-    _start("node", data_dir, config_file, settings, ready_file, as_json)
+def _start_command(role: str, settings_names, doc: str):
+    """The body and options of `p2pc node start` and `p2pc bootstrap`: the same but for the role and settings."""
+
+    @data_dir_option
+    @config_option
+    @setting_options(settings_names)
+    @ready_file_option
+    @click.option("--json", "as_json", is_flag=True, help="Print the startup report as JSON.")
+    def command(data_dir, config_file, ready_file, as_json, **settings) -> None:
+        _start(role, data_dir, config_file, settings, ready_file, as_json)
+
+    command.__doc__ = doc
+    return command
+
+
+node_start = node.command("start", epilog=SETTINGS_EPILOG)(
+    _start_command("node", NODE_SETTINGS, "Run a node in the foreground until Ctrl-C / SIGTERM."))
 
 
 @node.command("status")
@@ -161,15 +169,9 @@ def import_key(data_dir, key_file, force) -> None:
     console.print(f"this node is now {identity.peer_id_b58}")
 
 
-@click.command(epilog=SETTINGS_EPILOG)
-@data_dir_option
-@config_option
-@setting_options(BOOTSTRAP_SETTINGS)
-@ready_file_option
-@click.option("--json", "as_json", is_flag=True, help="Print the startup report as JSON.")
-def bootstrap(data_dir, config_file, ready_file, as_json, **settings) -> None:
-    """Run a DHT-only bootstrap peer with a persistent identity; prints the multiaddrs to hand out."""
-    _start("bootstrap", data_dir, config_file, settings, ready_file, as_json)
+bootstrap = click.command("bootstrap", epilog=SETTINGS_EPILOG)(_start_command(
+    "bootstrap", BOOTSTRAP_SETTINGS,
+    "Run a DHT-only bootstrap peer with a persistent identity; prints the multiaddrs to hand out."))
 
 
 @click.command()
