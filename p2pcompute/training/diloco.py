@@ -100,8 +100,9 @@ class ObservedOuterAverager(RawAllReduceMixin, ObservedAverager):
 
 class LocalUpdatesOptimizer:
     """The optimizer a Trainer drives in `averaging.mode = "local"`: `step()` after each backward pass,
-    `zero_grad()`, `local_epoch`, `tracker` (our SwarmProgressTracker, hivemind's with heartbeat reports), `load_state_from_peers()`,
-    `state_dict()`/`load_state_dict()` (pause/resume), `shutdown()`. See the module docstring."""
+    `zero_grad()`, `local_epoch`, `tracker` (our SwarmProgressTracker: hivemind's, with heartbeat reports),
+    `load_state_from_peers()`, `state_dict()`/`load_state_dict()` (pause/resume), `shutdown()`. See the module
+    docstring."""
 
     def __init__(self, *, dht, run_id: str, params: Sequence[torch.nn.Parameter],
                  optimizer: Callable[[Sequence[torch.nn.Parameter]], torch.optim.Optimizer],
