@@ -67,9 +67,11 @@ AVERAGING = Schema(
     Param("next_chunk_timeout", _SECONDS(), "20", doc="a peer silent this long mid-round is dropped from it"),
     Param("load_state_timeout", _SECONDS(), "120", doc="seconds for downloading state from a peer"),
     Param("declare_state_period", _SECONDS(), "30", doc="how often a peer re-announces it can share state"),
-    Param("metadata_expiration", _SECONDS(), "60", doc="lifetime of a peer's progress entry in the DHT"),
+    Param("metadata_expiration", _SECONDS(), "15",
+          doc="lifetime of a peer's progress entry in the DHT (re-stored 3 times as often): how long a peer that "
+              "stopped answering still counts in the swarm's progress"),
     Param("min_refresh_period", _SECONDS(), "0.5", doc="bounds on how often the swarm progress is re-read"),
-    Param("max_refresh_period", _SECONDS(), "10"),
+    Param("max_refresh_period", _SECONDS(), "5"),
     Param("default_refresh_period", _SECONDS(), "3"),
     Param("shutdown_timeout", _SECONDS(), "5", doc="seconds to leave the averaging group cleanly"),
 )
@@ -81,7 +83,7 @@ AVERAGING = Schema(
 LOCAL_NETWORK_AVERAGING = {
     "matchmaking_time": "2", "request_timeout": "1", "averaging_timeout": "20", "allreduce_timeout": "20",
     "next_chunk_timeout": "5", "load_state_timeout": "20", "declare_state_period": "2",
-    "metadata_expiration": "10", "min_refresh_period": "0.2", "max_refresh_period": "2",
+    "metadata_expiration": "6", "min_refresh_period": "0.2", "max_refresh_period": "2",
     "default_refresh_period": "0.5", "shutdown_timeout": "3",
 }
 

@@ -59,13 +59,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
-from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
 from p2pcompute.runs.optimizers import allocate_state
 from p2pcompute.training.dataplane import RawAllReduceMixin
 from p2pcompute.retry import retry_until
 from p2pcompute.training.observed import ObservedAverager, RoundObserver, log_download_failure
+from p2pcompute.training.tracker import SwarmProgressTracker
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,9 @@ class ObservedOuterAverager(RawAllReduceMixin, ObservedAverager):
 
 class LocalUpdatesOptimizer:
     """The optimizer a Trainer drives in `averaging.mode = "local"`: `step()` after each backward pass,
-    `zero_grad()`, `local_epoch`, `tracker` (hivemind's ProgressTracker), `load_state_from_peers()`,
-    `state_dict()`/`load_state_dict()` (pause/resume), `shutdown()`. See the module docstring."""
+    `zero_grad()`, `local_epoch`, `tracker` (our SwarmProgressTracker: hivemind's, with heartbeat reports),
+    `load_state_from_peers()`, `state_dict()`/`load_state_dict()` (pause/resume), `shutdown()`. See the module
+    docstring."""
 
     def __init__(self, *, dht, run_id: str, params: Sequence[torch.nn.Parameter],
                  optimizer: Callable[[Sequence[torch.nn.Parameter]], torch.optim.Optimizer],
@@ -143,8 +144,8 @@ class LocalUpdatesOptimizer:
             request_timeout=request_timeout, allreduce_timeout=allreduce_timeout,
             next_chunk_timeout=next_chunk_timeout, shutdown_timeout=shutdown_timeout,
             part_size_bytes=part_size_bytes, compression=compression, declare_state_period=declare_state_period)
-        self.tracker = ProgressTracker(dht, run_id, target_batch_size, client_mode=False, start=True,
-                                       **(tracker_opts or {}))
+        self.tracker = SwarmProgressTracker(dht, run_id, target_batch_size, client_mode=False, start=True,
+                                            **(tracker_opts or {}))
 
     # ---- what a torch optimizer offers (the trainer and GradScaler use these) ------------------------
 

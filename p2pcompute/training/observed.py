@@ -16,6 +16,8 @@ Changes to hivemind's behaviour, all by subclassing:
 * Shutting down with a round in flight works (hivemind's `_shutdown` raises then, see `_shutdown`).
 * A downloaded state is checked against our own layout before use, and hivemind.Optimizer's
   `load_state_from_peers` stops retrying after load_state_timeout (hivemind's loops forever).
+* The progress tracker is ours (tracker.py): heartbeat reports, so that a peer that vanished leaves the
+  epoch accounting within metadata_expiration.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 
 from p2pcompute.retry import retry_until
 from p2pcompute.training.dataplane import RawAllReduceMixin
+from p2pcompute.training.tracker import SwarmProgressTracker
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +240,12 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self.grad_averager.reset_accumulated_grads_()
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> SwarmProgressTracker:
+        # hivemind.Optimizer._make_progress_tracker with our class (heartbeat reports, see tracker.py)
+        return SwarmProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                    client_mode=self.client_mode, status_loglevel=self.status_loglevel, start=True,
+                                    **kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # hivemind.Optimizer._make_state_averager with our class (hivemind builds its class directly), and

@@ -34,6 +34,7 @@ from p2pcompute.training.dataplane.frames import (
     drop_input,
     write_status,
 )
+from p2pcompute.training.dataplane.membership import MembershipMixin
 from p2pcompute.training.dataplane.runner import RawAllReduceRunner
 from p2pcompute.training.dataplane.settings import (
     CLOSE_LINGER,
@@ -111,9 +112,10 @@ class RoundTimingMixin:
         return Traffic(bytes_sent=int(s[_TOTAL_SENT]), bytes_received=int(s[_TOTAL_RECEIVED]), rounds=int(s[_ROUNDS]))
 
 
-class RawAllReduceMixin(RoundTimingMixin):
+class RawAllReduceMixin(MembershipMixin, RoundTimingMixin):
     """Put in front of a hivemind averager class: its all-reduce runs on our raw-frame data plane
-    (frames.py, docs/protocol.md), with round timing and traffic counters. `direct`: see tuned_options."""
+    (frames.py, docs/protocol.md), with round timing and traffic counters and our membership fixes
+    (membership.py). `direct`: see tuned_options."""
 
     def __init__(self, *args, direct: Optional[bool] = None, **kwargs):
         # set before hivemind's __init__, which may fork the averager process
@@ -168,10 +170,8 @@ class RawAllReduceMixin(RoundTimingMixin):
             write_status(writer, averaging_pb2.PROTOCOL_VIOLATION)
             return True
         group_id = await asyncio.wait_for(reader.readexactly(id_length), HEADER_TIMEOUT)
-        if group_id not in self._running_groups:
-            # the leader may have started the round before its message reached us (as in hivemind)
-            await asyncio.wait_for(self._pending_groups_registered.wait(), GROUP_WAIT_TIMEOUT)
-        future = self._running_groups.get(group_id)
+        # the leader may have started the round before its message reached us (as in hivemind)
+        future = await self.group_future(group_id)
         if future is None:
             write_status(writer, averaging_pb2.BAD_GROUP_ID)
             return True

@@ -47,6 +47,18 @@ from p2pcompute.training.dataplane.settings import SENDER_START_TIMEOUT, STREAM_
 logger = logging.getLogger(__name__)
 
 
+class MateNotInRound(AllreduceException):
+    """A group mate that will not take part in this round: no stream to it could be opened (it left), or it
+    answered that it does not know the group (its side of matchmaking failed). Its parts will not come either."""
+
+
+def reply_error(status: int) -> AllreduceException:
+    """What a reducer's error status means for the sender."""
+    if status == averaging_pb2.BAD_GROUP_ID:
+        return MateNotInRound("reducer is not in this round (BAD_GROUP_ID)")
+    return AllreduceException(f"reducer replied {status_name(status)}")
+
+
 class RoundCounters:
     """Bytes and failures of one all-reduce runner."""
 
@@ -155,6 +167,8 @@ class RawAllReduceRunner(AllReduceRunner):
                 await self._exchange_remote(peer_id, parts, self.infos_by_peer[index], applied)
         except (AllreduceException, P2PDaemonError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
             logger.debug(f"All-reduce with {peer_id} failed after {applied[0]}/{len(parts)} parts: {e!r}")
+            if isinstance(e, MateNotInRound):
+                await self._drop_absent_sender(peer_id)
         except BAD_INPUT as e:
             logger.warning(f"Reducer {peer_id} sent a bad result for part #{applied[0]}: {e!r}")
         finally:
@@ -185,9 +199,18 @@ class RawAllReduceRunner(AllReduceRunner):
             writer.close()
 
     async def _open_stream(self, peer_id: PeerID):
-        _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer_id, self.protocol),
-                                                   STREAM_OPEN_TIMEOUT)
+        try:
+            _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer_id, self.protocol),
+                                                       STREAM_OPEN_TIMEOUT)
+        except (P2PDaemonError, OSError, asyncio.TimeoutError) as e:
+            raise MateNotInRound(f"no stream to {peer_id}: {e!r}") from e
         return reader, writer
+
+    async def _drop_absent_sender(self, peer_id: PeerID) -> None:
+        """A mate that is not in this round will not send us its parts either: stop waiting for them now, not
+        after SENDER_START_TIMEOUT (a mate whose parts are already coming is left alone)."""
+        if peer_id in self.sender_peer_ids and peer_id not in self.active_senders:
+            await self._ban_sender(peer_id)
 
     def _write_header(self, writer: asyncio.StreamWriter, version: int) -> None:
         header = encode_header(version, self.codec, self.group_id, self.weight)
@@ -214,7 +237,7 @@ class RawAllReduceRunner(AllReduceRunner):
         if status == averaging_pb2.PROTOCOL_VIOLATION:  # what a reducer that knows only version 1 answers
             raise StreamOnly()
         if status != STATUS_OK:
-            raise AllreduceException(f"reducer replied {status_name(status)}")
+            raise reply_error(status)
         if length == 0:  # the reducer has no direct path for us this time
             return None
         if length != OFFER.size:
@@ -271,7 +294,7 @@ class RawAllReduceRunner(AllReduceRunner):
     async def _read_reply(self, reader: asyncio.StreamReader, part: torch.Tensor, timeout: Optional[float]) -> bytes:
         status, length = REPLY.unpack(await asyncio.wait_for(reader.readexactly(REPLY.size), timeout))
         if status != STATUS_OK:
-            raise AllreduceException(f"reducer replied {status_name(status)}")
+            raise reply_error(status)
         check_length(self.codec, part, length)
         payload = await asyncio.wait_for(reader.readexactly(length), timeout)
         self.counters.received += REPLY.size + length

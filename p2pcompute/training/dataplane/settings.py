@@ -28,8 +28,16 @@ ALLREDUCE_TIMEOUT = 120.0
 # A reducer waits this long for a sender's header before closing the stream.
 HEADER_TIMEOUT = 10.0
 # A sender's stream may arrive before this peer has set up the round (load balancing, tensor lock); hivemind
-# waits without a bound, we wait this long (a round that starts later than this is not going to finish).
+# waits without a bound, we wait this long (a round that starts later than this is not going to finish), and only
+# while a group may still come to us (membership.py).
 GROUP_WAIT_TIMEOUT = 30.0
+# How often that wait looks again: a legitimate early stream waits for at most one more poll after its round
+# registers (milliseconds after the leader's message), a stream for a round we are not in is refused within one.
+GROUP_POLL = 0.02
+# A leader keeps a join stream open after its last message until the follower closes it (it does as soon as it
+# has read the message: milliseconds), at most this long; a follower that vanished meanwhile only costs an idle
+# handler for this long. Closing at once let p2pd's reset overtake the message (membership.py).
+VERDICT_LINGER = 5.0
 # Every live group mate opens its streams within milliseconds of the group forming; one that has not
 # started sending after this long (it died during matchmaking) is dropped then, not after the (longer)
 # gap allowed between two frames of a slow link. hivemind uses next_chunk_timeout for both.

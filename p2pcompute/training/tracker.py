@@ -1,0 +1,72 @@
+"""SwarmProgressTracker: hivemind's progress tracker whose DHT reports are a heartbeat, so that a peer that vanished leaves the epoch accounting within metadata_expiration (docs/training.md "Departures")."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+# A live peer's progress entry is re-stored this many times per metadata_expiration: it outlives two reports that
+# are lost or late (a loaded DHT), and the entry of a peer that stopped answering expires metadata_expiration after
+# its last report. hivemind re-stores at metadata_expiration / 2 only, so its expiration must be long.
+REPORTS_PER_EXPIRATION = 3
+
+
+class SwarmProgressTracker(ProgressTracker):
+    """hivemind's ProgressTracker with another reporting loop (everything else is hivemind's):
+
+    * hivemind stores the local progress in the DHT after every local step, without waiting for the previous
+      store: at tens of steps per second the DHT process queues stores faster than it runs them (stores took
+      over 10 s on the 2-core box, and progress entries then expired while their peers were alive). Ours keeps
+      at most one store in flight and stores at most once per min_refresh_period (nobody reads more often);
+      the latest progress wins.
+    * a store every metadata_expiration / REPORTS_PER_EXPIRATION even without new samples (a heartbeat), so
+      that metadata_expiration can be short: that is how long a peer that stopped answering still counts in
+      the swarm's samples, samples/s and number of peers.
+    """
+
+    async def _progress_reporter(self):
+        last_report_time, last_report_epoch = -float("inf"), -float("inf")
+        loop = asyncio.get_running_loop()
+        store = None
+        try:
+            while not self.shutdown_triggered.is_set():
+                heartbeat = self.metadata_expiration / REPORTS_PER_EXPIRATION
+                wait = max(0.0, last_report_time + heartbeat - get_dht_time())
+                await loop.run_in_executor(None, self.should_report_progress.wait, wait)
+                if self.shutdown_triggered.is_set():
+                    break
+                if store is not None and not store.done():
+                    await asyncio.wait({store})  # bounded: the store's own timeout
+                await asyncio.sleep(max(0.0, last_report_time + self.min_refresh_period - get_dht_time()))
+                self.should_report_progress.clear()  # what follows reports every step taken meanwhile
+                local_progress = self.local_progress
+                last_report_time = get_dht_time()
+                if local_progress.samples_accumulated > 0:
+                    last_report_epoch = self.global_epoch
+                if last_report_epoch >= self.global_epoch - 1:  # as hivemind: a peer out of sync does not report
+                    store = asyncio.create_task(self._store(local_progress, last_report_time))
+                    store.add_done_callback(_log_failed_store)
+        finally:
+            logger.debug("no longer reporting progress for %s", self.prefix)
+            if store is not None:
+                store.cancel()
+
+    async def _store(self, local_progress, report_time: float) -> None:
+        try:
+            await asyncio.wait_for(self.dht.store(
+                key=self.training_progress_key, subkey=self._local_public_key, value=local_progress.dict(),
+                expiration_time=report_time + self.metadata_expiration, return_future=True),
+                timeout=self.metadata_expiration)
+        except asyncio.TimeoutError:
+            logger.debug("progress report not stored within %.0f s", self.metadata_expiration)
+
+
+def _log_failed_store(task: asyncio.Task) -> None:
+    """A store that failed (the DHT shutting down, a peer refusing it): the next heartbeat tries again."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("progress report failed: %r", task.exception())
