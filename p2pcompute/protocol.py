@@ -113,7 +113,9 @@ class PeerLimits:
         logger.warning("banning peer %s for %.0f s: %s", short_peer(peer), self.limits.ban_seconds, why)
         self._banned[peer] = self.clock() + self.limits.ban_seconds
 
-    def allow(self, peer: bytes) -> bool:
+    def allow(self, peer: bytes, cost: float = 1.0) -> bool:
+        """Take `cost` tokens from `peer`'s bucket (a request costs 1; a protocol may charge more for the
+        signatures a request makes it check); False, taking nothing, if the bucket holds fewer."""
         now = self.clock()
         rate, burst = self.limits.rate_per_s, self.limits.burst
         bucket = self._buckets.setdefault(peer, _Bucket(burst, now))
@@ -122,9 +124,9 @@ class PeerLimits:
         if len(self._buckets) > 4096:  # forget peers whose buckets are full again (they owe nothing)
             refill = burst / rate
             self._buckets = {p: b for p, b in self._buckets.items() if now - b.updated < refill or p == peer}
-        if bucket.tokens < 1:
+        if bucket.tokens < cost:
             return False
-        bucket.tokens -= 1
+        bucket.tokens -= cost
         return True
 
 

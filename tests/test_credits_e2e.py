@@ -1,6 +1,6 @@
-"""End to end: three nodes train a published run; every contributor gets a witnessed receipt per epoch,
-balances equal samples x rate on every replica, and `ledger verify` catches a changed byte; a peer flooding
-one node's credits protocol meanwhile is rate-limited and banned, and changes none of that."""
+"""End to end: three nodes train a published run; every contributor gets a witnessed payout per epoch from the
+run's issuer (its publisher), balances equal samples x rate on every replica, and `ledger verify` catches a changed
+byte; a peer flooding one node's credits protocol meanwhile is rate-limited and banned, and changes none of that."""
 
 from __future__ import annotations
 
@@ -23,18 +23,21 @@ from p2pcompute.services.credits import LIMITS as CREDITS_LIMITS
 
 EPOCHS = 5
 RATE = 1000
-QUORUM = 2
+QUORUM = 1
+SLACK = 300
 
 
 def credits_spec(mode: str) -> str:
-    """Three peers, witnessed receipts: a quorum of 2 witnesses; groups gather for 1.5 s (as in the demo)."""
+    """Three peers, witnessed payouts: a quorum of 1 witness (as in the demo); groups gather for 1.5 s. Epochs this
+    short (--force) overshoot their target a lot while rounds are arranged: each peer trains about a whole target
+    per epoch, so the epoch cap's slack is 300 % here (the default 100 % fits paced runs, docs/credits.md)."""
     return mlp_synthetic_spec(
         "credits-e2e", description="three peers, witnessed receipts", batch_size_per_step=32, target_batch_size=384,
         max_epochs=EPOCHS, in_features=8, hidden=[32], out_features=2, activation="relu", noise="0.1", seed=3,
         optimizer="adam", lr="0.01", mode=mode,
         averaging={"compression": "none", "average_state_every": 5 if mode == "gradients" else 1,
                    "matchmaking_time": "1.5"},
-        hardware={"min_memory_mb": 64, "devices": ["cpu", "cuda"]}, credits={"rate": RATE, "quorum": QUORUM})
+        hardware={"min_memory_mb": 64, "devices": ["cpu", "cuda"]}, credits={"rate": RATE, "quorum": QUORUM, "slack": SLACK})
 
 
 FLOOD = 300  # concurrent requests from one peer: far past the credits protocol's burst
@@ -88,9 +91,9 @@ async def flood_credits(node) -> dict:
     return {**kinds, "seconds": seconds, "after_oversize": after_oversize, "after_ban": str(after_ban)}
 
 
-def receipts_in(data_dir: Path) -> list[dict]:
+def payouts_in(data_dir: Path) -> list[dict]:
     proc = run_p2pc("ledger", "export", "--format", "jsonl", "--data-dir", str(data_dir), check=True)
-    return [e for e in map(json.loads, proc.stdout.splitlines()) if e["kind"] == "receipt"]
+    return [e for e in map(json.loads, proc.stdout.splitlines()) if e["kind"] == "payout"]
 
 
 # local (DiLoCo) mode: claims ride in its outer rounds and the same flow passes, but only ~2 runs in 5 here: the
@@ -129,20 +132,26 @@ def test_training_run_pays_every_contributor(own_swarm, tmp_path, mode):
         assert flood["after_oversize"] == "closed" and "banned" in flood["after_ban"], flood
     peers = {n.peer_id for n in nodes}
 
-    def receipts_everywhere():  # every contributor's receipts for every epoch, on every replica
-        views = [receipts_in(n.data_dir) for n in nodes]
+    def payouts_everywhere():  # every contributor's payouts for every epoch, on every replica
+        views = [payouts_in(n.data_dir) for n in nodes]
         ids = [{r["id"] for r in v} for v in views]
         epochs = {(r["body"]["claim"]["peer"], r["body"]["claim"]["epoch"]) for r in views[0]}
         return all(i == ids[0] for i in ids) and epochs >= {(p, e) for p in peers for e in range(EPOCHS)} and views
 
-    views = wait_until(receipts_everywhere, timeout=120, interval=1, what="receipts for every peer and epoch")
-    for receipt in views[0]:
-        claim = receipt["body"]["claim"]
+    views = wait_until(payouts_everywhere, timeout=120, interval=1, what="payouts for every peer and epoch")
+    for payout in views[0]:
+        claim = payout["body"]["claim"]
         assert claim["run_id"] == run_id
-        witnesses = {w["peer"] for w in receipt["body"]["witnesses"]}
+        witnesses = {w["peer"] for w in payout["body"]["witnesses"]}
         assert len(witnesses) >= QUORUM and claim["peer"] not in witnesses and witnesses <= peers
-        assert receipt["author"] == claim["peer"]
-        assert receipt["body"]["micro_credits"] == claim["samples"] * RATE
+        assert payout["author"] == nodes[0].peer_id  # the publisher is the run's issuer
+        assert payout["body"]["paid_to"] == claim["peer"]
+        assert payout["body"]["micro_credits"] == claim["samples"] * RATE
+    # conservation: no epoch paid more than its cap (target batch + the slack)
+    per_epoch = collections.Counter()
+    for payout in views[0]:
+        per_epoch[payout["body"]["claim"]["epoch"]] += payout["body"]["claim"]["samples"]
+    assert max(per_epoch.values()) <= 384 * (100 + SLACK) // 100, per_epoch
     for node in nodes:
         for peer in peers:
             balance = p2pc_json("ledger", "balance", peer, "--data-dir", str(node.data_dir))
@@ -179,18 +188,27 @@ def test_training_run_pays_every_contributor(own_swarm, tmp_path, mode):
 
 
 def test_witness_rules():
+    """A witness signs only what it saw itself: the claimant in its round while the WITNESS was in the claimed epoch
+    (a declared epoch is no evidence: an honest node once signed epoch 10^9 for an epoch-5 round), no more samples
+    than the weight the claimant averaged with, no epoch past max_epochs, nothing over the epoch cap."""
+    from p2pcompute.credits.policy import CreditPolicy
+
     me, mate, stranger = Identity.generate(), Identity.generate(), Identity.generate()
     run_id, publisher = b"\x01" * 32, Identity.generate().public_key
+    policy = CreditPolicy.create(1000, 1, [publisher], max_epochs=200, epoch_cap=576)
     observed = Observations()
-    observed.record(mate.public_key, 3)
-    claim = Claim(run_id, publisher, 3, mate.public_key, 100).sign(mate)
-    kwargs = dict(me=me.public_key, run_id=run_id, publisher=publisher, target_batch_size=384, observed=observed)
-    check_claim(claim, sender=mate.public_key, **kwargs)  # seen in epoch 3: witnessed
+    observed.record(mate.public_key, 3, 128.0)  # in our round while WE were in epoch 3, weight 128
+    observed.record(stranger.public_key, 5, None)  # in a round of ours, but we reduced none of its parts
+    claim = Claim(run_id, publisher, 3, mate.public_key, 128).sign(mate)
+    kwargs = dict(me=me.public_key, run_id=run_id, policy=policy, observed=observed)
+    check_claim(claim, sender=mate.public_key, **kwargs)  # seen in epoch 3 with that weight: witnessed
     bad = [
         (claim, dict(sender=stranger.public_key)),  # relayed by someone else
         (Claim(run_id, publisher, 4, mate.public_key, 100).sign(mate), dict(sender=mate.public_key)),  # not seen
+        (Claim(run_id, publisher, 10**9, mate.public_key, 100).sign(mate), dict(sender=mate.public_key)),  # declared
         (Claim(b"\x02" * 32, publisher, 3, mate.public_key, 100).sign(mate), dict(sender=mate.public_key)),
-        (Claim(run_id, publisher, 3, mate.public_key, 10_000).sign(mate), dict(sender=mate.public_key)),  # too many
+        (Claim(run_id, publisher, 3, mate.public_key, 129).sign(mate), dict(sender=mate.public_key)),  # > weight
+        (Claim(run_id, publisher, 5, stranger.public_key, 1).sign(stranger), dict(sender=stranger.public_key)),
     ]
     for signed, extra in bad:
         try:
@@ -198,3 +216,9 @@ def test_witness_rules():
         except InvalidMessage:
             continue
         raise AssertionError(f"witnessed a bad claim: {signed.claim}")
+    observed.record(mate.public_key, 250, 10_000.0)
+    for epoch, samples in ((250, 100), (3, 128)):  # past max_epochs; over the epoch cap (with a looser weight)
+        observed.record(mate.public_key, 3, 10_000.0)
+        with pytest.raises(InvalidMessage):
+            check_claim(Claim(run_id, publisher, epoch, mate.public_key, samples if epoch == 250 else 577).sign(mate),
+                        sender=mate.public_key, **kwargs)

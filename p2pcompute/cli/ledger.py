@@ -18,7 +18,7 @@ from p2pcompute.config import load_config, resolve_data_dir
 from p2pcompute.credits.policy import MICRO_PER_CREDIT
 from p2pcompute.errors import InvalidMessage, LedgerInvalid, NotFound, UsageError
 from p2pcompute.identity import Identity, parse_peer_id, peer_id_b58
-from p2pcompute.ledger.codec import KIND_RECEIPT, KIND_RUN_PUBLISH, Entry
+from p2pcompute.ledger.codec import KIND_PAYOUT, KIND_RUN_PUBLISH, Entry
 from p2pcompute.ledger.store import Store
 from p2pcompute.ledger.verify import verify_store
 
@@ -59,6 +59,12 @@ def _time(ms: int) -> str:
         return str(ms)
 
 
+def policy_json(policy) -> dict[str, Any]:
+    return {"rate_micro_per_sample": policy.rate, "quorum": policy.quorum,
+            "issuers": [peer_id_b58(v) for v in policy.issuers], "max_epochs": policy.max_epochs,
+            "epoch_cap_samples": policy.epoch_cap, "budget_micro_credits": policy.budget}
+
+
 def entry_json(entry: Entry) -> dict[str, Any]:
     """An entry as JSON: keys and signatures hex, peers as base58 PeerIDs, `raw` the exact stored bytes."""
     out: dict[str, Any] = {
@@ -79,15 +85,12 @@ def entry_json(entry: Entry) -> dict[str, Any]:
             "run_id": body.run_id.hex(),
             "manifest_size": len(body.manifest),
             "manifest": body.manifest.hex(),
-            "policy": {
-                "rate_micro_per_sample": body.policy.rate,
-                "quorum": body.policy.quorum,
-                "validators": [peer_id_b58(v) for v in body.policy.validators],
-            },
+            "policy": policy_json(body.policy),
         }
-    elif entry.kind == KIND_RECEIPT:
+    elif entry.kind == KIND_PAYOUT:
         receipt, claim = entry.body.receipt, entry.body.receipt.claim
         out["body"] = {
+            "paid_to": peer_id_b58(claim.peer),
             "micro_credits": entry.body.amount,
             "credits": credits_text(entry.body.amount),
             "claim": {
@@ -137,7 +140,7 @@ def balance(peer: str | None, data_dir: str | None, as_json: bool) -> None:
 
     def render(d: dict) -> None:
         rows = [("peer", d["peer"]), ("credits", d["credits"]), ("samples", d["samples"]),
-                ("receipts counted", d["receipts"]), ("ledger entries", d["entries"])]
+                ("payouts received", d["receipts"]), ("ledger entries", d["entries"])]
         if d["equivocated_at_seq"] is not None:
             rows.append(("EQUIVOCATED", f"at seq {d['equivocated_at_seq']}: entries from there on do not count"))
         print_fields("Balance", rows)
@@ -156,14 +159,14 @@ def history(peer: str, from_seq: int, limit: int, data_dir: str | None, as_json:
     public_key = _peer(peer)
     with _open(data_dir) as store:
         entries = store.chain(public_key, from_seq, limit)
-        counted = store.counted_receipts(public_key)
+        counted = store.counted_payouts_by(public_key)
     rows = []
     for e in entries:
         row: dict[str, Any] = {"seq": e.seq, "id": e.id.hex(), "kind": e.kind, "timestamp": e.timestamp,
                                "time": _time(e.timestamp)}
-        if e.kind == KIND_RECEIPT:
+        if e.kind == KIND_PAYOUT:
             claim = e.body.receipt.claim
-            row.update(run_id=claim.run_id.hex(), epoch=claim.epoch, samples=claim.samples,
+            row.update(run_id=claim.run_id.hex(), epoch=claim.epoch, samples=claim.samples, paid_to=peer_id_b58(claim.peer),
                        micro_credits=e.body.amount, credits=credits_text(e.body.amount), counted=e.id in counted)
         elif e.kind == KIND_RUN_PUBLISH:
             row.update(run_id=e.body.run_id.hex())
@@ -231,10 +234,12 @@ def show(entry_id: str, data_dir: str | None, as_json: bool) -> None:
             policy = body["policy"]
             rows += [("run_id", body["run_id"]), ("manifest", f"{body['manifest_size']} bytes"),
                      ("rate", f"{credits_text(policy['rate_micro_per_sample'])} credits/sample"),
-                     ("quorum", policy["quorum"]), ("validators", ", ".join(policy["validators"]) or "-")]
-        elif d["kind"] == KIND_RECEIPT:
+                     ("quorum", policy["quorum"]), ("issuers", ", ".join(policy["issuers"]) or "-"),
+                     ("max epochs", policy["max_epochs"] or "no end"), ("epoch cap", f"{policy['epoch_cap_samples']} samples"),
+                     ("budget", credits_text(policy["budget_micro_credits"]) if policy["budget_micro_credits"] else "none")]
+        elif d["kind"] == KIND_PAYOUT:
             claim = body["claim"]
-            rows += [("run_id", claim["run_id"]), ("publisher", claim["publisher"]), ("epoch", claim["epoch"]),
+            rows += [("paid to", body["paid_to"]), ("run_id", claim["run_id"]), ("epoch", claim["epoch"]),
                      ("samples", claim["samples"]), ("credits", body["credits"]),
                      ("witnesses", "\n".join(w["peer"] for w in body["witnesses"]))]
         print_fields(f"Entry {d['id'][:16]}", rows)
@@ -252,14 +257,14 @@ def runs(data_dir: str | None, as_json: bool) -> None:
     rows = [
         {"run_id": r.run_id.hex(), "publisher": peer_id_b58(r.publisher), "entry_id": r.entry_id.hex(),
          "time": _time(r.timestamp), "rate_micro_per_sample": r.policy.rate, "quorum": r.policy.quorum,
-         "validators": [peer_id_b58(v) for v in r.policy.validators], "counted": r.counted,
+         "issuers": [peer_id_b58(v) for v in r.policy.issuers], "counted": r.counted,
          "receipts": r.receipts, "samples": r.samples, "micro_credits": r.credits, "credits": credits_text(r.credits)}
         for r in summaries
     ]
     emit(rows, as_json, lambda rs: print_table(
         "Runs", ("run", "publisher", "credits/sample", "quorum", "receipts", "samples", "credits"),
         [(r["run_id"][:16], r["publisher"], credits_text(r["rate_micro_per_sample"]), r["quorum"],
-          r["receipts"], r["samples"], r["credits"] + ("" if r["counted"] else " (publisher equivocated)"))
+          r["receipts"], r["samples"], r["credits"])
          for r in rs],
     ))
 
@@ -326,7 +331,7 @@ def _export(store: Store, fmt: str, sink) -> None:
         if writer is None:
             sink.write(json.dumps(entry_json(entry), sort_keys=True) + "\n")
             continue
-        claim = entry.body.receipt.claim if entry.kind == KIND_RECEIPT else None
+        claim = entry.body.receipt.claim if entry.kind == KIND_PAYOUT else None
         run_id = claim.run_id if claim else entry.body.run_id
         writer.writerow((
             entry.id.hex(), peer_id_b58(entry.author), entry.seq, entry.prev.hex(), entry.timestamp, entry.kind,

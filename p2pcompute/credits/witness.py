@@ -5,39 +5,46 @@ from __future__ import annotations
 import dataclasses
 
 from p2pcompute.credits.claims import SignedClaim
+from p2pcompute.credits.policy import CreditPolicy
 from p2pcompute.errors import InvalidMessage
 
-# A peer's samples in one epoch: hivemind ends the epoch once the swarm has target_batch_size samples,
-# so one peer can exceed the target only by what it accumulated while the round was being arranged.
-# Twice the target is a generous bound; anything above it is not something a witness can vouch for.
-MAX_SAMPLES_PER_TARGET = 2
 MAX_CLAIMS_PER_PAYLOAD = 4  # claims one round payload may carry (the latest epochs still lacking a receipt)
+# The weight a reducer receives is a float; a claim may exceed it by this much (rounding), never by a sample.
+WEIGHT_ROUNDING = 1e-6
 
 
 @dataclasses.dataclass
 class Observations:
-    """Which (peer, epoch) pairs this node saw in successful gradient rounds it was part of."""
+    """Which peers this node saw in the successful claim rounds it was part of, under this node's OWN epoch at the
+    time (a peer's declared epoch is not evidence), with the averaging weight each sent us as its reducer."""
 
-    seen: dict[bytes, set[int]] = dataclasses.field(default_factory=dict)  # peer public key -> epochs
+    seen: dict[bytes, dict[int, float | None]] = dataclasses.field(default_factory=dict)  # peer -> epoch -> weight
     max_epochs_per_peer: int = 256  # bounded memory: older epochs are forgotten
 
-    def record(self, peer: bytes, epoch: int) -> None:
-        epochs = self.seen.setdefault(peer, set())
-        epochs.add(epoch)
+    def record(self, peer: bytes, epoch: int, weight: float | None) -> None:
+        """`peer` was in our round while we were in `epoch`, and sent us `weight` (None: we reduced nothing of
+        it). Several rounds in one epoch keep the largest weight seen."""
+        epochs = self.seen.setdefault(peer, {})
+        old = epochs.get(epoch)
+        epochs[epoch] = weight if old is None else old if weight is None else max(old, weight)
         while len(epochs) > self.max_epochs_per_peer:
-            epochs.discard(min(epochs))
+            del epochs[min(epochs)]
 
     def saw(self, peer: bytes, epoch: int) -> bool:
-        return epoch in self.seen.get(peer, ())
+        return epoch in self.seen.get(peer, {})
+
+    def weight(self, peer: bytes, epoch: int) -> float | None:
+        return self.seen.get(peer, {}).get(epoch)
 
 
-def check_claim(signed: SignedClaim, *, sender: bytes, me: bytes, run_id: bytes, publisher: bytes,
-                target_batch_size: int, observed: Observations) -> None:
+def check_claim(signed: SignedClaim, *, sender: bytes, me: bytes, run_id: bytes, policy: CreditPolicy,
+                observed: Observations) -> None:
     """Raise InvalidMessage naming why this node will not witness `signed`; return if it will.
 
-    The witness vouches for what it saw: the claimant was a member of a successful gradient round with
-    this node while in the claimed epoch, of this run, and claims a sample count the epoch allows. It
-    cannot see the gradients' provenance: re-computing claimed batches is the audits' job (docs/credits.md).
+    The witness vouches for what it saw: the claimant was a member of a successful round with this node while
+    this node was in the claimed epoch, of this run, and sent this node (as its reducer) an averaging weight of
+    at least the claimed samples; the epoch is one the run pays. It cannot see the gradients' provenance:
+    re-computing claimed batches is the audits' job (docs/credits.md).
     """
     claim = signed.claim
     signed.verify()
@@ -45,10 +52,18 @@ def check_claim(signed: SignedClaim, *, sender: bytes, me: bytes, run_id: bytes,
         raise InvalidMessage("the claim names another peer than the one who sent it")
     if claim.peer == me:
         raise InvalidMessage("a node does not witness its own claim")
-    if claim.run_id != run_id or claim.publisher != publisher:
-        raise InvalidMessage("the claim is for another run (or another publication of it)")
+    if claim.run_id != run_id:
+        raise InvalidMessage("the claim is for another run")
+    if not policy.pays_epoch(claim.epoch):
+        raise InvalidMessage(f"epoch {claim.epoch} is past the run's max_epochs ({policy.max_epochs})")
     if not observed.saw(claim.peer, claim.epoch):
-        raise InvalidMessage(f"this node did not see the claimant in a round of epoch {claim.epoch}")
-    if claim.samples > MAX_SAMPLES_PER_TARGET * target_batch_size:
-        raise InvalidMessage(f"{claim.samples} samples in one epoch is more than {MAX_SAMPLES_PER_TARGET}x "
-                             f"the run's target batch of {target_batch_size}")
+        raise InvalidMessage(f"this node was not in a round with the claimant during its own epoch {claim.epoch}")
+    weight = observed.weight(claim.peer, claim.epoch)
+    if weight is None:
+        raise InvalidMessage(f"this node reduced nothing of the claimant's in epoch {claim.epoch}: it cannot vouch "
+                             "for its samples")
+    if claim.samples > weight + WEIGHT_ROUNDING:
+        raise InvalidMessage(f"{claim.samples} samples claimed, but the claimant averaged with a weight of {weight:g}")
+    if claim.samples > policy.epoch_cap:
+        raise InvalidMessage(f"{claim.samples} samples in one epoch is more than the run pays per epoch "
+                             f"({policy.epoch_cap})")

@@ -9,7 +9,7 @@ from typing import Any, Union
 from p2pcompute import crypto
 from p2pcompute.credits.claims import Receipt
 from p2pcompute.crypto import Signer
-from p2pcompute.credits.policy import MAX_AMOUNT, CreditPolicy
+from p2pcompute.credits.policy import MAX_AMOUNT, MICRO_PER_CREDIT, CreditPolicy
 from p2pcompute.errors import InvalidEntry, InvalidMessage
 from p2pcompute.identity import parse_peer_id
 from p2pcompute import canonical
@@ -21,12 +21,13 @@ ENTRY_DOMAIN = b"p2pcompute/ledger/entry/v1\x00"
 GENESIS_PREV = bytes(crypto.DIGEST_SIZE)
 
 KIND_RUN_PUBLISH = "run.publish"
-KIND_RECEIPT = "receipt"
+KIND_PAYOUT = "payout"
 KIND_AUDIT = "audit"
 KIND_TRANSFER = "transfer"
 # Kinds with a settled body and rules; everything else is rejected on decode.
-KINDS = (KIND_RUN_PUBLISH, KIND_RECEIPT)
+KINDS = (KIND_RUN_PUBLISH, KIND_PAYOUT)
 RESERVED_KINDS = {
+    "receipt": "kind 'receipt' (claimants crediting themselves) was replaced by 'payout' (signed by the run's issuer)",
     KIND_AUDIT: "kind 'audit' is reserved: audit entries are not accepted until their rules are specified",
     KIND_TRANSFER: "kind 'transfer' is reserved for a later version of the ledger",
 }
@@ -38,7 +39,7 @@ MAX_TIMESTAMP = 2**63 - 1
 # ample and keeps one entry well inside a sync message.
 MAX_MANIFEST_SIZE = 64 * 1024
 # The largest entry is a run.publish with a full manifest (64 KiB) plus its policy (< 1 KiB) and
-# the header (< 200 bytes); receipts stay under 8 KiB (credits.claims.MAX_RECEIPT_SIZE).
+# the header (< 200 bytes); payouts stay under 8 KiB (credits.claims.MAX_RECEIPT_SIZE).
 MAX_ENTRY_SIZE = MAX_MANIFEST_SIZE + 4 * 1024
 # Encoded size of the trailing signature field: bin8 header (0xc4 0x40) + 64 bytes.
 _SIGNATURE_FIELD_SIZE = 2 + crypto.SIGNATURE_SIZE
@@ -68,13 +69,8 @@ class RunPublish:
     @classmethod
     def from_manifest(cls, manifest: Any) -> "RunPublish":
         """The body publishing a run manifest (`runs.manifest.Manifest`): its canonical bytes, so run_id is
-        the swarm's run id, and the policy of its `credits` section (validators given there as PeerIDs)."""
-        credits = manifest.credits
-        try:
-            validators = [parse_peer_id(v) for v in credits.validators]
-        except InvalidMessage as e:
-            raise InvalidMessage(f"credits.validators: {e}") from None
-        return cls.create(manifest.to_wire(), CreditPolicy.create(credits.rate, credits.quorum, validators))
+        the swarm's run id, and the policy its `credits` section and epoch settings imply (`policy_of`)."""
+        return cls.create(manifest.to_wire(), policy_of(manifest))
 
     def to_obj(self) -> list:
         return [self.run_id, self.manifest, self.policy.to_obj()]
@@ -85,9 +81,25 @@ class RunPublish:
         return cls(run_id, manifest, CreditPolicy.from_obj(policy))
 
 
+def policy_of(manifest: Any) -> CreditPolicy:
+    """The credit policy a run manifest (`runs.manifest.Manifest`) implies: its `credits` section (issuers given
+    there as PeerIDs, the budget in credits), its max_epochs, and an epoch cap of target_batch_size plus the
+    section's slack percent. Every replica derives it again from the manifest bytes (ledger.validate)."""
+    credits = manifest.credits
+    try:
+        issuers = [parse_peer_id(v) for v in credits.issuers]
+    except InvalidMessage as e:
+        raise InvalidMessage(f"credits.issuers: {e}") from None
+    return CreditPolicy.create(
+        credits.rate, credits.quorum, issuers, max_epochs=manifest.max_epochs,
+        epoch_cap=manifest.target_batch_size * (100 + credits.slack) // 100,
+        budget=min(MAX_AMOUNT, credits.budget * MICRO_PER_CREDIT))
+
+
 @dataclass(frozen=True)
-class ReceiptBody:
-    """Body of `receipt`: a receipt and the micro-credits it earns (must equal samples x the run's rate)."""
+class PayoutBody:
+    """Body of `payout`, signed by the run's issuer for the claim's epoch: the claimant's receipt (its signed claim
+    and its witnesses' signatures) and the micro-credits paid (must equal samples x the run's rate)."""
 
     receipt: Receipt
     amount: int
@@ -95,23 +107,23 @@ class ReceiptBody:
     def __post_init__(self) -> None:
         if not isinstance(self.receipt, Receipt):
             raise InvalidMessage("receipt must be a Receipt")
-        canonical.uint(self.amount, 0, MAX_AMOUNT, "receipt amount")
+        canonical.uint(self.amount, 0, MAX_AMOUNT, "payout amount")
 
     @classmethod
-    def create(cls, receipt: Receipt, policy: CreditPolicy) -> "ReceiptBody":
+    def create(cls, receipt: Receipt, policy: CreditPolicy) -> "PayoutBody":
         return cls(receipt, policy.amount_for(receipt.claim.samples))
 
     def to_obj(self) -> list:
         return [self.receipt.to_obj(), self.amount]
 
     @classmethod
-    def from_obj(cls, obj: Any) -> "ReceiptBody":
-        receipt, amount = canonical.array(obj, 2, "receipt body")
+    def from_obj(cls, obj: Any) -> "PayoutBody":
+        receipt, amount = canonical.array(obj, 2, "payout body")
         return cls(Receipt.from_obj(receipt), amount)
 
 
-Body = Union[RunPublish, ReceiptBody]
-BODY_TYPES: dict[str, type] = {KIND_RUN_PUBLISH: RunPublish, KIND_RECEIPT: ReceiptBody}
+Body = Union[RunPublish, PayoutBody]
+BODY_TYPES: dict[str, type] = {KIND_RUN_PUBLISH: RunPublish, KIND_PAYOUT: PayoutBody}
 
 
 def _check_kind(kind: Any) -> type:

@@ -12,17 +12,13 @@ from p2pcompute.ledger.codec import Entry
 # non-negative, so min(sum, INT64_MAX) does not depend on the order entries arrived in.
 INT64_MAX = 2**63 - 1
 
-# Receipts that count towards balances (docs/ledger.md, "Equivocation"): the claimant has not
-# equivocated at or below the receipt's seq, and the run has a publication below its publisher's fork
-# point (if any).
-COUNTED_RECEIPTS = """
-SELECT r.n, r.author, r.publisher, r.run_id, r.samples, r.amount
-FROM receipts r
-JOIN authors a ON a.author = r.author
-JOIN authors p ON p.author = r.publisher
-WHERE (a.fork_seq IS NULL OR r.seq < a.fork_seq)
-  AND EXISTS (SELECT 1 FROM runs u WHERE u.publisher = r.publisher AND u.run_id = r.run_id
-              AND (p.fork_seq IS NULL OR u.seq < p.fork_seq))
+# Payouts that count towards balances (docs/ledger.md, "Equivocation"): the issuer has not equivocated at or
+# below the payout's seq. (The run's publisher does not matter: the policy comes from the manifest.)
+COUNTED_PAYOUTS = """
+SELECT p.n, p.peer, p.run_id, p.samples, p.amount
+FROM payouts p
+JOIN authors a ON a.author = p.issuer
+WHERE (a.fork_seq IS NULL OR p.seq < a.fork_seq)
 """
 
 _DERIVE_AUTHORS = """
@@ -57,7 +53,7 @@ def apply(
     forked: list[bytes],
 ) -> None:
     """Write one append's derived changes (inside the caller's transaction): the changed `authors` rows
-    (author, head_seq, head_id, entries, fork_seq), the counted receipts' deltas, and, for authors whose
+    (author, head_seq, head_id, entries, fork_seq), the counted payouts' deltas, and, for authors whose
     fork point appeared or moved down, the totals recomputed."""
     conn.executemany(
         "INSERT INTO authors (author, head_seq, head_id, entries, fork_seq) VALUES (?, ?, ?, ?, ?)"
@@ -66,7 +62,7 @@ def apply(
         heads,
     )
     _add_totals(conn, "balances", ("peer",), {(peer,): d for peer, d in balance_delta.items()})
-    _add_totals(conn, "run_totals", ("publisher", "run_id"), run_delta)
+    _add_totals(conn, "run_totals", ("run_id",), {(run_id,): d for run_id, d in run_delta.items()})
     if forked:
         _recompute_after_forks(conn, forked)
 
@@ -91,36 +87,35 @@ def _add_totals(conn: sqlite3.Connection, table: str, key_columns: tuple[str, ..
 
 
 def _sum_counted(conn: sqlite3.Connection, condition: str = "", params: tuple = ()) -> tuple[dict, dict]:
-    """Totals of the counted receipts matching `condition`: ({peer: [c, s, r]}, {(publisher, run_id): [c, s, r]})."""
+    """Totals of the counted payouts matching `condition`: ({peer: [c, s, r]}, {run_id: [c, s, r]})."""
     peers: dict[bytes, Totals] = {}
-    runs: dict[tuple[bytes, bytes], Totals] = {}
-    for _entry_id, author, publisher, run_id, samples, amount in conn.execute(COUNTED_RECEIPTS + condition, params):
-        for total in (peers.setdefault(author, [0, 0, 0]), runs.setdefault((publisher, run_id), [0, 0, 0])):
+    runs: dict[bytes, Totals] = {}
+    for _n, peer, run_id, samples, amount in conn.execute(COUNTED_PAYOUTS + condition, params):
+        for total in (peers.setdefault(peer, [0, 0, 0]), runs.setdefault(run_id, [0, 0, 0])):
             total[0] = saturating(total[0] + amount)
             total[1] = saturating(total[1] + samples)
             total[2] += 1
     return peers, runs
 
 
-def _recompute_after_forks(conn: sqlite3.Connection, authors: list[bytes]) -> None:
-    """An author's fork point appeared or moved down: recompute every balance and run total it can touch
-    (its own receipts, receipts on its runs) from the receipts table, exactly as rebuild() does."""
-    peers: set[bytes] = set(authors)
-    runs: set[tuple[bytes, bytes]] = set()
-    for author in authors:
-        peers.update(r for (r,) in conn.execute("SELECT DISTINCT author FROM receipts WHERE publisher = ?", (author,)))
-        runs.update(conn.execute("SELECT DISTINCT publisher, run_id FROM receipts WHERE author = ?", (author,)))
-        runs.update(conn.execute("SELECT DISTINCT publisher, run_id FROM runs WHERE publisher = ?", (author,)))
+def _recompute_after_forks(conn: sqlite3.Connection, issuers: list[bytes]) -> None:
+    """An author's fork point appeared or moved down: recompute every balance and run total its payouts touch,
+    from the payouts table, exactly as rebuild() does."""
+    peers: set[bytes] = set()
+    runs: set[bytes] = set()
+    for issuer in issuers:
+        peers.update(r for (r,) in conn.execute("SELECT DISTINCT peer FROM payouts WHERE issuer = ?", (issuer,)))
+        runs.update(r for (r,) in conn.execute("SELECT DISTINCT run_id FROM payouts WHERE issuer = ?", (issuer,)))
     for peer in peers:
-        totals, _ = _sum_counted(conn, " AND r.author = ?", (peer,))
+        totals, _ = _sum_counted(conn, " AND p.peer = ?", (peer,))
         conn.execute("DELETE FROM balances WHERE peer = ?", (peer,))
         if peer in totals:
             conn.execute("INSERT INTO balances VALUES (?, ?, ?, ?)", (peer, *totals[peer]))
-    for publisher, run_id in runs:
-        _, totals = _sum_counted(conn, " AND r.publisher = ? AND r.run_id = ?", (publisher, run_id))
-        conn.execute("DELETE FROM run_totals WHERE publisher = ? AND run_id = ?", (publisher, run_id))
-        if (publisher, run_id) in totals:
-            conn.execute("INSERT INTO run_totals VALUES (?, ?, ?, ?, ?)", (publisher, run_id, *totals[(publisher, run_id)]))
+    for run_id in runs:
+        _, totals = _sum_counted(conn, " AND p.run_id = ?", (run_id,))
+        conn.execute("DELETE FROM run_totals WHERE run_id = ?", (run_id,))
+        if run_id in totals:
+            conn.execute("INSERT INTO run_totals VALUES (?, ?, ?, ?)", (run_id, *totals[run_id]))
 
 
 # ---- rebuilt and checked from the entries ------------------------------------------------------
@@ -134,25 +129,25 @@ def rebuild(conn: sqlite3.Connection) -> None:
     """Recompute every table but the raw entries from the entries themselves (inside the caller's
     write transaction)."""
     conn.execute("DELETE FROM runs")
-    conn.execute("DELETE FROM receipts")
+    conn.execute("DELETE FROM payouts")
     for n, entry_id, raw in _stored(conn):
         entry = schema.decode_stored(raw, entry_id)
         conn.execute(
             "UPDATE entries SET author = ?, seq = ?, prev = ?, timestamp = ?, kind = ? WHERE n = ?",
             (entry.author, entry.seq, entry.prev, entry.timestamp, entry.kind, n),
         )
-        run_row, receipt_row = schema.index_rows(entry, n)
+        run_row, payout_row = schema.index_rows(entry, n)
         if run_row is not None:
-            conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", run_row)
-        if receipt_row is not None:
-            conn.execute("INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", receipt_row)
+            conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", run_row)
+        if payout_row is not None:
+            conn.execute("INSERT INTO payouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", payout_row)
     conn.execute("DELETE FROM authors")
     conn.execute("INSERT INTO authors " + _DERIVE_AUTHORS)
     conn.execute("DELETE FROM balances")
     conn.execute("DELETE FROM run_totals")
     peers, runs = _sum_counted(conn)
     conn.executemany("INSERT INTO balances VALUES (?, ?, ?, ?)", [(p, *t) for p, t in peers.items()])
-    conn.executemany("INSERT INTO run_totals VALUES (?, ?, ?, ?, ?)", [(*k, *t) for k, t in runs.items()])
+    conn.executemany("INSERT INTO run_totals VALUES (?, ?, ?, ?)", [(k, *t) for k, t in runs.items()])
 
 
 def check(conn: sqlite3.Connection) -> list[str]:
@@ -170,18 +165,15 @@ def check(conn: sqlite3.Connection) -> list[str]:
     for peer in sorted(set(peers) | set(stored_peers)):
         if peers.get(peer) != stored_peers.get(peer):
             problems.append(f"balances: {peer.hex()} is {stored_peers.get(peer)}, entries say {peers.get(peer)}")
-    stored_runs = {
-        (r[0], r[1]): list(r[2:])
-        for r in conn.execute("SELECT publisher, run_id, credits, samples, receipts FROM run_totals")
-    }
+    stored_runs = {r[0]: list(r[1:]) for r in conn.execute("SELECT run_id, credits, samples, receipts FROM run_totals")}
     for key in sorted(set(runs) | set(stored_runs)):
         if runs.get(key) != stored_runs.get(key):
-            problems.append(f"run_totals: run {key[1].hex()} is {stored_runs.get(key)}, entries say {runs.get(key)}")
+            problems.append(f"run_totals: run {key.hex()} is {stored_runs.get(key)}, entries say {runs.get(key)}")
     return problems
 
 
 def _check_entry_rows(conn: sqlite3.Connection, n: int, entry_id: bytes, raw: bytes) -> list[str]:
-    """Whether the index columns and the runs/receipts row of one entry match its raw bytes."""
+    """Whether the index columns and the runs/payouts row of one entry match its raw bytes."""
     try:
         entry = Entry.from_wire(raw)
     except InvalidMessage as e:
@@ -192,13 +184,13 @@ def _check_entry_rows(conn: sqlite3.Connection, n: int, entry_id: bytes, raw: by
     columns = conn.execute("SELECT author, seq, prev, timestamp, kind FROM entries WHERE n = ?", (n,)).fetchone()
     if columns != (entry.author, entry.seq, entry.prev, entry.timestamp, entry.kind):
         problems.append(f"entry {entry_id.hex()}: index columns disagree with the stored bytes")
-    run_row, receipt_row = schema.index_rows(entry, n)
+    run_row, payout_row = schema.index_rows(entry, n)
     if run_row is not None:
         stored = conn.execute("SELECT * FROM runs WHERE n = ?", (n,)).fetchall()
         if stored != [run_row]:
             problems.append(f"runs: row of entry {entry_id.hex()} disagrees with the entry")
-    if receipt_row is not None:
-        stored = conn.execute("SELECT * FROM receipts WHERE n = ?", (n,)).fetchall()
-        if stored != [receipt_row]:
-            problems.append(f"receipts: row of entry {entry_id.hex()} disagrees with the entry")
+    if payout_row is not None:
+        stored = conn.execute("SELECT * FROM payouts WHERE n = ?", (n,)).fetchall()
+        if stored != [payout_row]:
+            problems.append(f"payouts: row of entry {entry_id.hex()} disagrees with the entry")
     return problems

@@ -6,14 +6,14 @@ from __future__ import annotations
 from p2pcompute import crypto
 from p2pcompute.credits.claims import Claim, Receipt
 from p2pcompute.crypto import Signer
-from p2pcompute.credits.policy import CreditPolicy
+from p2pcompute.identity import peer_id_b58
 from p2pcompute.ledger.codec import (
     GENESIS_PREV,
-    KIND_RECEIPT,
+    KIND_PAYOUT,
     KIND_RUN_PUBLISH,
     Body,
     Entry,
-    ReceiptBody,
+    PayoutBody,
     RunPublish,
     sign_entry,
 )
@@ -32,6 +32,21 @@ def label_key(label: str) -> crypto.SigningKey:
     return crypto.SigningKey(crypto.digest(label.encode()))
 
 
+def example_manifest(name: str, *, rate: int = 1000, quorum: int = 1, issuers=(), max_epochs: int = 0,
+                     target_batch_size: int = 512, budget: int = 0, slack: int = 50) -> bytes:
+    """The canonical bytes of a small real run manifest (what run.publish carries) with this credit policy;
+    `issuers`: keys (Signers or public keys)."""
+    from p2pcompute.runs.manifest import Manifest
+    from p2pcompute.runs.specs import mlp_synthetic_spec
+
+    keys = [getattr(k, "public_key", k) for k in issuers]
+    credits = {"rate": rate, "quorum": quorum, "issuers": [peer_id_b58(k) for k in keys], "budget": budget,
+               "slack": slack}
+    text = mlp_synthetic_spec(name, batch_size_per_step=32, target_batch_size=target_batch_size, in_features=4,
+                              hidden=[8], out_features=1, seed=1, max_epochs=max_epochs, credits=credits)
+    return Manifest.from_toml(text).to_wire()
+
+
 class ChainBuilder:
     """Signs valid entries for any number of authors, tracking each author's head (seq and id)."""
 
@@ -44,11 +59,15 @@ class ChainBuilder:
         self.heads[signer.public_key] = (entry.seq, entry.id)
         return entry
 
-    def publish(self, publisher: Signer, manifest: bytes, policy: CreditPolicy, timestamp: int) -> Entry:
-        return self.entry(publisher, KIND_RUN_PUBLISH, RunPublish.create(manifest, policy), timestamp)
+    def publish(self, publisher: Signer, manifest: bytes, timestamp: int) -> Entry:
+        """Publish `manifest` (canonical bytes, see example_manifest) under the policy it implies."""
+        from p2pcompute.runs.manifest import Manifest
 
-    def receipt(
+        return self.entry(publisher, KIND_RUN_PUBLISH, RunPublish.from_manifest(Manifest.from_wire(manifest)), timestamp)
+
+    def payout(
         self,
+        issuer: Signer,
         claimant: Signer,
         run: Entry,
         epoch: int,
@@ -58,12 +77,12 @@ class ChainBuilder:
         group_id: bytes = b"",
         work_digest: bytes = bytes(crypto.DIGEST_SIZE),
     ) -> Entry:
-        """A receipt for `run` (a run.publish entry) witnessed by `witnesses`, paid per the run's policy."""
-        body = receipt_body(claimant, run, epoch, samples, witnesses, group_id, work_digest)
-        return self.entry(claimant, KIND_RECEIPT, body, timestamp)
+        """`issuer`'s payout to `claimant` for `run` (a run.publish entry), witnessed by `witnesses`."""
+        body = payout_body(claimant, run, epoch, samples, witnesses, group_id, work_digest)
+        return self.entry(issuer, KIND_PAYOUT, body, timestamp)
 
 
-def receipt_body(
+def payout_body(
     claimant: Signer,
     run: Entry,
     epoch: int,
@@ -71,24 +90,24 @@ def receipt_body(
     witnesses: list[Signer],
     group_id: bytes = b"",
     work_digest: bytes = bytes(crypto.DIGEST_SIZE),
-) -> ReceiptBody:
-    """The body of a receipt for `run` (a run.publish entry), witnessed by `witnesses`, paid per its policy."""
+) -> PayoutBody:
+    """The body of a payout for `run` (a run.publish entry) to `claimant`, witnessed by `witnesses`, per its policy."""
     claim = Claim(run.body.run_id, run.author, epoch, claimant.public_key, samples, group_id, work_digest)
     receipt = Receipt.assemble(claim.sign(claimant), [claim.witness(w) for w in witnesses])
-    return ReceiptBody.create(receipt, run.body.policy)
+    return PayoutBody.create(receipt, run.body.policy)
 
 
 def vector_entries() -> dict[str, Entry]:
     """The entries whose encodings docs/ledger.md lists as test vectors."""
     publisher, claimant, witness_a, witness_b = (seed_key(b) for b in (1, 2, 3, 4))
     chains = ChainBuilder()
-    run = chains.publish(publisher, b"example manifest", CreditPolicy.create(rate=1000, quorum=2), VECTOR_TIME_MS)
-    receipt = chains.receipt(
-        claimant, run, epoch=7, samples=256, witnesses=[witness_a, witness_b], timestamp=VECTOR_TIME_MS + 1,
-        group_id=bytes(range(20)), work_digest=crypto.digest(b"example work"),
+    run = chains.publish(publisher, example_manifest("example", rate=1000, quorum=2, issuers=[publisher],
+                                                     max_epochs=100), VECTOR_TIME_MS)
+    payout = chains.payout(
+        publisher, claimant, run, epoch=7, samples=256, witnesses=[witness_a, witness_b],
+        timestamp=VECTOR_TIME_MS + 1, group_id=bytes(range(20)), work_digest=crypto.digest(b"example work"),
     )
     second_run = chains.publish(
-        publisher, b"second manifest",
-        CreditPolicy.create(rate=5, quorum=1, validators=[witness_a.public_key]), VECTOR_TIME_MS + 2,
+        publisher, example_manifest("second", rate=5, quorum=1, issuers=[witness_a, publisher]), VECTOR_TIME_MS + 2,
     )
-    return {"run.publish seq 0": run, "receipt seq 0": receipt, "run.publish seq 1": second_run}
+    return {"run.publish seq 0": run, "payout seq 1": payout, "run.publish seq 2": second_run}

@@ -13,7 +13,7 @@ from p2pcompute.errors import InvalidEntry, InvalidMessage, MissingDependency, S
 from p2pcompute.ledger import derived, schema, validate
 from p2pcompute.ledger.codec import GENESIS_PREV, Body, Entry, sign_entry
 from p2pcompute.ledger.pending import PendingPool
-from p2pcompute.ledger.validate import EntryRef, Publication
+from p2pcompute.ledger.validate import EntryRef, PayoutRef, Publication, Tally
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +53,13 @@ class _Batch:
         self.refs: dict[bytes, EntryRef] = {}
         self.heads: dict[bytes, _Head | None] = {}
         self.pubs: dict[tuple[bytes, bytes], list[Publication]] = {}
-        self.new_receipts: dict[tuple, list[EntryRef]] = {}
+        self.policies: dict[bytes, object] = {}  # run_id -> CreditPolicy (or None: not here)
+        self.new_payouts: dict[tuple[bytes, bytes], list[PayoutRef]] = {}  # (issuer, run_id) -> payouts of this batch
         self.entry_rows: list[tuple] = []
         self.run_rows: list[tuple] = []
-        self.receipt_rows: list[tuple] = []
+        self.payout_rows: list[tuple] = []
         self.balance_delta: dict[bytes, list[int]] = {}
-        self.run_delta: dict[tuple[bytes, bytes], list[int]] = {}
+        self.run_delta: dict[bytes, list[int]] = {}
         self.forked: list[bytes] = []
         self.stored_authors: set[bytes] = set()  # authors with entries stored before this batch
         self.next_n: int | None = None  # entries.n of the next accepted entry (loaded on first use)
@@ -84,26 +85,43 @@ class _Batch:
         pubs = self.pubs.get(key)
         if pubs is None:
             rows = self.conn.execute(
-                "SELECT e.id, u.seq, u.rate, u.quorum, u.validators FROM runs u JOIN entries e ON e.n = u.n"
+                "SELECT e.id, u.seq, u.policy FROM runs u JOIN entries e ON e.n = u.n"
                 " WHERE u.publisher = ? AND u.run_id = ?",
                 key,
             ).fetchall()
             pubs = self.pubs[key] = [
-                Publication(entry_id, publisher, seq, run_id, schema.policy_from_row(rate, quorum, validators))
-                for entry_id, seq, rate, quorum, validators in rows
+                Publication(entry_id, publisher, seq, run_id, schema.policy_from_row(policy))
+                for entry_id, seq, policy in rows
             ]
         return pubs
 
-    def receipts_for(self, author: bytes, publisher: bytes, run_id: bytes, epoch: int) -> list[EntryRef]:
-        found = list(self.new_receipts.get((author, publisher, run_id, epoch), ()))
-        self.head(author)  # loads the author, and with it whether it had entries before this batch
-        if author in self.stored_authors:
-            for (entry_id,) in self.conn.execute(
-                "SELECT e.id FROM receipts r JOIN entries e ON e.n = r.n"
-                " WHERE r.author = ? AND r.publisher = ? AND r.run_id = ? AND r.epoch = ?",
-                (author, publisher, run_id, epoch),
-            ).fetchall():
-                found.append(self.entry_ref(entry_id))
+    def run_policy(self, run_id: bytes):
+        if self.policies.get(run_id) is None:
+            row = self.conn.execute("SELECT policy FROM runs WHERE run_id = ? LIMIT 1", (run_id,)).fetchone()
+            self.policies[run_id] = None if row is None else schema.policy_from_row(row[0])
+        return self.policies[run_id]
+
+    def tally(self, issuer: bytes, run_id: bytes, epoch: int, peer: bytes, below_seq: int) -> Tally:
+        same, epoch_samples, run_amount = self.conn.execute(
+            "SELECT coalesce(sum(epoch = ? AND peer = ?), 0), coalesce(sum(CASE WHEN epoch = ? THEN samples END), 0),"
+            " coalesce(sum(amount), 0) FROM payouts WHERE issuer = ? AND run_id = ? AND seq < ?",
+            (epoch, peer, epoch, issuer, run_id, below_seq),
+        ).fetchone()
+        for p in self.new_payouts.get((issuer, run_id), ()):
+            if p.ref.seq < below_seq:
+                same += p.epoch == epoch and p.peer == peer
+                epoch_samples += p.samples if p.epoch == epoch else 0
+                run_amount += p.amount
+        return Tally(same, epoch_samples, run_amount)
+
+    def payouts_of(self, issuer: bytes, run_id: bytes) -> list[PayoutRef]:
+        found = list(self.new_payouts.get((issuer, run_id), ()))
+        for entry_id, epoch, peer, samples, amount in self.conn.execute(
+            "SELECT e.id, p.epoch, p.peer, p.samples, p.amount FROM payouts p JOIN entries e ON e.n = p.n"
+            " WHERE p.issuer = ? AND p.run_id = ?",
+            (issuer, run_id),
+        ).fetchall():
+            found.append(PayoutRef(self.entry_ref(entry_id), epoch, peer, samples, amount))
         return found
 
     # ---- batch state ---------------------------------------------------------------------------
@@ -154,32 +172,29 @@ class _Batch:
             self.next_n = self.conn.execute("SELECT coalesce(max(n), 0) + 1 FROM entries").fetchone()[0]
         n, self.next_n = self.next_n, self.next_n + 1
         self.entry_rows.append((n, entry.id, author, entry.seq, entry.prev, entry.timestamp, entry.kind, entry.wire))
-        run_row, receipt_row = schema.index_rows(entry, n)
+        run_row, payout_row = schema.index_rows(entry, n)
         if run_row is not None:
             self.run_rows.append(run_row)
             self.publications(author, entry.body.run_id).append(
                 Publication(entry.id, author, entry.seq, entry.body.run_id, entry.body.policy)
             )
-        if receipt_row is not None:
+            self.policies[entry.body.run_id] = entry.body.policy
+        if payout_row is not None:
             claim = entry.body.receipt.claim
-            self.receipt_rows.append(receipt_row)
-            self.new_receipts.setdefault((author, claim.publisher, claim.run_id, claim.epoch), []).append(ref)
-            if self._counts(author, entry.seq, claim.publisher, claim.run_id):
-                for delta in (
-                    self.balance_delta.setdefault(author, [0, 0, 0]),
-                    self.run_delta.setdefault((claim.publisher, claim.run_id), [0, 0, 0]),
-                ):
+            self.payout_rows.append(payout_row)
+            self.new_payouts.setdefault((author, claim.run_id), []).append(
+                PayoutRef(ref, claim.epoch, claim.peer, claim.samples, entry.body.amount))
+            if self._counts(author, entry.seq):
+                for delta in (self.balance_delta.setdefault(claim.peer, [0, 0, 0]),
+                              self.run_delta.setdefault(claim.run_id, [0, 0, 0])):
                     delta[0] += entry.body.amount
                     delta[1] += claim.samples
                     delta[2] += 1
 
-    def _counts(self, author: bytes, seq: int, publisher: bytes, run_id: bytes) -> bool:
-        """derived.COUNTED_RECEIPTS for one receipt, as the batch sees the ledger."""
-        fork = self.fork_seq(author)
-        if fork is not None and seq >= fork:
-            return False
-        publisher_fork = self.fork_seq(publisher)
-        return any(publisher_fork is None or p.seq < publisher_fork for p in self.publications(publisher, run_id))
+    def _counts(self, issuer: bytes, seq: int) -> bool:
+        """derived.COUNTED_PAYOUTS for one payout, as the batch sees the ledger."""
+        fork = self.fork_seq(issuer)
+        return fork is None or seq < fork
 
     def write(self) -> None:
         """Write rows and derived changes (still inside the caller's transaction)."""
@@ -188,8 +203,8 @@ class _Batch:
             "INSERT INTO entries (n, id, author, seq, prev, timestamp, kind, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             self.entry_rows,
         )
-        conn.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.run_rows)
-        conn.executemany("INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.receipt_rows)
+        conn.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", self.run_rows)
+        conn.executemany("INSERT INTO payouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.payout_rows)
         heads = [(a, h.seq, h.id, h.entries, h.fork_seq) for a, h in self.heads.items() if h is not None and h.dirty]
         derived.apply(conn, heads, self.balance_delta, self.run_delta, self.forked)
 
@@ -285,7 +300,7 @@ def append_local(
 ) -> Entry:
     """Sign `body` as the next entry of `signer`'s own chain and ingest it; the caller holds the write
     transaction. The timestamp never goes below the previous entry's. Raises MissingDependency if a
-    receipt's run is not in this replica, StoreError if this identity's chain is forked."""
+    payout's run is not in this replica, StoreError if this identity's chain is forked."""
     view = _Batch(conn)
     head = view.head(signer.public_key)
     if head is None:

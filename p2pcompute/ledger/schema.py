@@ -6,16 +6,16 @@ import sqlite3
 from pathlib import Path
 from typing import Callable, Iterator
 
+from p2pcompute import canonical
 from p2pcompute.credits.policy import CreditPolicy
-from p2pcompute.crypto import PUBLIC_KEY_SIZE
 from p2pcompute.errors import InvalidMessage, StoreError
-from p2pcompute.ledger.codec import KIND_RECEIPT, KIND_RUN_PUBLISH, Entry
+from p2pcompute.ledger.codec import KIND_PAYOUT, KIND_RUN_PUBLISH, Entry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # PRAGMA application_id: marks the file as ours ("p2pc"), so we never migrate someone else's database.
 APPLICATION_ID = 0x70327063
 
-_SCHEMA_V1 = """
+_SCHEMA_V2 = """
 -- Every entry exactly as signed. n is the local arrival order: an entry always comes after the entries
 -- it depends on, so replaying by n re-validates without reordering. author..kind repeat fields of raw
 -- for indexing; rebuild_derived() re-extracts them.
@@ -39,23 +39,23 @@ CREATE TABLE runs (
     run_id BLOB NOT NULL,
     seq INTEGER NOT NULL,
     timestamp INTEGER NOT NULL,
-    rate INTEGER NOT NULL,
-    quorum INTEGER NOT NULL,
-    validators BLOB NOT NULL        -- the policy's validator keys, concatenated (32 bytes each)
+    policy BLOB NOT NULL            -- the CreditPolicy, canonical msgpack (credits.policy)
 );
 CREATE INDEX runs_by_publisher ON runs (publisher, run_id);
-CREATE TABLE receipts (
-    n INTEGER PRIMARY KEY,          -- entries.n of the receipt entry
-    author BLOB NOT NULL,           -- the claimant
+CREATE INDEX runs_by_id ON runs (run_id);
+CREATE TABLE payouts (
+    n INTEGER PRIMARY KEY,          -- entries.n of the payout entry
+    issuer BLOB NOT NULL,           -- the entry's author
     seq INTEGER NOT NULL,
-    publisher BLOB NOT NULL,
+    peer BLOB NOT NULL,             -- the claimant, who is paid
     run_id BLOB NOT NULL,
     epoch INTEGER NOT NULL,
     samples INTEGER NOT NULL,
     amount INTEGER NOT NULL
 );
-CREATE INDEX receipts_by_claim ON receipts (author, publisher, run_id, epoch);
-CREATE INDEX receipts_by_run ON receipts (publisher, run_id);
+CREATE INDEX payouts_by_issuer ON payouts (issuer, run_id, seq);
+CREATE INDEX payouts_by_peer ON payouts (peer, run_id, epoch);
+CREATE INDEX payouts_by_run ON payouts (run_id);
 
 -- Derived (rebuildable): chain heads, equivocation marks, balances, run totals.
 CREATE TABLE authors (
@@ -69,21 +69,24 @@ CREATE TABLE balances (
     peer BLOB PRIMARY KEY,
     credits INTEGER NOT NULL,       -- micro-credits, saturating at 2^63 - 1
     samples INTEGER NOT NULL,
-    receipts INTEGER NOT NULL
+    receipts INTEGER NOT NULL       -- payouts received
 ) WITHOUT ROWID;
 CREATE INDEX balances_rank ON balances (credits DESC, peer);   -- the leaderboard
 CREATE TABLE run_totals (
-    publisher BLOB NOT NULL,
-    run_id BLOB NOT NULL,
+    run_id BLOB PRIMARY KEY,
     credits INTEGER NOT NULL,
     samples INTEGER NOT NULL,
-    receipts INTEGER NOT NULL,
-    PRIMARY KEY (publisher, run_id)
+    receipts INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
 
-# index in this list = the schema version the script migrates to
-_MIGRATIONS = ["", _SCHEMA_V1]
+# Ledger v1 (2026-11) credited claimants through `receipt` entries they signed themselves; v2 pays through
+# issuers' `payout` entries. v1 entries do not validate under v2, so a v1 file is not migrated but refused.
+_V1_REFUSED = ("holds a version-1 ledger (claimants crediting themselves), which this p2pc no longer accepts: "
+               "move it away and sync again")
+
+# index in this list = the schema version the script migrates to (None: refused, see above)
+_MIGRATIONS = ["", None, _SCHEMA_V2]
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:
@@ -95,11 +98,13 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
         raise StoreError(f"{path} is not a p2pcompute ledger (application_id {app_id:#x})")
     if app_id == 0 and version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
         raise StoreError(f"{path} is an SQLite database of something else, not a p2pcompute ledger")
+    if version == 1:
+        raise StoreError(f"{path} {_V1_REFUSED}")
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"{path} has ledger schema version {version}; this p2pc reads up to {SCHEMA_VERSION}: upgrade p2pc"
         )
-    for target in range(version + 1, SCHEMA_VERSION + 1):
+    for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
         # executescript runs the migration and the version bump as one transaction
         conn.executescript(
             f"BEGIN IMMEDIATE; {_MIGRATIONS[target]}; PRAGMA application_id = {APPLICATION_ID};"
@@ -111,26 +116,26 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def index_rows(entry: Entry, n: int) -> tuple[tuple | None, tuple | None]:
-    """The `runs` or `receipts` row of an entry stored as number `n` (one of them, or neither)."""
+    """The `runs` or `payouts` row of an entry stored as number `n` (one of them, or neither)."""
     if entry.kind == KIND_RUN_PUBLISH:
-        policy = entry.body.policy
-        return (
-            (n, entry.author, entry.body.run_id, entry.seq, entry.timestamp, policy.rate, policy.quorum,
-             b"".join(policy.validators)),
-            None,
-        )
-    if entry.kind == KIND_RECEIPT:
+        return (n, entry.author, entry.body.run_id, entry.seq, entry.timestamp, pack_policy(entry.body.policy)), None
+    if entry.kind == KIND_PAYOUT:
         claim = entry.body.receipt.claim
-        return None, (
-            n, entry.author, entry.seq, claim.publisher, claim.run_id, claim.epoch, claim.samples, entry.body.amount,
-        )
+        return None, (n, entry.author, entry.seq, claim.peer, claim.run_id, claim.epoch, claim.samples,
+                      entry.body.amount)
     return None, None
 
 
-def policy_from_row(rate: int, quorum: int, validators: bytes) -> CreditPolicy:
-    """The CreditPolicy of a `runs` row (validators: the keys concatenated)."""
-    keys = tuple(validators[i : i + PUBLIC_KEY_SIZE] for i in range(0, len(validators), PUBLIC_KEY_SIZE))
-    return CreditPolicy(rate, quorum, keys)
+def pack_policy(policy: CreditPolicy) -> bytes:
+    return canonical.pack(policy.to_obj())
+
+
+def policy_from_row(packed: bytes) -> CreditPolicy:
+    """The CreditPolicy of a `runs` row."""
+    try:
+        return CreditPolicy.from_obj(canonical.unpack_canonical(packed, max_size=4096, what="policy"))
+    except InvalidMessage as e:
+        raise StoreError(f"a stored run policy is corrupt ({e}); run `p2pc ledger verify`") from None
 
 
 def decode_stored(raw: bytes, entry_id: bytes) -> Entry:

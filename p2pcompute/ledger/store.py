@@ -49,7 +49,7 @@ class RunSummary:
     seq: int
     timestamp: int
     policy: CreditPolicy
-    counted: bool  # False: the publication lies at or past its publisher's fork point
+    counted: bool  # False: the publication lies at or past its publisher's fork point (its payouts still count)
     credits: int
     samples: int
     receipts: int
@@ -148,7 +148,7 @@ class Store:
         """Sign `body` as the next entry of `signer`'s own chain and store it durably.
 
         `now` is the wall clock in integer milliseconds; the timestamp never goes below the previous
-        entry's. Raises MissingDependency if a receipt's run is not in this replica, StoreError if this
+        entry's. Raises MissingDependency if a payout's run is not in this replica, StoreError if this
         identity has equivocated (its chain is forked: extending it would only make things worse).
         """
         with self._write() as conn:
@@ -221,24 +221,40 @@ class Store:
         return [Balance(*r) for r in rows]
 
     def runs(self) -> list[RunSummary]:
+        """Every publication, with its run's totals (a run published twice shows the same totals twice)."""
         rows = self._query(
-            "SELECT u.publisher, u.run_id, e.id, u.seq, u.timestamp, u.rate, u.quorum, u.validators,"
+            "SELECT u.publisher, u.run_id, e.id, u.seq, u.timestamp, u.policy,"
             " a.fork_seq IS NULL OR u.seq < a.fork_seq, t.credits, t.samples, t.receipts"
             " FROM runs u JOIN entries e ON e.n = u.n JOIN authors a ON a.author = u.publisher"
-            " LEFT JOIN run_totals t ON t.publisher = u.publisher AND t.run_id = u.run_id"
+            " LEFT JOIN run_totals t ON t.run_id = u.run_id"
             " ORDER BY u.timestamp, u.run_id"
         )
         return [
-            RunSummary(pub, run_id, eid, seq, ts, schema.policy_from_row(rate, quorum, vals), bool(counted),
-                       (credits or 0) if counted else 0, (samples or 0) if counted else 0,
-                       (receipts or 0) if counted else 0)
-            for pub, run_id, eid, seq, ts, rate, quorum, vals, counted, credits, samples, receipts in rows
+            RunSummary(pub, run_id, eid, seq, ts, schema.policy_from_row(policy), bool(counted),
+                       credits or 0, samples or 0, receipts or 0)
+            for pub, run_id, eid, seq, ts, policy, counted, credits, samples, receipts in rows
         ]
 
-    def counted_receipts(self, author: bytes) -> set[bytes]:
-        """Ids of `author`'s receipts that count towards its balance."""
-        counted = f"SELECT id FROM entries WHERE n IN (SELECT n FROM ({derived.COUNTED_RECEIPTS} AND r.author = ?))"
-        return {r[0] for r in self._query(counted, (author,))}
+    def run_policy(self, run_id: bytes) -> CreditPolicy | None:
+        rows = self._query("SELECT policy FROM runs WHERE run_id = ? LIMIT 1", (run_id,))
+        return schema.policy_from_row(rows[0][0]) if rows else None
+
+    def counted_payouts_by(self, issuer: bytes) -> set[bytes]:
+        """Ids of the payouts `issuer` signed that count (it has not equivocated at or below them)."""
+        counted = f"SELECT id FROM entries WHERE n IN (SELECT n FROM ({derived.COUNTED_PAYOUTS} AND p.issuer = ?))"
+        return {r[0] for r in self._query(counted, (issuer,))}
+
+    def payout_for(self, issuer: bytes, run_id: bytes, epoch: int, peer: bytes) -> bytes | None:
+        """Id of `issuer`'s payout to `peer` for that epoch, if this replica holds one."""
+        rows = self._query(
+            "SELECT e.id FROM payouts p JOIN entries e ON e.n = p.n"
+            " WHERE p.peer = ? AND p.run_id = ? AND p.epoch = ? AND p.issuer = ? LIMIT 1",
+            (peer, run_id, epoch, issuer))
+        return rows[0][0] if rows else None
+
+    def paid_epochs(self, peer: bytes, run_id: bytes) -> set[int]:
+        """Epochs of `run_id` for which this replica holds a payout to `peer` (by any issuer)."""
+        return {r[0] for r in self._query("SELECT epoch FROM payouts WHERE peer = ? AND run_id = ?", (peer, run_id))}
 
     def equivocators(self) -> list[AuthorHead]:
         rows = self._query(

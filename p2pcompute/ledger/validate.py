@@ -14,8 +14,8 @@ from typing import Protocol
 
 from p2pcompute import crypto
 from p2pcompute.credits.policy import CreditPolicy
-from p2pcompute.errors import InvalidEntry, InvalidSignature, MissingDependency
-from p2pcompute.ledger.codec import GENESIS_PREV, KIND_RECEIPT, KIND_RUN_PUBLISH, Entry, ReceiptBody
+from p2pcompute.errors import InvalidEntry, InvalidManifest, InvalidMessage, InvalidSignature, MissingDependency
+from p2pcompute.ledger.codec import GENESIS_PREV, KIND_PAYOUT, KIND_RUN_PUBLISH, Entry, PayoutBody, policy_of
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,26 @@ class Publication:
     policy: CreditPolicy
 
 
+@dataclass(frozen=True)
+class PayoutRef:
+    """A stored payout as the issuer-chain rules need it."""
+
+    ref: EntryRef
+    epoch: int
+    peer: bytes
+    samples: int
+    amount: int
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What an issuer's chain already paid below some seq: for one (peer, epoch), one epoch, and the whole run."""
+
+    peer_epoch_payouts: int
+    epoch_samples: int
+    run_amount: int
+
+
 class LedgerView(Protocol):
     """Read access to the entries a replica already holds (the store, plus a batch being ingested)."""
 
@@ -51,8 +71,14 @@ class LedgerView(Protocol):
     def publications(self, publisher: bytes, run_id: bytes) -> list[Publication]:
         """`publisher`'s run.publish entries for `run_id` (more than one only on forks of an equivocator)."""
 
-    def receipts_for(self, author: bytes, publisher: bytes, run_id: bytes, epoch: int) -> list[EntryRef]:
-        """`author`'s receipts for that (run, epoch), on any of its forks."""
+    def run_policy(self, run_id: bytes) -> CreditPolicy | None:
+        """The policy of `run_id` (the same in every publication of it: it is derived from the manifest)."""
+
+    def tally(self, issuer: bytes, run_id: bytes, epoch: int, peer: bytes, below_seq: int) -> Tally:
+        """Sums over `issuer`'s payouts for `run_id` at seqs below `below_seq` (all of them, on any fork)."""
+
+    def payouts_of(self, issuer: bytes, run_id: bytes) -> list[PayoutRef]:
+        """Every payout of `issuer` for `run_id`, on any of its forks."""
 
 
 def entry_key(entry_id: bytes) -> tuple:
@@ -60,16 +86,16 @@ def entry_key(entry_id: bytes) -> tuple:
     return ("entry", entry_id)
 
 
-def run_key(publisher: bytes, run_id: bytes) -> tuple:
-    """Dependency key of a run."""
-    return ("run", publisher, run_id)
+def run_key(run_id: bytes) -> tuple:
+    """Dependency key of a run (any publication of it)."""
+    return ("run", run_id)
 
 
 def provided_keys(entry: Entry) -> list[tuple]:
     """The dependency keys an entry satisfies once stored."""
     keys = [entry_key(entry.id)]
     if entry.kind == KIND_RUN_PUBLISH:
-        keys.append(run_key(entry.author, entry.body.run_id))
+        keys.append(run_key(entry.body.run_id))
     return keys
 
 
@@ -78,7 +104,8 @@ def provided_keys(entry: Entry) -> list[tuple]:
 
 def check_entry(entry: Entry) -> None:
     """Everything that needs no other entry: genesis rule, the author's signature, the body's own rules
-    (run_id = digest(manifest); a receipt's claimant is the author, and every signature in it verifies).
+    (run_id = digest(manifest), the policy is the one the manifest implies; every signature in a payout's
+    receipt verifies).
 
     Signatures are checked with `crypto.verify`, the pinned Ed25519 rule.
     """
@@ -91,32 +118,45 @@ def check_entry(entry: Entry) -> None:
     except InvalidSignature as e:
         raise InvalidEntry(f"author signature: {e}") from None
     if entry.kind == KIND_RUN_PUBLISH:
-        if crypto.digest(entry.body.manifest) != entry.body.run_id:
-            raise InvalidEntry("run_id is not the digest of the manifest")
-    elif entry.kind == KIND_RECEIPT:
-        receipt = entry.body.receipt
-        if receipt.claim.peer != entry.author:
-            raise InvalidEntry("receipt claim is for another peer than the entry's author")
+        _check_publish_body(entry)
+    elif entry.kind == KIND_PAYOUT:
         try:
-            receipt.verify_signatures()
+            entry.body.receipt.verify_signatures()
         except InvalidSignature as e:
-            raise InvalidEntry(f"receipt {e}") from None
+            raise InvalidEntry(f"payout receipt {e}") from None
 
 
-def check_receipt_policy(body: ReceiptBody, policy: CreditPolicy) -> None:
-    """A receipt against its run's policy: quorum of witnesses, a validator among them if the policy
-    names any, amount = samples x rate. (Witnesses are distinct and exclude the claimant by construction,
-    see `credits.claims.Receipt`; their signatures are checked by `check_entry`.)"""
-    receipt = body.receipt
-    if len(receipt.witnesses) < policy.quorum:
-        raise InvalidEntry(f"receipt has {len(receipt.witnesses)} witness signatures, the run's quorum is {policy.quorum}")
-    if policy.validators and not set(policy.validators).intersection(receipt.witness_keys):
-        raise InvalidEntry("receipt carries no signature of any of the run's validators")
-    expected = policy.amount_for(receipt.claim.samples)
+def _check_publish_body(entry: Entry) -> None:
+    from p2pcompute.runs.manifest import Manifest
+
+    body = entry.body
+    if crypto.digest(body.manifest) != body.run_id:
+        raise InvalidEntry("run_id is not the digest of the manifest")
+    try:
+        expected = policy_of(Manifest.from_wire(body.manifest))
+    except (InvalidManifest, InvalidMessage) as e:
+        raise InvalidEntry(f"the published manifest: {e}") from None
+    if body.policy != expected:
+        raise InvalidEntry("the policy is not the one the manifest implies (credits section, max_epochs, target batch)")
+
+
+def check_payout_policy(body: PayoutBody, policy: CreditPolicy, issuer: bytes) -> None:
+    """A payout against its run's policy alone: signed by the epoch's issuer, an epoch the run pays, a quorum of
+    witnesses, within the epoch cap, amount = samples x rate. (Witnesses are distinct and exclude the claimant
+    by construction, see `credits.claims.Receipt`; their signatures are checked by `check_entry`.)"""
+    claim = body.receipt.claim
+    if policy.issuer_for(claim.epoch) != issuer:
+        raise InvalidEntry(f"the payout for epoch {claim.epoch} is not signed by the run's issuer for that epoch")
+    if not policy.pays_epoch(claim.epoch):
+        raise InvalidEntry(f"epoch {claim.epoch} is past the run's max_epochs ({policy.max_epochs})")
+    witnesses = len(body.receipt.witnesses)
+    if witnesses < policy.quorum:
+        raise InvalidEntry(f"the receipt has {witnesses} witness signatures, the run's quorum is {policy.quorum}")
+    if claim.samples > policy.epoch_cap:
+        raise InvalidEntry(f"{claim.samples} samples are more than one epoch of the run pays ({policy.epoch_cap})")
+    expected = policy.amount_for(claim.samples)
     if body.amount != expected:
-        raise InvalidEntry(
-            f"receipt amount {body.amount} is not samples {receipt.claim.samples} x rate {policy.rate} = {expected}"
-        )
+        raise InvalidEntry(f"payout amount {body.amount} is not samples {claim.samples} x rate {policy.rate} = {expected}")
 
 
 # ---- checks against what the replica holds ------------------------------------------------------
@@ -137,8 +177,8 @@ def check_in_context(entry: Entry, view: LedgerView) -> None:
             raise InvalidEntry(f"timestamp {entry.timestamp} is before the previous entry's {prev.timestamp}")
     if entry.kind == KIND_RUN_PUBLISH:
         _check_publish(entry, view)
-    elif entry.kind == KIND_RECEIPT:
-        _check_receipt(entry, view)
+    elif entry.kind == KIND_PAYOUT:
+        _check_payout(entry, view)
 
 
 def validate(entry: Entry, view: LedgerView) -> None:
@@ -153,29 +193,38 @@ def _check_publish(entry: Entry, view: LedgerView) -> None:
             raise InvalidEntry(f"run {entry.body.run_id.hex()} was already published by this author at seq {earlier.seq}")
 
 
-def _check_receipt(entry: Entry, view: LedgerView) -> None:
+def _check_payout(entry: Entry, view: LedgerView) -> None:
+    """The issuer-chain rules: in the issuer's own chain below this payout, no payout for the same (peer, epoch),
+    the epoch's payouts stay within its cap, and the issuer's payouts within its share of the budget."""
     claim = entry.body.receipt.claim
-    publications = view.publications(claim.publisher, claim.run_id)
-    if not publications:
-        raise MissingDependency(
-            f"run {claim.run_id.hex()} of publisher {claim.publisher.hex()} is not here yet",
-            run_key(claim.publisher, claim.run_id),
-        )
-    # A publisher publishes a run once per chain; two publications of one run can only sit on two forks
-    # of an equivocating publisher, and then neither counts (see docs/ledger.md): the receipt is accepted
-    # if it satisfies either policy.
-    failures: list[InvalidEntry] = []
-    for publication in publications:
-        try:
-            check_receipt_policy(entry.body, publication.policy)
-            break
-        except InvalidEntry as e:
-            failures.append(e)
-    else:
-        raise failures[0]
-    for earlier in view.receipts_for(entry.author, claim.publisher, claim.run_id, claim.epoch):
-        if is_ancestor(view, earlier.id, earlier.seq, entry):
-            raise InvalidEntry(f"a receipt for run {claim.run_id.hex()[:16]} epoch {claim.epoch} is already at seq {earlier.seq}")
+    policy = view.run_policy(claim.run_id)
+    if policy is None:
+        raise MissingDependency(f"run {claim.run_id.hex()} is not here yet", run_key(claim.run_id))
+    check_payout_policy(entry.body, policy, entry.author)
+    tally = chain_tally(view, entry, claim.run_id, claim.epoch, claim.peer)
+    if tally.peer_epoch_payouts:
+        raise InvalidEntry(f"epoch {claim.epoch} of run {claim.run_id.hex()[:16]} was already paid to this peer")
+    if tally.epoch_samples + claim.samples > policy.epoch_cap:
+        raise InvalidEntry(f"epoch {claim.epoch} would pay {tally.epoch_samples + claim.samples} samples, over its cap "
+                           f"of {policy.epoch_cap}")
+    budget = policy.issuer_budget()
+    if budget is not None and tally.run_amount + entry.body.amount > budget:
+        raise InvalidEntry(f"the payout would take this issuer past its share of the run's budget ({budget} micro-credits)")
+
+
+def chain_tally(view: LedgerView, entry: Entry, run_id: bytes, epoch: int, peer: bytes) -> Tally:
+    """What `entry`'s author paid for `run_id` on `entry`'s own chain below it. Below the author's fork point
+    (if any) every stored payout is on that chain (one SQL sum); an equivocator's are filtered by ancestry."""
+    fork = view.fork_seq(entry.author)
+    if fork is None or fork >= entry.seq:
+        return view.tally(entry.author, run_id, epoch, peer, entry.seq)
+    same, epoch_samples, run_amount = 0, 0, 0
+    for p in view.payouts_of(entry.author, run_id):
+        if is_ancestor(view, p.ref.id, p.ref.seq, entry):
+            same += p.epoch == epoch and p.peer == peer
+            epoch_samples += p.samples if p.epoch == epoch else 0
+            run_amount += p.amount
+    return Tally(same, epoch_samples, run_amount)
 
 
 def is_ancestor(view: LedgerView, candidate_id: bytes, candidate_seq: int, entry: Entry) -> bool:

@@ -118,7 +118,7 @@ class ControlAPI:
         force = args.get("force", False)
         if not isinstance(force, bool):
             raise UsageError("force must be true or false")
-        manifest = self._manifest_arg(args)
+        manifest = self._manifest_arg(args).with_default_issuer(self.identity.peer_id_b58)
         pacing, throughput = self.pacing.check(manifest, self.announcer.fetch_peers())
         if not pacing.ok and not force:
             raise InvalidManifest(f"{pacing.reason} (or publish with --force)")

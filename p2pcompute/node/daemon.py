@@ -74,10 +74,11 @@ class Node:
             self.announcer = PeerAnnouncer(self.shared, self.identity, config.name, self.hardware, self.maddrs,
                                            config.record_ttl, started_at, self.clock,
                                            status="bootstrap" if self.role == "bootstrap" else "idle", stop=self._stop)
-            self.ledger.start(dht)
+            self.ledger.start(dht, self.identity)
             self.announcer.start()
             if self.role == "node" and config.train:
-                self.credits = RunCredits(self.ledger.loop, self.ledger.sync.p2p, self.ledger.replica, self.identity)
+                self.credits = RunCredits(self.ledger.loop, self.ledger.sync.p2p, self.ledger.replica, self.identity,
+                                          self.ledger.issuer)
                 hooks = SupervisorHooks(state_changed=self.announcer.set_state,
                                         round_payload=self.credits.round_payload,
                                         trainer_started=self.credits.trainer_started,

@@ -1,4 +1,4 @@
-"""The node's ledger replica: its SQLite store and the sync protocol, served on the node's own protocol loop."""
+"""The node's ledger replica: its SQLite store, the sync protocol and the payouts it issues, served on the node's own protocol loop."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ SYNC_STOP_TIMEOUT = 10.0  # seconds for the sync protocol to stop serving when t
 
 
 class LedgerHost:
-    """`start(dht)` opens the store and serves `/p2pc/ledger` on the DHT's libp2p host; `shutdown()` undoes it.
+    """`start(dht, identity)` opens the store and serves `/p2pc/ledger` and `/p2pc/payouts` (for the runs this node
+    issues credits of) on the DHT's libp2p host; `shutdown()` undoes it.
 
-    While started, `store`, `replica`, `sync` and `loop` (where our protocols, credits too, run) are set."""
+    While started, `store`, `replica`, `sync`, `issuer` and `loop` (where our protocols, credits too, run) are set."""
 
     def __init__(self, data_dir: Path, sync_interval: float, startup_timeout: float):
         self.data_dir = data_dir
@@ -25,10 +26,13 @@ class LedgerHost:
         self.replica = None  # ledger.replica.Replica
         self.loop: BackgroundLoop | None = None
         self.sync = None  # services.sync.LedgerSync
+        self.issuer = None  # services.issuer.Issuer
+        self._payouts = None  # services.issuer.IssuerService
 
-    def start(self, dht) -> "LedgerHost":
+    def start(self, dht, identity) -> "LedgerHost":
         from p2pcompute.ledger.store import Store
         from p2pcompute.ledger.replica import Replica
+        from p2pcompute.services.issuer import Issuer, IssuerService
         from p2pcompute.services.sync import LedgerSync
 
         self.store = Store.in_data_dir(self.data_dir)
@@ -37,9 +41,18 @@ class LedgerHost:
         p2p = self.loop.run(dht.replicate_p2p(), timeout=self.startup_timeout)
         self.sync = LedgerSync(p2p, self.replica, sync_interval=self.sync_interval)
         self.loop.run(self.sync.start(), timeout=self.startup_timeout)
+        self.issuer = Issuer(self.replica, identity)
+        self._payouts = IssuerService(p2p, self.issuer)
+        self.loop.run(self._payouts.add_handler(), timeout=self.startup_timeout)
         return self
 
     def shutdown(self) -> None:
+        if self._payouts is not None:
+            try:
+                self.loop.run(self._payouts.remove_handler(), timeout=SYNC_STOP_TIMEOUT)
+            except TimeoutError:
+                logger.warning("the payouts protocol did not stop within %.0f s", SYNC_STOP_TIMEOUT)
+            self._payouts = None
         if self.sync is not None:
             try:
                 self.loop.run(self.sync.shutdown(), timeout=SYNC_STOP_TIMEOUT)

@@ -22,8 +22,9 @@ STOP_TIMEOUT = 30.0  # seconds for the service to close
 class RunCredits:
     """Holds at most one `CreditsService` (of the run being, or last, trained); `shutdown()` closes it."""
 
-    def __init__(self, loop: BackgroundLoop, p2p, replica, identity: Identity):
+    def __init__(self, loop: BackgroundLoop, p2p, replica, identity: Identity, issuer=None):
         self.loop = loop
+        self.issuer = issuer  # services.issuer.Issuer: this node's, for the epochs it pays itself
         self.p2p = p2p
         self.replica = replica
         self.identity = identity
@@ -44,7 +45,7 @@ class RunCredits:
         from p2pcompute.services.credits import CreditsService
 
         self.shutdown()
-        service = CreditsService(self.p2p, self.replica, self.identity, signed, trainer)
+        service = CreditsService(self.p2p, self.replica, self.identity, signed, trainer, self.issuer)
         self.loop.run(service.start(), timeout=START_TIMEOUT)
         self.service = service
 

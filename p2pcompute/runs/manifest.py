@@ -27,7 +27,7 @@ from p2pcompute.runs import dataset_specs, model_specs, optimizers
 from p2pcompute.runs.model_specs import DataShape
 from p2pcompute.runs.schema import Bool, Choice, Dec, Int, ListOf, Param, Schema, Str
 
-VERSION = 1
+VERSION = 2  # 2: credits name issuers, a budget and a slack (1 named validators)
 SIGNATURE_DOMAIN = b"p2pc/run-manifest/v1\x00"
 INIT_DOMAIN = b"p2pc/init/v1\x00"
 # A real manifest is a few hundred bytes; 16 KiB bounds the work spent decoding untrusted input.
@@ -112,9 +112,12 @@ HARDWARE = Schema(
 _PEER_ID_TEXT = Str(64, r"[1-9A-HJ-NP-Za-km-z]+", "base58 peer id")
 CREDITS = Schema(
     Param("rate", Int(0, 10**12), 1000, doc="micro-credits per verified sample"),
-    Param("quorum", Int(1, 64), 1, doc="witness signatures (besides the claimant) a receipt needs"),
-    Param("validators", ListOf(_PEER_ID_TEXT, 0, 16, unique=True), (),
-          doc="peer ids of which one must also sign each receipt (empty: none required)"),
+    Param("quorum", Int(1, 64), 1, doc="witness signatures (besides the claimant) a payout needs"),
+    Param("issuers", ListOf(_PEER_ID_TEXT, 0, 16, unique=True), (),
+          doc="peer ids that sign the run's payouts (empty: filled in with the publisher's at publish)"),
+    Param("budget", Int(0, 10**12), 0, doc="credits the run pays in all, split among its issuers (0: no budget)"),
+    Param("slack", Int(0, 1000), 100,
+          doc="percent above target_batch_size that one epoch may pay in all (peers overshoot the target a little)"),
 )
 
 
@@ -178,7 +181,9 @@ class HardwareRequirements:
 class CreditPolicy:
     rate: int
     quorum: int
-    validators: tuple[str, ...]
+    issuers: tuple[str, ...]
+    budget: int
+    slack: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +230,7 @@ class Manifest:
         averaging = Averaging(**AVERAGING.parse(raw.get("averaging", {}), "averaging"))
         hardware = HardwareRequirements(**HARDWARE.parse(raw.get("hardware", {}), "hardware"))
         credit = CREDITS.parse(raw.get("credits", {}), "credits")
-        credit["validators"] = tuple(sorted(credit["validators"]))
+        credit["issuers"] = tuple(sorted(credit["issuers"]))
         manifest = cls(model=model, dataset=dataset, optimizer=optimizer, averaging=averaging, hardware=hardware,
                        credits=CreditPolicy(**credit), **top)
         manifest._check_relations()
@@ -257,11 +262,11 @@ class Manifest:
         _require(not (a.mode == "local" and a.average_state_every != 1), "averaging.average_state_every",
                  "must be 1 with mode = \"local\": every epoch ends with an outer step (make epochs longer "
                  "with target_batch_size instead)")
-        for peer_id in self.credits.validators:
+        for peer_id in self.credits.issuers:
             try:
                 public_key_from_peer_id(peer_id)
             except InvalidMessage as e:
-                raise InvalidManifest(f"credits.validators: {peer_id!r}: {e}") from None
+                raise InvalidManifest(f"credits.issuers: {peer_id!r}: {e}") from None
 
     # ---- canonical encoding -----------------------------------------------------------------------
 
@@ -299,6 +304,12 @@ class Manifest:
         if manifest.to_wire() != bytes(data):
             raise InvalidManifest("manifest: not in canonical encoding")
         return manifest
+
+    def with_default_issuer(self, peer_id: str) -> "Manifest":
+        """This manifest as `peer_id` publishes it: a paying run that names no issuers is paid by its publisher."""
+        if self.credits.rate == 0 or self.credits.issuers:
+            return self
+        return dataclasses.replace(self, credits=dataclasses.replace(self.credits, issuers=(peer_id,)))
 
     # ---- derived ----------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """Credits from training: claims ride in averaging rounds, group mates witness them over /p2pc/credits/1,
-and the claimant turns a quorum of witness signatures into a receipt in the ledger."""
+and the claimant hands a receipt with a quorum of witness signatures to the run's issuer for the epoch, who pays."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from p2pcompute.protocol import Limits, PeerLimits, Servicer, short_peer
 
 if TYPE_CHECKING:
     from p2pcompute.ledger.replica import Replica
+    from p2pcompute.services.issuer import Issuer
     from p2pcompute.runs.manifest import SignedManifest
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ PROTOCOL = "/p2pc/credits/1"
 CLAIM_ROUNDS = ("gradients", "outer")  # averaging rounds that carry claims: one per epoch, every peer in them
 POLL_PERIOD = 0.5  # seconds between looks at the trainer's finished rounds
 DIRECT_CLAIM_AFTER = 20.0  # seconds a claim may wait for witnesses from rounds before we ask mates directly
+HAND_IN_RETRY = 10.0  # seconds between attempts to get a receipt paid (the issuer may be offline or not synced yet)
+MAX_HAND_INS = 60  # attempts per receipt (10 minutes) before we give up on it and say so
 MAX_PENDING_CLAIMS = 64  # our claims still lacking a quorum; older ones are given up (their epochs are long gone)
 MAX_FRAME = 4096  # bytes: a credits request is one signed claim (<= 512 B) or one witness signature, plus framing
 LIMITS = Limits(
@@ -44,20 +47,22 @@ class CreditsService(Servicer):
     LIMITS = LIMITS
 
     def __init__(self, p2p, replica: "Replica", identity, signed: "SignedManifest", trainer,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 issuer: "Issuer | None" = None, monotonic: Callable[[], float] = time.monotonic,
                  limits: PeerLimits | None = None):
         super().__init__(p2p, limits)
         self.replica, self.identity, self.signed, self.trainer = replica, identity, signed, trainer
-        self.clock, self.monotonic = clock, monotonic
+        self.issuer = issuer  # this node's own, for the epochs it pays itself
+        self.monotonic = monotonic
         self.me = identity.public_key
         self.observed = Observations()
         self._lock = threading.Lock()  # payload() runs in the training thread, the rest on the loop
-        self._pending: dict[int, dict] = {}  # epoch -> {"signed": SignedClaim, "sigs": {key: sig}, "since": t}
+        # epoch -> {"signed": SignedClaim, "sigs": {key: sig}, "since": t, "next_hand_in": t, "hand_ins": n}
+        self._pending: dict[int, dict] = {}
         self._done_epochs: set[int] = set()
         self._members: dict[int, set[bytes]] = {}  # epoch -> group mates (public keys) of our round in it
         self._last_round = None
         self._task: asyncio.Task | None = None
-        self.receipts: list[bytes] = []  # entry ids of receipts this service appended
+        self.payouts: list[bytes] = []  # entry ids of the payouts our receipts got
 
     # ---- what rides in the averaging round ---------------------------------------------------------
 
@@ -120,17 +125,18 @@ class CreditsService(Servicer):
             declared = {}
             for peer_id, payload in rnd.payloads.items():
                 epoch, claims = _parse_payload(payload)
-                if epoch is None:
-                    continue
                 key = _key_of(peer_id)
-                if key is None:
-                    continue
-                declared[key] = (epoch, claims)
-                self.observed.record(key, epoch)
+                if epoch is not None and key is not None:
+                    declared[key] = (epoch, claims, rnd.weights.get(peer_id))
             mine = declared.get(self.me)
-            if mine is not None:
-                self._members.setdefault(mine[0], set()).update(k for k in declared if k != self.me)
-            for key, (_epoch, claims) in declared.items():
+            if mine is None:
+                continue  # without our own epoch in the round we cannot say when we saw anyone
+            my_epoch = mine[0]  # members are recorded under OUR epoch: what they declare is no evidence
+            for key, (_epoch, _claims, weight) in declared.items():
+                if key != self.me:
+                    self.observed.record(key, my_epoch, weight)
+            self._members.setdefault(my_epoch, set()).update(k for k in declared if k != self.me)
+            for key, (_epoch, claims, _weight) in declared.items():
                 if key == self.me:
                     continue
                 for wire in claims:
@@ -140,19 +146,18 @@ class CreditsService(Servicer):
         self._make_claims()
         for key, request in sends:
             await self._send_quietly(key, request)
-        if final:
-            await self._ask_directly(older_than=0.0)
-        else:
-            await self._ask_directly(older_than=DIRECT_CLAIM_AFTER)
-        self._try_receipts()
+        await self._ask_directly(older_than=0.0 if final else DIRECT_CLAIM_AFTER)
+        await self._hand_in(final)
 
     def _witness(self, wire: Any, sender: bytes) -> WitnessSignature | None:
         try:
             signed = SignedClaim.from_wire(wire) if isinstance(wire, bytes) else None
             if signed is None:
                 raise InvalidMessage("a claim must be bytes")
-            check_claim(signed, sender=sender, me=self.me, run_id=self.signed.run_id,
-                        publisher=self.signed.publisher, target_batch_size=self.signed.manifest.target_batch_size,
+            policy = self._policy()
+            if policy is None:
+                raise InvalidMessage("the run's publication is not in this node's ledger yet")
+            check_claim(signed, sender=sender, me=self.me, run_id=self.signed.run_id, policy=policy,
                         observed=self.observed)
         except InvalidMessage as e:
             logger.info("not witnessing a claim of %s: %s", sender.hex()[:12], e)
@@ -168,7 +173,8 @@ class CreditsService(Servicer):
                 if epoch in self._pending:
                     continue
                 claim = Claim(self.signed.run_id, self.signed.publisher, epoch, self.me, samples)
-                self._pending[epoch] = {"signed": claim.sign(self.identity), "sigs": {}, "since": self.monotonic()}
+                self._pending[epoch] = {"signed": claim.sign(self.identity), "sigs": {}, "since": self.monotonic(),
+                                        "next_hand_in": 0.0, "hand_ins": 0}
                 while len(self._pending) > MAX_PENDING_CLAIMS:
                     dropped = min(self._pending)
                     del self._pending[dropped]
@@ -209,37 +215,55 @@ class CreditsService(Servicer):
             sig.verify(pending["signed"].claim)
             pending["sigs"][sender] = sig
 
-    def _try_receipts(self) -> None:
-        """Append a receipt for each claim that has its quorum (the run's policy from our ledger replica)."""
+    async def _hand_in(self, final: bool = False) -> None:
+        """Hand each claim that has its quorum, as a receipt, to the run's issuer for its epoch (ourselves, or a peer
+        over /p2pc/payouts/1); a claim is done once its payout is in our replica or the issuer returned it."""
+        from hivemind.p2p import PeerID
+
         from p2pcompute.credits.claims import Receipt
-        from p2pcompute.ledger.codec import KIND_RECEIPT, ReceiptBody
+        from p2pcompute.services.issuer import hand_in
 
         policy = self._policy()
         if policy is None:
             return
+        paid = self.replica.store.paid_epochs(self.me, self.signed.run_id)
+        now = self.monotonic()
         with self._lock:
-            ready = [(e, p) for e, p in self._pending.items() if len(p["sigs"]) >= policy.quorum]
+            for epoch in [e for e in self._pending if e in paid]:
+                self._finish_claim(epoch)
+            ready = [(e, p) for e, p in self._pending.items()
+                     if len(p["sigs"]) >= policy.quorum and (final or now >= p["next_hand_in"])]
         for epoch, pending in ready:
             receipt = Receipt.assemble(pending["signed"], pending["sigs"].values())
-            if len(receipt.witnesses) < policy.quorum:
-                continue
+            issuer = policy.issuer_for(epoch)
             try:
-                entry = self.replica.append_local(self.identity, KIND_RECEIPT, ReceiptBody.create(receipt, policy),
-                                                  int(self.clock() * 1000))
-            except MissingDependency:
-                return  # the run's publication has not reached our replica yet: try again later
+                if issuer == self.me and self.issuer is not None:
+                    entry_id = self.issuer.pay(receipt)
+                else:
+                    entry_id = await hand_in(self, PeerID(PEER_ID_PREFIX + issuer), receipt)
+            except (InvalidMessage, MissingDependency, StoreError) as e:
+                pending["hand_ins"] += 1
+                pending["next_hand_in"] = self.monotonic() + HAND_IN_RETRY
+                if pending["hand_ins"] >= MAX_HAND_INS:
+                    logger.warning("giving up on the payout for epoch %d after %d attempts: %s", epoch,
+                                   pending["hand_ins"], e)
+                    with self._lock:
+                        self._finish_claim(epoch)
+                else:
+                    logger.info("payout for epoch %d not yet: %s", epoch, e)
+                continue
             with self._lock:
-                self._pending.pop(epoch, None)
-                self._done_epochs.add(epoch)
-            self.receipts.append(entry.id)
-            logger.info("receipt for epoch %d: %d samples, %d witnesses", epoch, receipt.claim.samples,
+                self._finish_claim(epoch)
+            self.payouts.append(entry_id)
+            logger.info("paid for epoch %d: %d samples, %d witnesses", epoch, receipt.claim.samples,
                         len(receipt.witnesses))
 
+    def _finish_claim(self, epoch: int) -> None:
+        self._pending.pop(epoch, None)
+        self._done_epochs.add(epoch)
+
     def _policy(self):
-        for run in self.replica.store.runs():
-            if run.run_id == self.signed.run_id and run.publisher == self.signed.publisher and run.counted:
-                return run.policy
-        return None
+        return self.replica.store.run_policy(self.signed.run_id)
 
     # ---- the protocol ----------------------------------------------------------------------------------
 

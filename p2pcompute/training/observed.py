@@ -59,6 +59,8 @@ class AveragingRound:
     members: tuple[bytes, ...]  # PeerIDs of the group (bytes), in hivemind's order; empty if the round failed
     payloads: dict[bytes, Any]  # PeerID -> the payload that member sent (untrusted; the claims layer checks it)
     error: str = ""
+    # PeerID -> the averaging weight (samples) that member sent us as its reducer; absent if we reduced none of it
+    weights: dict[bytes, float] = dataclasses.field(default_factory=dict)
 
 
 class RoundObserver:
@@ -80,8 +82,10 @@ class RoundObserver:
         else:
             gathered = control.result(timeout=0) or {}
             members = tuple(peer.to_bytes() for peer in gathered)
-            payloads = {peer.to_bytes(): _our_part(value) for peer, value in gathered.items()}
-            entry = AveragingRound(kind, True, members, payloads)
+            parts = {peer.to_bytes(): _our_part(value) for peer, value in gathered.items()}
+            payloads = {peer: payload for peer, (payload, _weight) in parts.items()}
+            weights = {peer: weight for peer, (_payload, weight) in parts.items() if weight is not None}
+            entry = AveragingRound(kind, True, members, payloads, weights=weights)
         with self._lock:
             self._rounds.append(entry)
 
@@ -95,8 +99,15 @@ def log_download_failure(error: BaseException) -> None:
     logger.info("state download failed (%s: %s); retrying", type(error).__name__, error)
 
 
-def _our_part(value: Any) -> Any:
-    return value[1] if isinstance(value, list) and len(value) == 2 else None
+def _our_part(value: Any) -> tuple[Any, float | None]:
+    """(our payload, the weight we received) from one member's gathered value: [[hivemind's, payload], weight]
+    on our data plane (dataplane/averagers.py), [hivemind's, payload] on hivemind's own."""
+    weight = None
+    if isinstance(value, list) and len(value) == 2 and (value[1] is None or isinstance(value[1], float)) \
+            and isinstance(value[0], list):
+        value, weight = value
+    payload = value[1] if isinstance(value, list) and len(value) == 2 else None
+    return payload, weight
 
 
 class ObservedAverager(DecentralizedAverager):

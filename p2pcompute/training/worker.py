@@ -64,7 +64,8 @@ def status_json(trainer, extra: dict | None = None) -> str:
 
     rounds = [{"kind": r.kind, "ok": r.ok, "error": r.error,
                "members": [PeerID(m).to_base58() for m in r.members],
-               "payloads": {PeerID(p).to_base58(): v for p, v in r.payloads.items()}}
+               "payloads": {PeerID(p).to_base58(): v for p, v in r.payloads.items()},
+               "weights": {PeerID(p).to_base58(): w for p, w in r.weights.items()}}
               for r in trainer.rounds()[-MAX_ROUNDS_IN_STATUS:]]
     data = {"peer_id": trainer.identity.peer_id.to_base58(), **trainer.status().to_json(),
             "contributions": {str(k): v for k, v in sorted(trainer.contributions().items())}, "rounds": rounds,

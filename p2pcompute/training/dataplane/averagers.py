@@ -120,8 +120,19 @@ class RawAllReduceMixin(MembershipMixin, RoundTimingMixin):
     def __init__(self, *args, direct: Optional[bool] = None, **kwargs):
         # set before hivemind's __init__, which may fork the averager process
         self._direct_wanted = direct_enabled(direct)
+        self._weights_by_group: dict[bytes, dict] = {}  # group id -> its runner's received_weights (this round)
         self._direct: Optional[DirectPath] = None  # the averager process's, made there (see _direct_path)
         super().__init__(*args, **kwargs)
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        """hivemind's gathered values, each as [value, weight]: the averaging weight that member sent us as its
+        reducer (None if we reduced nothing of it), for the credits layer (training/observed.py)."""
+        try:
+            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+            weights = self._weights_by_group.get(group_info.group_id, {})
+            return {peer: [value, weights.get(peer)] for peer, value in gathered.items()}
+        finally:
+            self._weights_by_group.pop(group_info.group_id, None)
 
     @property
     def raw_protocol(self) -> str:
@@ -216,12 +227,16 @@ class RawAllReduceMixin(MembershipMixin, RoundTimingMixin):
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: Optional[bytes] = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
+        if kwargs.get("peer_fractions") is not None:
+            clients = [AveragingMode(self.serializer.loads(g)[1]) == AveragingMode.CLIENT for g in group_info.gathered]
+            kwargs["peer_fractions"] = every_node_reduces(kwargs["peer_fractions"], clients)
         runner = RawAllReduceRunner(
             p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
             ordered_peer_ids=group_info.peer_ids, protocol=self.raw_protocol, alpha=self._averaging_alpha,
             direct=self._direct_path(), **kwargs)
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
+        self._weights_by_group[group_id] = runner.received_weights
         try:
             await runner.run_inplace()
             if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
@@ -236,6 +251,22 @@ class RawAllReduceMixin(MembershipMixin, RoundTimingMixin):
             stats[_TOTAL_SENT] += c.sent
             stats[_TOTAL_RECEIVED] += c.received
             stats[_DIRECT] += c.direct_exchanges
+
+
+def every_node_reduces(fractions: Sequence[int], clients: Sequence[bool]) -> tuple[int, ...]:
+    """hivemind's load balancing may give a member no part at all (small vectors, its LP's extreme points), which
+    makes it a client for the round: it then sends nobody its weight, and no group mate can vouch for its samples
+    (credits/witness.py). Same split if every non-client member has a part; else an equal split among them.
+    Deterministic in (fractions, clients), which every member of the group computes alike."""
+    nodes = [i for i, client in enumerate(clients) if not client]
+    total = sum(fractions)
+    if not nodes or total < len(nodes) or all(fractions[i] > 0 for i in nodes):
+        return tuple(fractions)
+    base, extra = divmod(total, len(nodes))
+    out = [0] * len(fractions)
+    for rank, i in enumerate(nodes):
+        out[i] = base + (rank < extra)
+    return tuple(out)
 
 
 class TunedAverager(RawAllReduceMixin, DecentralizedAverager):

@@ -84,6 +84,8 @@ class RawAllReduceRunner(AllReduceRunner):
         self.protocol, self.alpha, self.compression = protocol, alpha, compression
         self.codec = codec_of(compression)
         self.counters = RoundCounters()
+        # sender -> the averaging weight it sent us as its reducer: what the credits layer bounds claims by
+        self.received_weights: dict[PeerID, float] = {}
         self._serving: set[asyncio.Task] = set()  # handlers replying to our senders (see run_inplace)
         self.direct = direct  # None: every exchange stays on its libp2p stream
         self._direct_hosts: Optional[asyncio.Future] = None  # group mates' loopback/private IPs, read once a round
@@ -330,6 +332,7 @@ class RawAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(sender)
             return True
         sender_index = self.sender_peer_ids.index(sender)
+        self.received_weights[sender] = weight
         self._serving.add(asyncio.current_task())
         self.active_senders.add(sender)
         if len(self.active_senders) == len(self.sender_peer_ids):

@@ -1,0 +1,109 @@
+"""Paying a run's credits as one of its issuers: witnessed receipts in over /p2pc/payouts/1, `payout` entries in this node's own chain out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from p2pcompute.credits.claims import MAX_RECEIPT_SIZE, Receipt
+from p2pcompute.errors import InvalidEntry, InvalidMessage, InvalidSignature, MissingDependency
+from p2pcompute.protocol import Limits, Servicer
+
+if TYPE_CHECKING:
+    from p2pcompute.identity import Identity
+    from p2pcompute.ledger.replica import Replica
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = "/p2pc/payouts/1"
+LIMITS = Limits(
+    max_request=MAX_RECEIPT_SIZE + 64, max_response=256, max_array_len=4,  # ["pay", receipt] -> entry id
+    call_timeout=15.0,  # seconds: one payout is an fsynced append on the issuer's disk
+    # tokens are signature checks: a receipt costs 1 + its witnesses. A claimant asks once per epoch with a
+    # handful of witnesses; 100/s with a burst of 400 serves a large swarm and bounds a flood's CPU to ~10 ms/s
+    # per peer (an Ed25519 check is ~0.1 ms)
+    rate_per_s=100.0, burst=400.0,
+    ban_seconds=600.0,  # a forged signature or a malformed frame: ignored this long
+)
+
+
+class Issuer:
+    """Pays the receipts of the runs this node is an issuer of, each at most once, within the run's bounds (the
+    ledger's own rules, `ledger.validate`, decide; this only picks the run's policy and turns refusals into
+    answers). Thread-safe."""
+
+    def __init__(self, replica: "Replica", identity: "Identity", clock: Callable[[], float] = time.time):
+        self.replica, self.identity, self.clock = replica, identity, clock
+        self.me = identity.public_key
+        self._lock = threading.Lock()
+
+    def pay(self, receipt: Receipt) -> bytes:
+        """The id of this node's payout for `receipt` (appended now, or found from before). Raises InvalidSignature
+        (forged), InvalidMessage (not ours to pay, or past the run's bounds) or MissingDependency (run not here yet)."""
+        from p2pcompute.ledger.codec import KIND_PAYOUT, PayoutBody
+
+        claim = receipt.claim
+        receipt.verify_signatures()
+        store = self.replica.store
+        policy = store.run_policy(claim.run_id)
+        if policy is None:
+            raise MissingDependency(f"run {claim.run_id.hex()[:16]} is not in this issuer's ledger yet",
+                                    ("run", claim.run_id))
+        if policy.issuer_for(claim.epoch) != self.me:
+            raise InvalidMessage(f"this node is not the run's issuer for epoch {claim.epoch}")
+        with self._lock:
+            paid = store.payout_for(self.me, claim.run_id, claim.epoch, claim.peer)
+            if paid is not None:
+                return paid
+            try:
+                entry = self.replica.append_local(self.identity, KIND_PAYOUT, PayoutBody.create(receipt, policy),
+                                                  int(self.clock() * 1000))
+            except InvalidEntry as e:
+                raise InvalidMessage(f"not paid: {e}") from None
+        logger.info("paid epoch %d of run %s: %d samples to %s", claim.epoch, claim.run_id.hex()[:12],
+                    claim.samples, claim.peer.hex()[:12])
+        return entry.id
+
+
+class IssuerService(Servicer):
+    """/p2pc/payouts/1 on a node: anyone may hand in a receipt (it proves itself); the issuer pays it or says why
+    not. Signature checks are charged to the sender's budget; a forged one bans it."""
+
+    PROTOCOL = PROTOCOL
+    LIMITS = LIMITS
+
+    def __init__(self, p2p, issuer: Issuer, limits=None):
+        super().__init__(p2p, limits)
+        self.issuer = issuer
+
+    async def rpc(self, peer: bytes, request: Any) -> Any:
+        if not (isinstance(request, list) and len(request) == 2 and request[0] == "pay" and isinstance(request[1], bytes)):
+            raise InvalidMessage("expected [\"pay\", receipt bytes]")
+        receipt = Receipt.from_wire(request[1])
+        if not self.limits.allow(peer, cost=len(receipt.witnesses)):
+            raise InvalidMessage("signature-check budget exceeded: slow down")
+        try:
+            return self.issuer.pay(receipt)
+        except InvalidSignature:
+            raise
+        except MissingDependency as e:
+            raise InvalidMessage(str(e)) from None
+
+
+async def hand_in(servicer: Servicer, issuer_peer_id, receipt: Receipt) -> bytes:
+    """Ask the issuer at `issuer_peer_id` to pay `receipt`, from one of our Servicers (its p2p; a malformed answer
+    bans the issuer in its limits). Returns the payout's entry id; ProtocolError with the issuer's reason if not."""
+    from p2pcompute.errors import ProtocolError
+    from p2pcompute.protocol import call
+
+    try:
+        reply = (await call(servicer.p2p, issuer_peer_id, PROTOCOL, LIMITS, ["pay", receipt.to_wire()], "payout"))[0]
+        if not (isinstance(reply, bytes) and len(reply) == 32):
+            raise ProtocolError("the issuer's answer is not an entry id", malformed=True)
+    except ProtocolError as e:
+        if e.malformed:
+            servicer.limits.ban(issuer_peer_id.to_bytes(), str(e))
+        raise
+    return reply
