@@ -17,7 +17,7 @@ from conftest import p2pc_json, run_p2pc, wait_until
 from p2pcompute.credits.witness import Observations, check_claim
 from p2pcompute.credits.claims import Claim
 from p2pcompute.errors import InvalidMessage
-from p2pcompute.identity import Identity
+from p2pcompute.identity import Identity, parse_peer_id
 from p2pcompute.runs.specs import mlp_synthetic_spec
 from p2pcompute.services.credits import LIMITS as CREDITS_LIMITS
 
@@ -91,6 +91,53 @@ async def flood_credits(node) -> dict:
     return {**kinds, "seconds": seconds, "after_oversize": after_oversize, "after_ban": str(after_ban)}
 
 
+async def mint(node, run_id: str) -> dict:
+    """The minting attacks of issue 10 against a live node, from a peer that took part in no round: payouts it signs
+    itself (fresh keys as witnesses, 2^32 - 1 samples, epochs 10^12, 10^12 + 1 and 2^62) pushed over the ledger
+    protocol, and the same receipts, plus one for a real epoch, handed to the run's issuer over /p2pc/payouts/1."""
+    from hivemind.p2p import P2P, PeerID
+
+    from p2pcompute.credits.claims import MAX_SAMPLES, Receipt
+    from p2pcompute.ledger.codec import GENESIS_PREV, KIND_PAYOUT, PayoutBody, sign_entry
+    from p2pcompute.ledger.store import Store
+    from p2pcompute.protocol import read_frame, write_frame
+    from p2pcompute.services import issuer as payouts
+    from p2pcompute.services import sync
+
+    with Store.in_data_dir(node.data_dir) as store:  # the run's policy, as anyone can read it from the manifest
+        policy = store.run_policy(bytes.fromhex(run_id))
+    attacker = Identity.generate()
+    publisher = PeerID.from_base58(node.peer_id)
+
+    def receipt(epoch: int, samples: int) -> Receipt:
+        claim = Claim(bytes.fromhex(run_id), parse_peer_id(node.peer_id), epoch, attacker.public_key, samples)
+        return Receipt.assemble(claim.sign(attacker), [claim.witness(Identity.generate()) for _ in range(2)])
+
+    receipts = [receipt(e, MAX_SAMPLES) for e in (10**12, 10**12 + 1, 2**62)]
+    entries, prev = [], GENESIS_PREV
+    for seq, r in enumerate(receipts):
+        entries.append(sign_entry(attacker, seq, prev, 1_700_000_000_000 + seq, KIND_PAYOUT, PayoutBody.create(r, policy)))
+        prev = entries[-1].id
+    p2p = await P2P.create(initial_peers=[node.loopback_maddr()], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                           use_relay=False, auto_nat=False, nat_port_map=False)
+
+    async def ask(protocol: str, limits, request):
+        _info, reader, writer = await p2p.call_binary_stream_handler(publisher, protocol)
+        try:
+            await write_frame(writer, request, limits.max_request)
+            return (await asyncio.wait_for(read_frame(reader, 1 << 20, 64), 30))[0]
+        finally:
+            writer.close()
+
+    try:
+        handed = [await ask(payouts.PROTOCOL, payouts.LIMITS, ["pay", r.to_wire()])
+                  for r in receipts[:1] + [receipt(1, 100)]]
+        pushed = await ask(sync.PROTOCOL, sync.LIMITS, [1, "push", [e.to_wire() for e in entries]])
+    finally:
+        await p2p.shutdown()
+    return {"handed": handed, "pushed": pushed, "attacker": attacker.peer_id_b58}
+
+
 def payouts_in(data_dir: Path) -> list[dict]:
     proc = run_p2pc("ledger", "export", "--format", "jsonl", "--data-dir", str(data_dir), check=True)
     return [e for e in map(json.loads, proc.stdout.splitlines()) if e["kind"] == "payout"]
@@ -130,6 +177,15 @@ def test_training_run_pays_every_contributor(own_swarm, tmp_path, mode):
         assert flood.get("accepted", 0) == 0 and flood.get("rate limited", 0) > 0, flood
         assert flood.get("examined", 0) <= CREDITS_LIMITS.burst + CREDITS_LIMITS.rate_per_s * flood["seconds"], flood
         assert flood["after_oversize"] == "closed" and "banned" in flood["after_ban"], flood
+        # minting: refused by the issuer and by the ledger (the attacker, found out by its forged payouts, is banned)
+        top_before = p2pc_json("ledger", "top", "--data-dir", str(nodes[0].data_dir))
+        minted = asyncio.run(mint(nodes[0], run_id))
+        assert [h[0] for h in minted["handed"]] == [1, 1], minted
+        assert "ahead of the run" in minted["handed"][0][1] and "witnesses" in minted["handed"][1][1], minted
+        assert minted["pushed"][0] == 1 and "issuer" in minted["pushed"][1], minted
+        top_after = p2pc_json("ledger", "top", "--data-dir", str(nodes[0].data_dir))
+        assert minted["attacker"] not in {row["peer"] for row in top_after}
+        assert {row["peer"] for row in top_after} >= {row["peer"] for row in top_before}
     peers = {n.peer_id for n in nodes}
 
     def payouts_everywhere():  # every contributor's payouts for every epoch, on every replica
@@ -168,7 +224,8 @@ def test_training_run_pays_every_contributor(own_swarm, tmp_path, mode):
     from p2pcompute.training.checkpoint import load_checkpoint
 
     assert "state_dict" in torch.load(out, weights_only=True)
-    model, epoch = load_checkpoint(out, Manifest.from_toml(spec_text))
+    # the manifest as published: a paying spec without issuers gets its publisher as issuer (a new run id)
+    model, epoch = load_checkpoint(out, Manifest.from_toml(spec_text).with_default_issuer(nodes[0].peer_id))
     assert epoch == EPOCHS and sum(p.numel() for p in model.parameters()) > 0
     if mode != "gradients":
         return  # the tampering check below is the ledger's, the same in both modes

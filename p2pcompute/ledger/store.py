@@ -252,6 +252,15 @@ class Store:
             (peer, run_id, epoch, issuer))
         return rows[0][0] if rows else None
 
+    def paid_peers(self, run_id: bytes, peers) -> set[bytes]:
+        """Those of `peers` that this replica holds a payout to for `run_id`."""
+        peers = list(peers)
+        if not peers:
+            return set()
+        rows = self._query(f"SELECT DISTINCT peer FROM payouts WHERE run_id = ? AND peer IN ({','.join('?' * len(peers))})",
+                           (run_id, *peers))
+        return {r[0] for r in rows}
+
     def paid_epochs(self, peer: bytes, run_id: bytes) -> set[int]:
         """Epochs of `run_id` for which this replica holds a payout to `peer` (by any issuer)."""
         return {r[0] for r in self._query("SELECT epoch FROM payouts WHERE peer = ? AND run_id = ?", (peer, run_id))}

@@ -48,16 +48,10 @@ class LedgerHost:
 
     def shutdown(self) -> None:
         if self._payouts is not None:
-            try:
-                self.loop.run(self._payouts.remove_handler(), timeout=SYNC_STOP_TIMEOUT)
-            except TimeoutError:
-                logger.warning("the payouts protocol did not stop within %.0f s", SYNC_STOP_TIMEOUT)
+            self._stop(self._payouts.remove_handler(), "the payouts protocol")
             self._payouts = None
         if self.sync is not None:
-            try:
-                self.loop.run(self.sync.shutdown(), timeout=SYNC_STOP_TIMEOUT)
-            except TimeoutError:
-                logger.warning("ledger sync did not stop within %.0f s", SYNC_STOP_TIMEOUT)
+            self._stop(self.sync.shutdown(), "ledger sync")
             self.sync = None
         if self.loop is not None:
             self.loop.shutdown()
@@ -65,3 +59,9 @@ class LedgerHost:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    def _stop(self, coro, what: str) -> None:
+        try:
+            self.loop.run(coro, timeout=SYNC_STOP_TIMEOUT)
+        except TimeoutError:
+            logger.warning("%s did not stop within %.0f s", what, SYNC_STOP_TIMEOUT)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from p2pcompute.credits.claims import Claim, SignedClaim, WitnessSignature
 from p2pcompute.credits.witness import MAX_CLAIMS_PER_PAYLOAD, Observations, check_claim
+from p2pcompute.services.claimlog import ClaimLog
 from p2pcompute.errors import InvalidMessage, InvalidSignature, MissingDependency, ProtocolError, StoreError
 from p2pcompute.identity import PEER_ID_PREFIX, public_key_from_peer_id
 from p2pcompute.protocol import Limits, PeerLimits, Servicer, short_peer
@@ -28,6 +29,7 @@ POLL_PERIOD = 0.5  # seconds between looks at the trainer's finished rounds
 DIRECT_CLAIM_AFTER = 20.0  # seconds a claim may wait for witnesses from rounds before we ask mates directly
 HAND_IN_RETRY = 10.0  # seconds between attempts to get a receipt paid (the issuer may be offline or not synced yet)
 MAX_HAND_INS = 60  # attempts per receipt (10 minutes) before we give up on it and say so
+MAX_REMEMBERED_EPOCHS = 256  # epochs whose round mates and our weight we keep (as Observations does)
 MAX_PENDING_CLAIMS = 64  # our claims still lacking a quorum; older ones are given up (their epochs are long gone)
 MAX_FRAME = 4096  # bytes: a credits request is one signed claim (<= 512 B) or one witness signature, plus framing
 LIMITS = Limits(
@@ -60,8 +62,13 @@ class CreditsService(Servicer):
         self._pending: dict[int, dict] = {}
         self._done_epochs: set[int] = set()
         self._members: dict[int, set[bytes]] = {}  # epoch -> group mates (public keys) of our round in it
+        self._my_weights: dict[int, float] = {}  # epoch -> the averaging weight we sent in our round of it
         self._last_round = None
         self._task: asyncio.Task | None = None
+        self._log = ClaimLog(replica.store.path.parent)  # our open claims survive a crash or restart
+        for epoch, (signed_claim, sigs) in self._log.load(signed.run_id, self.me).items():
+            self._pending[epoch] = {"signed": signed_claim, "sigs": sigs, "since": 0.0, "next_hand_in": 0.0,
+                                    "hand_ins": 0}
         self.payouts: list[bytes] = []  # entry ids of the payouts our receipts got
 
     # ---- what rides in the averaging round ---------------------------------------------------------
@@ -95,6 +102,7 @@ class CreditsService(Servicer):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.remove_handler()
+        self._log.close()
 
     async def _poll(self) -> None:
         while True:
@@ -132,10 +140,14 @@ class CreditsService(Servicer):
             if mine is None:
                 continue  # without our own epoch in the round we cannot say when we saw anyone
             my_epoch = mine[0]  # members are recorded under OUR epoch: what they declare is no evidence
+            if mine[2] is not None:
+                self._my_weights[my_epoch] = max(mine[2], self._my_weights.get(my_epoch, 0.0))
             for key, (_epoch, _claims, weight) in declared.items():
                 if key != self.me:
                     self.observed.record(key, my_epoch, weight)
             self._members.setdefault(my_epoch, set()).update(k for k in declared if k != self.me)
+            if self.issuer is not None:
+                self.issuer.saw(self.signed.run_id, my_epoch, [k for k in declared if k != self.me])
             for key, (_epoch, claims, _weight) in declared.items():
                 if key == self.me:
                     continue
@@ -143,6 +155,9 @@ class CreditsService(Servicer):
                     sig = self._witness(wire, key)
                     if sig is not None:
                         sends.append((key, ["witness", [wire, sig.to_obj()]]))
+        for table in (self._members, self._my_weights):  # bounded like Observations: old epochs are long settled
+            while len(table) > MAX_REMEMBERED_EPOCHS:
+                del table[min(table)]
         self._make_claims()
         for key, request in sends:
             await self._send_quietly(key, request)
@@ -165,8 +180,11 @@ class CreditsService(Servicer):
         return signed.claim.witness(self.identity)
 
     def _make_claims(self) -> None:
-        """Sign a claim for every finished epoch we contributed samples to and have no receipt for."""
-        for epoch, samples in self.trainer.contributions().items():
+        """Sign a claim for every finished epoch we contributed samples to in a round, and have no payout for: the
+        samples we trained, but never more than the averaging weight we sent (what witnesses check)."""
+        for epoch, trained in self.trainer.contributions().items():
+            weight = self._my_weights.get(epoch)
+            samples = min(trained, int(weight)) if weight is not None else 0
             if samples <= 0 or epoch in self._done_epochs:
                 continue
             with self._lock:
@@ -175,10 +193,9 @@ class CreditsService(Servicer):
                 claim = Claim(self.signed.run_id, self.signed.publisher, epoch, self.me, samples)
                 self._pending[epoch] = {"signed": claim.sign(self.identity), "sigs": {}, "since": self.monotonic(),
                                         "next_hand_in": 0.0, "hand_ins": 0}
+                self._log.put(self._pending[epoch]["signed"], ())
                 while len(self._pending) > MAX_PENDING_CLAIMS:
-                    dropped = min(self._pending)
-                    del self._pending[dropped]
-                    self._done_epochs.add(dropped)
+                    self._finish_claim(min(self._pending))
 
     async def _ask_directly(self, older_than: float) -> None:
         """For claims that rounds did not get witnessed in time, ask the mates of that epoch's round."""
@@ -214,6 +231,7 @@ class CreditsService(Servicer):
                 raise InvalidMessage(f"the witness was not in our round of epoch {epoch}")
             sig.verify(pending["signed"].claim)
             pending["sigs"][sender] = sig
+            self._log.put(pending["signed"], pending["sigs"].values())
 
     async def _hand_in(self, final: bool = False) -> None:
         """Hand each claim that has its quorum, as a receipt, to the run's issuer for its epoch (ourselves, or a peer
@@ -261,6 +279,7 @@ class CreditsService(Servicer):
     def _finish_claim(self, epoch: int) -> None:
         self._pending.pop(epoch, None)
         self._done_epochs.add(epoch)
+        self._log.delete(self.signed.run_id, epoch)
 
     def _policy(self):
         return self.replica.store.run_policy(self.signed.run_id)

@@ -29,15 +29,49 @@ LIMITS = Limits(
 )
 
 
+# A claim for an epoch this far past the newest one the issuer has seen its run reach is refused for now (the
+# claimant retries): nobody can be paid for epochs the swarm has not trained yet.
+EPOCH_LEAD = 2
+
+
 class Issuer:
     """Pays the receipts of the runs this node is an issuer of, each at most once, within the run's bounds (the
-    ledger's own rules, `ledger.validate`, decide; this only picks the run's policy and turns refusals into
-    answers). Thread-safe."""
+    ledger's own rules, `ledger.validate`, decide those), and only receipts it can trace to the swarm it sees:
+
+    * at least one witness is vouched for: this node itself, a peer this node saw in its own rounds of the run
+      (`saw`, fed by the credits service while this node trains the run), or a peer already paid in the run.
+      Fresh keys made up to witness each other are therefore never paid;
+    * the epoch is at most EPOCH_LEAD past the newest epoch this node saw the run reach.
+
+    Thread-safe."""
 
     def __init__(self, replica: "Replica", identity: "Identity", clock: Callable[[], float] = time.time):
         self.replica, self.identity, self.clock = replica, identity, clock
         self.me = identity.public_key
         self._lock = threading.Lock()
+        self._seen: dict[bytes, set[bytes]] = {}  # run_id -> peers seen in our own rounds of it
+        self._epoch: dict[bytes, int] = {}  # run_id -> newest epoch we saw it reach
+
+    def saw(self, run_id: bytes, epoch: int, peers) -> None:
+        """This node was in a round of `run_id` at `epoch` with `peers` (public keys)."""
+        with self._lock:
+            self._seen.setdefault(run_id, set()).update(peers)
+            self._epoch[run_id] = max(epoch, self._epoch.get(run_id, epoch))
+
+    def _traceable(self, receipt: Receipt) -> str | None:
+        """Why this node will not pay `receipt` (None: it will, as far as tracing goes)."""
+        claim = receipt.claim
+        with self._lock:
+            seen = set(self._seen.get(claim.run_id, ()))
+            newest = self._epoch.get(claim.run_id)
+        if newest is None or claim.epoch > newest + EPOCH_LEAD:
+            return (f"epoch {claim.epoch} is ahead of the run as this issuer sees it "
+                    f"({'no rounds yet' if newest is None else f'epoch {newest}'})")
+        vouched = seen | {self.me}
+        witnesses = set(receipt.witness_keys)
+        if not witnesses & vouched and not witnesses & self.replica.store.paid_peers(claim.run_id, witnesses):
+            return "none of the receipt's witnesses took part in this run as far as this issuer knows"
+        return None
 
     def pay(self, receipt: Receipt) -> bytes:
         """The id of this node's payout for `receipt` (appended now, or found from before). Raises InvalidSignature
@@ -53,6 +87,9 @@ class Issuer:
                                     ("run", claim.run_id))
         if policy.issuer_for(claim.epoch) != self.me:
             raise InvalidMessage(f"this node is not the run's issuer for epoch {claim.epoch}")
+        why_not = self._traceable(receipt)
+        if why_not is not None:
+            raise InvalidMessage(f"not paid: {why_not}")
         with self._lock:
             paid = store.payout_for(self.me, claim.run_id, claim.epoch, claim.peer)
             if paid is not None:

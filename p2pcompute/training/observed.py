@@ -59,7 +59,8 @@ class AveragingRound:
     members: tuple[bytes, ...]  # PeerIDs of the group (bytes), in hivemind's order; empty if the round failed
     payloads: dict[bytes, Any]  # PeerID -> the payload that member sent (untrusted; the claims layer checks it)
     error: str = ""
-    # PeerID -> the averaging weight (samples) that member sent us as its reducer; absent if we reduced none of it
+    # PeerID -> the averaging weight (samples) that member sent us as its reducer, absent if we reduced none of it;
+    # under our own PeerID, the weight we sent
     weights: dict[bytes, float] = dataclasses.field(default_factory=dict)
 
 

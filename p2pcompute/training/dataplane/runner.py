@@ -84,8 +84,9 @@ class RawAllReduceRunner(AllReduceRunner):
         self.protocol, self.alpha, self.compression = protocol, alpha, compression
         self.codec = codec_of(compression)
         self.counters = RoundCounters()
-        # sender -> the averaging weight it sent us as its reducer: what the credits layer bounds claims by
-        self.received_weights: dict[PeerID, float] = {}
+        # sender -> the averaging weight it sent us as its reducer (what the credits layer bounds claims by), and
+        # our own weight under our own id (what we may claim)
+        self.received_weights: dict[PeerID, float] = {self.peer_id: float(self.weight)}
         self._serving: set[asyncio.Task] = set()  # handlers replying to our senders (see run_inplace)
         self.direct = direct  # None: every exchange stays on its libp2p stream
         self._direct_hosts: Optional[asyncio.Future] = None  # group mates' loopback/private IPs, read once a round
