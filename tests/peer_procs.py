@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from p2pcompute.devtools.peers import PeerGroup, barrier, join_dht, write_atomic  # noqa: F401 (tests import these)
+from p2pcompute.devtools.peers import PeerGroup, barrier, join_dht, wait_for_file, write_atomic  # noqa: F401 (tests import these)
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 

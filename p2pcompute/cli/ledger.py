@@ -18,7 +18,7 @@ from p2pcompute.config import load_config, resolve_data_dir
 from p2pcompute.credits.policy import MICRO_PER_CREDIT
 from p2pcompute.errors import InvalidMessage, LedgerInvalid, NotFound, UsageError
 from p2pcompute.identity import Identity, parse_peer_id, peer_id_b58
-from p2pcompute.ledger.codec import KIND_PAYOUT, KIND_RUN_PUBLISH, Entry
+from p2pcompute.ledger.codec import KIND_AUDIT, KIND_PAYOUT, KIND_RUN_PUBLISH, Entry
 from p2pcompute.ledger.store import Store
 from p2pcompute.ledger.verify import verify_store
 
@@ -87,6 +87,10 @@ def entry_json(entry: Entry) -> dict[str, Any]:
             "manifest": body.manifest.hex(),
             "policy": policy_json(body.policy),
         }
+    elif entry.kind == KIND_AUDIT:
+        body = entry.body
+        out["body"] = {"payout_id": body.payout_id.hex(), "run_id": body.run_id.hex(), "peer": peer_id_b58(body.peer),
+                       "epoch": body.epoch, "evidence_size": len(body.evidence), "evidence": body.evidence.hex()}
     elif entry.kind == KIND_PAYOUT:
         receipt, claim = entry.body.receipt, entry.body.receipt.claim
         out["body"] = {
@@ -134,13 +138,17 @@ def balance(peer: str | None, data_dir: str | None, as_json: bool) -> None:
         "micro_credits": bal.credits,
         "samples": bal.samples,
         "receipts": bal.receipts,
+        "issued_micro_credits": bal.credits + bal.clawed_back,
+        "clawed_back_micro_credits": bal.clawed_back,
+        "clawed_back": credits_text(bal.clawed_back),
         "entries": head.entries if head else 0,
         "equivocated_at_seq": head.fork_seq if head else None,
     }
 
     def render(d: dict) -> None:
         rows = [("peer", d["peer"]), ("credits", d["credits"]), ("samples", d["samples"]),
-                ("payouts received", d["receipts"]), ("ledger entries", d["entries"])]
+                ("payouts received", d["receipts"]), ("clawed back by audits", d["clawed_back"]),
+                ("ledger entries", d["entries"])]
         if d["equivocated_at_seq"] is not None:
             rows.append(("EQUIVOCATED", f"at seq {d['equivocated_at_seq']}: entries from there on do not count"))
         print_fields("Balance", rows)
@@ -181,6 +189,32 @@ def history(peer: str, from_seq: int, limit: int, data_dir: str | None, as_json:
         )
 
     emit(rows, as_json, render)
+
+
+@ledger.command("audits")
+@click.argument("run", required=False)
+@data_dir_option
+@json_option
+def audits(run: str | None, data_dir: str | None, as_json: bool) -> None:
+    """Failed audits (of RUN, a run id, or of every run): whose payouts in which run were clawed back."""
+    run_id = None
+    if run is not None:
+        try:
+            run_id = bytes.fromhex(run)
+        except ValueError:
+            run_id = b""
+        if len(run_id) != 32:
+            raise UsageError(f"RUN must be a 64-digit hex run id, got {run[:80]!r}")
+    with _open(data_dir) as store:
+        found = store.audits(run_id)
+        clawed = {a.peer: store.balance(a.peer).clawed_back for a in found}
+    rows = [{"id": a.entry_id.hex(), "time": _time(a.timestamp), "auditor": peer_id_b58(a.auditor),
+             "run_id": a.run_id.hex(), "peer": peer_id_b58(a.peer), "epoch": a.epoch, "payout_id": a.payout_id.hex(),
+             "peer_clawed_back_micro_credits": clawed[a.peer]} for a in found]
+    emit(rows, as_json, lambda rs: print_table(
+        "Failed audits", ("id", "time", "run", "peer", "epoch", "auditor", "peer's clawed back"),
+        [(r["id"][:16], r["time"], r["run_id"][:16], r["peer"], r["epoch"], r["auditor"],
+          credits_text(r["peer_clawed_back_micro_credits"])) for r in rs]))
 
 
 @ledger.command("top")

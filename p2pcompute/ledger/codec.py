@@ -25,10 +25,9 @@ KIND_PAYOUT = "payout"
 KIND_AUDIT = "audit"
 KIND_TRANSFER = "transfer"
 # Kinds with a settled body and rules; everything else is rejected on decode.
-KINDS = (KIND_RUN_PUBLISH, KIND_PAYOUT)
+KINDS = (KIND_RUN_PUBLISH, KIND_PAYOUT, KIND_AUDIT)
 RESERVED_KINDS = {
     "receipt": "kind 'receipt' (claimants crediting themselves) was replaced by 'payout' (signed by the run's issuer)",
-    KIND_AUDIT: "kind 'audit' is reserved: audit entries are not accepted until their rules are specified",
     KIND_TRANSFER: "kind 'transfer' is reserved for a later version of the ledger",
 }
 
@@ -40,7 +39,7 @@ MAX_TIMESTAMP = 2**63 - 1
 MAX_MANIFEST_SIZE = 64 * 1024
 # The largest entry is a run.publish with a full manifest (64 KiB) plus its policy (< 1 KiB) and
 # the header (< 200 bytes); payouts stay under 8 KiB (credits.claims.MAX_RECEIPT_SIZE).
-MAX_ENTRY_SIZE = MAX_MANIFEST_SIZE + 4 * 1024
+MAX_ENTRY_SIZE = MAX_MANIFEST_SIZE + 4 * 1024  # also above an audit (its evidence <= 32 KiB)
 # Encoded size of the trailing signature field: bin8 header (0xc4 0x40) + 64 bytes.
 _SIGNATURE_FIELD_SIZE = 2 + crypto.SIGNATURE_SIZE
 _ENTRY_ARRAY_HEADER = bytes([canonical.FIXARRAY | 8])
@@ -122,8 +121,40 @@ class PayoutBody:
         return cls(Receipt.from_obj(receipt), amount)
 
 
-Body = Union[RunPublish, PayoutBody]
-BODY_TYPES: dict[str, type] = {KIND_RUN_PUBLISH: RunPublish, KIND_PAYOUT: PayoutBody}
+# Evidence of one failed audit: what was recomputed, both sketches, the distance and the tolerance (credits/audit);
+# opaque to the ledger, re-checkable offline by anyone holding the epoch's start state (`p2pc ledger audits`).
+MAX_EVIDENCE_SIZE = 32 * 1024
+
+
+@dataclass(frozen=True)
+class AuditBody:
+    """Body of `audit`, signed by one of the run's issuers: the payout `payout_id` (to `peer`, for `epoch` of
+    `run_id`) failed a recomputation. It voids that payout and every other payout to `peer` in the run (the
+    claw-back); `evidence` lets anyone re-check the verdict."""
+
+    payout_id: bytes
+    run_id: bytes
+    peer: bytes
+    epoch: int
+    evidence: bytes
+
+    def __post_init__(self) -> None:
+        canonical.fixed_bytes(self.payout_id, crypto.DIGEST_SIZE, "audit payout_id")
+        canonical.fixed_bytes(self.run_id, crypto.DIGEST_SIZE, "audit run_id")
+        canonical.fixed_bytes(self.peer, crypto.PUBLIC_KEY_SIZE, "audit peer")
+        canonical.uint(self.epoch, 0, 2**63 - 1, "audit epoch")
+        canonical.var_bytes(self.evidence, 1, MAX_EVIDENCE_SIZE, "audit evidence")
+
+    def to_obj(self) -> list:
+        return [self.payout_id, self.run_id, self.peer, self.epoch, self.evidence]
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> "AuditBody":
+        return cls(*canonical.array(obj, 5, "audit body"))
+
+
+Body = Union[RunPublish, PayoutBody, AuditBody]
+BODY_TYPES: dict[str, type] = {KIND_RUN_PUBLISH: RunPublish, KIND_PAYOUT: PayoutBody, KIND_AUDIT: AuditBody}
 
 
 def _check_kind(kind: Any) -> type:

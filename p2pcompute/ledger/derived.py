@@ -12,14 +12,17 @@ from p2pcompute.ledger.codec import Entry
 # non-negative, so min(sum, INT64_MAX) does not depend on the order entries arrived in.
 INT64_MAX = 2**63 - 1
 
-# Payouts that count towards balances (docs/ledger.md, "Equivocation"): the issuer has not equivocated at or
-# below the payout's seq. (The run's publisher does not matter: the policy comes from the manifest.)
-COUNTED_PAYOUTS = """
+# Payouts that count towards balances (docs/ledger.md, "Equivocation", "Audits"): the issuer has not equivocated
+# at or below the payout's seq, and no audit clawed back the peer's payouts in that run. (The run's publisher does
+# not matter: the policy comes from the manifest.)
+ISSUED_PAYOUTS = """
 SELECT p.n, p.peer, p.run_id, p.samples, p.amount
 FROM payouts p
 JOIN authors a ON a.author = p.issuer
 WHERE (a.fork_seq IS NULL OR p.seq < a.fork_seq)
 """
+CLAWED_BACK = " AND EXISTS (SELECT 1 FROM audits x WHERE x.peer = p.peer AND x.run_id = p.run_id)"
+COUNTED_PAYOUTS = ISSUED_PAYOUTS + " AND NOT EXISTS (SELECT 1 FROM audits x WHERE x.peer = p.peer AND x.run_id = p.run_id)"
 
 _DERIVE_AUTHORS = """
 WITH heads AS (SELECT author, max(seq) AS head_seq, count(*) AS n FROM entries GROUP BY author),
@@ -51,6 +54,7 @@ def apply(
     balance_delta: dict[bytes, Totals],
     run_delta: dict[tuple[bytes, bytes], Totals],
     forked: list[bytes],
+    clawed: set[tuple[bytes, bytes]] = frozenset(),
 ) -> None:
     """Write one append's derived changes (inside the caller's transaction): the changed `authors` rows
     (author, head_seq, head_id, entries, fork_seq), the counted payouts' deltas, and, for authors whose
@@ -65,6 +69,8 @@ def apply(
     _add_totals(conn, "run_totals", ("run_id",), {(run_id,): d for run_id, d in run_delta.items()})
     if forked:
         _recompute_after_forks(conn, forked)
+    if clawed:
+        recompute(conn, {peer for peer, _ in clawed}, {run for _, run in clawed})
 
 
 def _add_totals(conn: sqlite3.Connection, table: str, key_columns: tuple[str, ...], deltas: dict) -> None:
@@ -99,13 +105,17 @@ def _sum_counted(conn: sqlite3.Connection, condition: str = "", params: tuple = 
 
 
 def _recompute_after_forks(conn: sqlite3.Connection, issuers: list[bytes]) -> None:
-    """An author's fork point appeared or moved down: recompute every balance and run total its payouts touch,
-    from the payouts table, exactly as rebuild() does."""
+    """An author's fork point appeared or moved down: recompute every balance and run total its payouts touch."""
     peers: set[bytes] = set()
     runs: set[bytes] = set()
     for issuer in issuers:
         peers.update(r for (r,) in conn.execute("SELECT DISTINCT peer FROM payouts WHERE issuer = ?", (issuer,)))
         runs.update(r for (r,) in conn.execute("SELECT DISTINCT run_id FROM payouts WHERE issuer = ?", (issuer,)))
+    recompute(conn, peers, runs)
+
+
+def recompute(conn: sqlite3.Connection, peers, runs) -> None:
+    """Recompute these peers' balances and these runs' totals from the payouts table, exactly as rebuild() does."""
     for peer in peers:
         totals, _ = _sum_counted(conn, " AND p.peer = ?", (peer,))
         conn.execute("DELETE FROM balances WHERE peer = ?", (peer,))
@@ -128,19 +138,17 @@ def _stored(conn: sqlite3.Connection):
 def rebuild(conn: sqlite3.Connection) -> None:
     """Recompute every table but the raw entries from the entries themselves (inside the caller's
     write transaction)."""
-    conn.execute("DELETE FROM runs")
-    conn.execute("DELETE FROM payouts")
+    for table in schema.INDEX_TABLES_BY_NAME:
+        conn.execute(f"DELETE FROM {table}")
     for n, entry_id, raw in _stored(conn):
         entry = schema.decode_stored(raw, entry_id)
         conn.execute(
             "UPDATE entries SET author = ?, seq = ?, prev = ?, timestamp = ?, kind = ? WHERE n = ?",
             (entry.author, entry.seq, entry.prev, entry.timestamp, entry.kind, n),
         )
-        run_row, payout_row = schema.index_rows(entry, n)
-        if run_row is not None:
-            conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", run_row)
-        if payout_row is not None:
-            conn.execute("INSERT INTO payouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", payout_row)
+        indexed = schema.index_row(entry, n)
+        if indexed is not None:
+            conn.execute(schema.insert_sql(indexed[0]), indexed[1])
     conn.execute("DELETE FROM authors")
     conn.execute("INSERT INTO authors " + _DERIVE_AUTHORS)
     conn.execute("DELETE FROM balances")
@@ -173,7 +181,7 @@ def check(conn: sqlite3.Connection) -> list[str]:
 
 
 def _check_entry_rows(conn: sqlite3.Connection, n: int, entry_id: bytes, raw: bytes) -> list[str]:
-    """Whether the index columns and the runs/payouts row of one entry match its raw bytes."""
+    """Whether the index columns and the per-kind index row of one entry match its raw bytes."""
     try:
         entry = Entry.from_wire(raw)
     except InvalidMessage as e:
@@ -184,13 +192,9 @@ def _check_entry_rows(conn: sqlite3.Connection, n: int, entry_id: bytes, raw: by
     columns = conn.execute("SELECT author, seq, prev, timestamp, kind FROM entries WHERE n = ?", (n,)).fetchone()
     if columns != (entry.author, entry.seq, entry.prev, entry.timestamp, entry.kind):
         problems.append(f"entry {entry_id.hex()}: index columns disagree with the stored bytes")
-    run_row, payout_row = schema.index_rows(entry, n)
-    if run_row is not None:
-        stored = conn.execute("SELECT * FROM runs WHERE n = ?", (n,)).fetchall()
-        if stored != [run_row]:
-            problems.append(f"runs: row of entry {entry_id.hex()} disagrees with the entry")
-    if payout_row is not None:
-        stored = conn.execute("SELECT * FROM payouts WHERE n = ?", (n,)).fetchall()
-        if stored != [payout_row]:
-            problems.append(f"payouts: row of entry {entry_id.hex()} disagrees with the entry")
+    indexed = schema.index_row(entry, n)
+    if indexed is not None:
+        table, row = indexed
+        if conn.execute(f"SELECT * FROM {table} WHERE n = ?", (n,)).fetchall() != [row]:
+            problems.append(f"{table}: row of entry {entry_id.hex()} disagrees with the entry")
     return problems

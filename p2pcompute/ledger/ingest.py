@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 from p2pcompute.crypto import Signer
 from p2pcompute.errors import InvalidEntry, InvalidMessage, MissingDependency, StoreError
 from p2pcompute.ledger import derived, schema, validate
-from p2pcompute.ledger.codec import GENESIS_PREV, Body, Entry, sign_entry
+from p2pcompute.ledger.codec import GENESIS_PREV, KIND_AUDIT, KIND_PAYOUT, KIND_RUN_PUBLISH, Body, Entry, sign_entry
 from p2pcompute.ledger.pending import PendingPool
 from p2pcompute.ledger.validate import EntryRef, PayoutRef, Publication, Tally
 
@@ -56,8 +56,8 @@ class _Batch:
         self.policies: dict[bytes, object] = {}  # run_id -> CreditPolicy (or None: not here)
         self.new_payouts: dict[tuple[bytes, bytes], list[PayoutRef]] = {}  # (issuer, run_id) -> payouts of this batch
         self.entry_rows: list[tuple] = []
-        self.run_rows: list[tuple] = []
-        self.payout_rows: list[tuple] = []
+        self.index_rows: dict[str, list[tuple]] = {}  # table -> rows
+        self.clawed: set[tuple[bytes, bytes]] = set()  # (peer, run_id) whose payouts an audit in this batch voids
         self.balance_delta: dict[bytes, list[int]] = {}
         self.run_delta: dict[bytes, list[int]] = {}
         self.forked: list[bytes] = []
@@ -121,8 +121,18 @@ class _Batch:
             " WHERE p.issuer = ? AND p.run_id = ?",
             (issuer, run_id),
         ).fetchall():
-            found.append(PayoutRef(self.entry_ref(entry_id), epoch, peer, samples, amount))
+            found.append(PayoutRef(self.entry_ref(entry_id), run_id, epoch, peer, samples, amount))
         return found
+
+    def payout(self, entry_id: bytes) -> PayoutRef | None:
+        for payouts in self.new_payouts.values():
+            for p in payouts:
+                if p.ref.id == entry_id:
+                    return p
+        row = self.conn.execute(
+            "SELECT p.run_id, p.epoch, p.peer, p.samples, p.amount FROM payouts p JOIN entries e ON e.n = p.n"
+            " WHERE e.id = ?", (entry_id,)).fetchone()
+        return None if row is None else PayoutRef(self.entry_ref(entry_id), *row)
 
     # ---- batch state ---------------------------------------------------------------------------
 
@@ -172,18 +182,20 @@ class _Batch:
             self.next_n = self.conn.execute("SELECT coalesce(max(n), 0) + 1 FROM entries").fetchone()[0]
         n, self.next_n = self.next_n, self.next_n + 1
         self.entry_rows.append((n, entry.id, author, entry.seq, entry.prev, entry.timestamp, entry.kind, entry.wire))
-        run_row, payout_row = schema.index_rows(entry, n)
-        if run_row is not None:
-            self.run_rows.append(run_row)
+        indexed = schema.index_row(entry, n)
+        if indexed is not None:
+            self.index_rows.setdefault(indexed[0], []).append(indexed[1])
+        if entry.kind == KIND_AUDIT:
+            self.clawed.add((entry.body.peer, entry.body.run_id))
+        if entry.kind == KIND_RUN_PUBLISH:
             self.publications(author, entry.body.run_id).append(
                 Publication(entry.id, author, entry.seq, entry.body.run_id, entry.body.policy)
             )
             self.policies[entry.body.run_id] = entry.body.policy
-        if payout_row is not None:
+        if entry.kind == KIND_PAYOUT:
             claim = entry.body.receipt.claim
-            self.payout_rows.append(payout_row)
             self.new_payouts.setdefault((author, claim.run_id), []).append(
-                PayoutRef(ref, claim.epoch, claim.peer, claim.samples, entry.body.amount))
+                PayoutRef(ref, claim.run_id, claim.epoch, claim.peer, claim.samples, entry.body.amount))
             if self._counts(author, entry.seq):
                 for delta in (self.balance_delta.setdefault(claim.peer, [0, 0, 0]),
                               self.run_delta.setdefault(claim.run_id, [0, 0, 0])):
@@ -203,10 +215,21 @@ class _Batch:
             "INSERT INTO entries (n, id, author, seq, prev, timestamp, kind, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             self.entry_rows,
         )
-        conn.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", self.run_rows)
-        conn.executemany("INSERT INTO payouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.payout_rows)
+        for table, rows in self.index_rows.items():
+            conn.executemany(schema.insert_sql(table), rows)
         heads = [(a, h.seq, h.id, h.entries, h.fork_seq) for a, h in self.heads.items() if h is not None and h.dirty]
-        derived.apply(conn, heads, self.balance_delta, self.run_delta, self.forked)
+        # a payout to a peer already clawed back in its run adds nothing: recompute those peers and runs whole
+        derived.apply(conn, heads, self.balance_delta, self.run_delta, self.forked, self.clawed | self._late_payouts())
+
+    def _late_payouts(self) -> set[tuple[bytes, bytes]]:
+        """(peer, run_id) of this batch's payouts to peers an audit already clawed back in that run."""
+        late = set()
+        for (_issuer, run_id), payouts in self.new_payouts.items():
+            for p in payouts:
+                if self.conn.execute("SELECT 1 FROM audits WHERE peer = ? AND run_id = ? LIMIT 1",
+                                     (p.peer, run_id)).fetchone():
+                    late.add((p.peer, run_id))
+        return late
 
 
 # ---- the append path ---------------------------------------------------------------------------

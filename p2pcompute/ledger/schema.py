@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 from p2pcompute import canonical
 from p2pcompute.credits.policy import CreditPolicy
 from p2pcompute.errors import InvalidMessage, StoreError
-from p2pcompute.ledger.codec import KIND_PAYOUT, KIND_RUN_PUBLISH, Entry
+from p2pcompute.ledger.codec import KIND_AUDIT, KIND_PAYOUT, KIND_RUN_PUBLISH, Entry
 
 SCHEMA_VERSION = 2
 # PRAGMA application_id: marks the file as ours ("p2pc"), so we never migrate someone else's database.
@@ -56,6 +56,15 @@ CREATE TABLE payouts (
 CREATE INDEX payouts_by_issuer ON payouts (issuer, run_id, seq);
 CREATE INDEX payouts_by_peer ON payouts (peer, run_id, epoch);
 CREATE INDEX payouts_by_run ON payouts (run_id);
+CREATE TABLE audits (
+    n INTEGER PRIMARY KEY,          -- entries.n of the audit entry
+    auditor BLOB NOT NULL,          -- the entry's author, one of the run's issuers
+    payout_id BLOB NOT NULL,        -- the payout that failed its audit
+    run_id BLOB NOT NULL,
+    peer BLOB NOT NULL,             -- whose payouts in the run no longer count (the claw-back)
+    epoch INTEGER NOT NULL
+);
+CREATE INDEX audits_by_peer ON audits (peer, run_id);
 
 -- Derived (rebuildable): chain heads, equivocation marks, balances, run totals.
 CREATE TABLE authors (
@@ -115,15 +124,29 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
 # ---- entries to rows and back ------------------------------------------------------------------
 
 
-def index_rows(entry: Entry, n: int) -> tuple[tuple | None, tuple | None]:
-    """The `runs` or `payouts` row of an entry stored as number `n` (one of them, or neither)."""
+# the per-kind index table of each entry kind, and how many columns its rows have
+INDEX_TABLES = {KIND_RUN_PUBLISH: ("runs", 6), KIND_PAYOUT: ("payouts", 8), KIND_AUDIT: ("audits", 6)}
+
+
+def index_row(entry: Entry, n: int) -> tuple[str, tuple] | None:
+    """(table, row) of the per-kind index row of an entry stored as number `n` (None for a kind without one)."""
+    body = entry.body
     if entry.kind == KIND_RUN_PUBLISH:
-        return (n, entry.author, entry.body.run_id, entry.seq, entry.timestamp, pack_policy(entry.body.policy)), None
+        return "runs", (n, entry.author, body.run_id, entry.seq, entry.timestamp, pack_policy(body.policy))
     if entry.kind == KIND_PAYOUT:
-        claim = entry.body.receipt.claim
-        return None, (n, entry.author, entry.seq, claim.peer, claim.run_id, claim.epoch, claim.samples,
-                      entry.body.amount)
-    return None, None
+        claim = body.receipt.claim
+        return "payouts", (n, entry.author, entry.seq, claim.peer, claim.run_id, claim.epoch, claim.samples,
+                           body.amount)
+    if entry.kind == KIND_AUDIT:
+        return "audits", (n, entry.author, body.payout_id, body.run_id, body.peer, body.epoch)
+    return None
+
+
+def insert_sql(table: str) -> str:
+    return f"INSERT INTO {table} VALUES ({', '.join('?' * INDEX_TABLES_BY_NAME[table])})"
+
+
+INDEX_TABLES_BY_NAME = {table: columns for table, columns in INDEX_TABLES.values()}
 
 
 def pack_policy(policy: CreditPolicy) -> bytes:

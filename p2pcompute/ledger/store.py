@@ -36,9 +36,21 @@ class AuthorHead:
 @dataclass(frozen=True)
 class Balance:
     peer: bytes
-    credits: int  # micro-credits
+    credits: int  # micro-credits that count
     samples: int
-    receipts: int
+    receipts: int  # payouts that count
+    clawed_back: int = 0  # micro-credits issued to this peer that failed audits voided
+
+
+@dataclass(frozen=True)
+class Audit:
+    entry_id: bytes
+    auditor: bytes
+    payout_id: bytes
+    run_id: bytes
+    peer: bytes
+    epoch: int
+    timestamp: int
 
 
 @dataclass(frozen=True)
@@ -212,7 +224,16 @@ class Store:
 
     def balance(self, peer: bytes) -> Balance:
         rows = self._query("SELECT credits, samples, receipts FROM balances WHERE peer = ?", (peer,))
-        return Balance(peer, *rows[0]) if rows else Balance(peer, 0, 0, 0)
+        clawed = self._query(f"SELECT coalesce(sum(amount), 0) FROM ({derived.ISSUED_PAYOUTS}{derived.CLAWED_BACK}"
+                             " AND p.peer = ?)", (peer,))[0][0]
+        return Balance(peer, *(rows[0] if rows else (0, 0, 0)), clawed_back=derived.saturating(clawed))
+
+    def audits(self, run_id: bytes | None = None) -> list[Audit]:
+        """Failed audits in arrival order (of one run, or all)."""
+        where, params = ("WHERE x.run_id = ?", (run_id,)) if run_id is not None else ("", ())
+        rows = self._query("SELECT e.id, x.auditor, x.payout_id, x.run_id, x.peer, x.epoch, e.timestamp FROM audits x"
+                           f" JOIN entries e ON e.n = x.n {where} ORDER BY x.n", params)
+        return [Audit(*r) for r in rows]
 
     def top(self, limit: int = 20) -> list[Balance]:
         rows = self._query(

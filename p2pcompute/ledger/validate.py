@@ -15,7 +15,8 @@ from typing import Protocol
 from p2pcompute import crypto
 from p2pcompute.credits.policy import CreditPolicy
 from p2pcompute.errors import InvalidEntry, InvalidManifest, InvalidMessage, InvalidSignature, MissingDependency
-from p2pcompute.ledger.codec import GENESIS_PREV, KIND_PAYOUT, KIND_RUN_PUBLISH, Entry, PayoutBody, policy_of
+from p2pcompute.ledger.codec import (GENESIS_PREV, KIND_AUDIT, KIND_PAYOUT, KIND_RUN_PUBLISH, Entry, PayoutBody,
+                                     policy_of)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class PayoutRef:
     """A stored payout as the issuer-chain rules need it."""
 
     ref: EntryRef
+    run_id: bytes
     epoch: int
     peer: bytes
     samples: int
@@ -79,6 +81,9 @@ class LedgerView(Protocol):
 
     def payouts_of(self, issuer: bytes, run_id: bytes) -> list[PayoutRef]:
         """Every payout of `issuer` for `run_id`, on any of its forks."""
+
+    def payout(self, entry_id: bytes) -> PayoutRef | None:
+        """The stored payout `entry_id` (None if there is none)."""
 
 
 def entry_key(entry_id: bytes) -> tuple:
@@ -179,6 +184,8 @@ def check_in_context(entry: Entry, view: LedgerView) -> None:
         _check_publish(entry, view)
     elif entry.kind == KIND_PAYOUT:
         _check_payout(entry, view)
+    elif entry.kind == KIND_AUDIT:
+        _check_audit(entry, view)
 
 
 def validate(entry: Entry, view: LedgerView) -> None:
@@ -210,6 +217,21 @@ def _check_payout(entry: Entry, view: LedgerView) -> None:
     budget = policy.issuer_budget()
     if budget is not None and tally.run_amount + entry.body.amount > budget:
         raise InvalidEntry(f"the payout would take this issuer past its share of the run's budget ({budget} micro-credits)")
+
+
+def _check_audit(entry: Entry, view: LedgerView) -> None:
+    """An audit is signed by one of the run's issuers and names a stored payout as it is (peer, run, epoch)."""
+    body = entry.body
+    policy = view.run_policy(body.run_id)
+    if policy is None:
+        raise MissingDependency(f"run {body.run_id.hex()} is not here yet", run_key(body.run_id))
+    if entry.author not in policy.issuers:
+        raise InvalidEntry("only the run's issuers audit its payouts")
+    payout = view.payout(body.payout_id)
+    if payout is None:
+        raise MissingDependency(f"audited payout {body.payout_id.hex()} is not here yet", entry_key(body.payout_id))
+    if (payout.peer, payout.epoch, payout.run_id) != (body.peer, body.epoch, body.run_id):
+        raise InvalidEntry("the audit does not describe the payout it names (peer, run or epoch differ)")
 
 
 def chain_tally(view: LedgerView, entry: Entry, run_id: bytes, epoch: int, peer: bytes) -> Tally:
