@@ -10,7 +10,7 @@ import pytest
 from p2pcompute.errors import ProtocolError
 from p2pcompute.ledger.replica import Replica
 from p2pcompute.ledger.store import Store
-from p2pcompute.protocol import Limits, PeerLimits, Servicer, read_frame
+from p2pcompute.protocol import Limits, PeerLimits, Servicer, call, read_frame
 from p2pcompute.services.sync import LIMITS as LEDGER_LIMITS
 from p2pcompute.services.sync import PROTOCOL as LEDGER_PROTOCOL
 from p2pcompute.services.sync import LedgerSync
@@ -113,3 +113,44 @@ def test_junk_reconcile_answer_bans_the_peer_and_ends_only_that_sync(tmp_path):
             await server.shutdown()
 
     assert asyncio.run(scenario())
+
+
+def test_a_push_costing_too_many_signature_checks_is_refused_before_any_check(tmp_path):
+    """Found as an attacker: a push of 512 receipts with 64 witnesses each cost the node ~4 s of CPU, and valid
+    entries never get the sender banned. Pushes are now charged per signature they would make us check."""
+    from p2pcompute.credits.claims import Claim, Receipt
+    from p2pcompute.credits.policy import CreditPolicy
+    from p2pcompute.identity import Identity
+    from p2pcompute.ledger.codec import GENESIS_PREV, KIND_PAYOUT, PayoutBody, sign_entry
+    from p2pcompute.services.sync import PUSH_SIGNATURES, VERSION
+
+    pusher, witnesses = Identity.generate(), [Identity.generate() for _ in range(64)]
+    policy = CreditPolicy.create(1, 1, [pusher.public_key])
+    entries, prev = [], GENESIS_PREV
+    for seq in range(200):  # 200 x (1 + 2 + 64) signatures: past the burst
+        claim = Claim(b"\x05" * 32, pusher.public_key, seq, witnesses[0].public_key, 1)
+        receipt = Receipt.assemble(claim.sign(witnesses[0]), [claim.witness(w) for w in witnesses[1:]] +
+                                   [claim.witness(pusher)])
+        entries.append(sign_entry(pusher, seq, prev, seq, KIND_PAYOUT, PayoutBody.create(receipt, policy)))
+        prev = entries[-1].id
+    assert 200 * 66 > PUSH_SIGNATURES.burst
+
+    async def scenario():
+        server, client = await two_hosts()
+        try:
+            with Store(tmp_path / "ledger.sqlite") as store:
+                sync = LedgerSync(server, Replica(store), sync_interval=0)
+                await sync.start()
+                try:
+                    with pytest.raises(ProtocolError) as info:
+                        await call(client, server.peer_id, LEDGER_PROTOCOL, LEDGER_LIMITS,
+                                   [VERSION, "push", [e.to_wire() for e in entries]], "push")
+                    return str(info.value), store.count()
+                finally:
+                    await sync.shutdown()
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    reason, stored = asyncio.run(scenario())
+    assert "signature-check budget" in reason and stored == 0

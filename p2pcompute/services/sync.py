@@ -36,6 +36,11 @@ LIMITS = Limits(
     rate_per_s=20.0, burst=50.0,  # anti-entropy is one round per 10 s and peer; pushes come in bursts
     ban_seconds=600.0,  # a peer that sent an invalid entry is ignored this long
 )
+# Signature checks a peer's pushes may cost us: an Ed25519 check is ~0.1 ms, so 2,000/s bounds one peer to ~20 % of
+# a core, and a burst of 10,000 (~1 s of CPU) covers any honest push (new entries come a few at a time; catch-up is
+# by our own fetches, not charged). A push over budget is refused after decoding, before any signature is checked
+# (a push of 512 payouts with 64 witnesses each asks for ~33,000).
+PUSH_SIGNATURES = dataclasses.replace(LIMITS, rate_per_s=2000.0, burst=10000.0)
 PUSH_FANOUT = 8  # peers each new entry is pushed to
 DEFAULT_SYNC_INTERVAL = 10.0  # seconds between anti-entropy rounds
 
@@ -47,6 +52,22 @@ def _list(value: Any, max_len: int, what: str) -> list:
     if not isinstance(value, list) or len(value) > max_len:
         raise ProtocolError(f"{what} must be an array of at most {max_len} items")
     return value
+
+
+def _signatures_in(raws: list[bytes]) -> int:
+    """Signature checks these entries would cost (decoding only; an entry that does not decode costs 1 and is
+    refused by ingest anyway)."""
+    from p2pcompute.ledger.codec import KIND_PAYOUT, Entry
+
+    total = 0
+    for raw in raws:
+        try:
+            entry = Entry.from_wire(raw)
+        except InvalidMessage:
+            total += 1
+            continue
+        total += 1 + (2 + len(entry.body.receipt.witnesses) if entry.kind == KIND_PAYOUT else 0)
+    return total
 
 
 def _fingerprint(value: Any) -> tuple[int, bytes]:
@@ -94,6 +115,7 @@ class LedgerSync(Servicer):
         self.sync_interval = sync_interval
         self.rng = rng or random.Random()
         self.stats = SyncStats()
+        self._signature_budget = PeerLimits(PUSH_SIGNATURES)
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -138,6 +160,8 @@ class LedgerSync(Servicer):
             return self.replica.raw_for_peer(ids, MAX_FETCH_BYTES)
         if op == "push":
             raws = _raw_entries(payload, MAX_PUSH_ENTRIES, MAX_PUSH_BYTES, "push")
+            if not self._signature_budget.allow(peer, cost=_signatures_in(raws)):
+                raise ProtocolError("signature-check budget exceeded: push fewer entries, more slowly")
             result = await self._ingest_from(peer, raws)
             if result.pending:  # it knows something we lack the basis for: reconcile with it soon
                 self._spawn(self._sync_quietly(peer))
