@@ -19,7 +19,7 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.dht import DHTID
 from hivemind.p2p import PeerID
 from hivemind.utils.mpfuture import MPFuture
-from peer_procs import barrier, loopback_dht, peer_main, run_peers, wait_for_file, write_atomic
+from peer_procs import barrier, join_dht, peer_main, run_peers, wait_for_file, write_atomic
 
 from p2pcompute.training.dataplane import TunedAverager, tuned_options
 
@@ -75,7 +75,7 @@ def peer_tensors(rank: int) -> list[torch.Tensor]:
 
 def _peer(rank: int, directory: Path) -> None:
     torch.set_num_threads(1)
-    dht = loopback_dht(rank, directory)
+    dht = join_dht(directory, rank)  # shut down by hand: rank 2 leaves before the round
     write_atomic(directory / f"id-{rank}", dht.peer_id.to_base58())
     if rank == 2:  # the mate that left: gone before the round starts
         barrier(directory, "ids", rank, PEERS)
