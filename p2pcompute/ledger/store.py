@@ -193,6 +193,14 @@ class Store:
         )
         return [schema.decode_stored(raw, entry_id) for entry_id, raw in rows]
 
+    def run_entries(self, run_id: bytes, limit: int = 1000) -> list[Entry]:
+        """The run.publish entries and receipts of run `run_id` (any publisher), in arrival order."""
+        rows = self._query(
+            "SELECT id, raw FROM entries WHERE n IN (SELECT n FROM runs WHERE run_id = ?"
+            " UNION ALL SELECT n FROM receipts WHERE run_id = ?) ORDER BY n LIMIT ?", (run_id, run_id, limit)
+        )
+        return [schema.decode_stored(raw, entry_id) for entry_id, raw in rows]
+
     def iter_raw(self, batch: int = 1000) -> Iterator[tuple[int, bytes, bytes]]:
         """(arrival number, id, raw) of every entry in arrival order, read in pages: dependencies always
         come before what depends on them."""
