@@ -11,7 +11,7 @@ from p2pcompute.config import NodeConfig
 from p2pcompute.errors import ControlAPIError, InvalidManifest, InvalidMessage, UsageError
 from p2pcompute.identity import Identity
 from p2pcompute.node.announcer import PeerAnnouncer
-from p2pcompute.node.control import ControlServer
+from p2pcompute.node.control_server import ControlServer
 from p2pcompute.node.hardware import Hardware
 from p2pcompute.node.history import RunHistory
 from p2pcompute.node.ledger_host import LedgerHost

@@ -14,7 +14,8 @@ from p2pcompute.identity import Identity
 from p2pcompute.node import hardware
 from p2pcompute.node.announcer import PeerAnnouncer
 from p2pcompute.node.api import ControlAPI
-from p2pcompute.node.control import ControlServer, load_or_create_token, write_private
+from p2pcompute.node.control import load_or_create_token, write_private
+from p2pcompute.node.control_server import ControlServer
 from p2pcompute.node.dashboard import Dashboard
 from p2pcompute.node.history import RunHistory
 from p2pcompute.node.instance_lock import InstanceLock

@@ -12,7 +12,7 @@ from typing import AsyncIterator, Callable, TextIO
 
 from aiohttp import web
 
-from p2pcompute.node.control import ControlServer, refusal_response
+from p2pcompute.node.control_server import ControlServer, refusal_response
 from p2pcompute.node.web_auth import SESSION_TTL
 
 logger = logging.getLogger(__name__)
