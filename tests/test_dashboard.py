@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import Swarm, p2pc_json, run_p2pc, wait_until
+from p2pcompute.node.control import ControlClient
 from p2pcompute.runs.specs import mlp_synthetic_spec
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's `chromium` package
@@ -43,7 +44,9 @@ def dash_swarm(tmp_path_factory):
     s = Swarm(tmp_path_factory.mktemp("dashboard"))
     try:
         s.start_bootstrap()
-        s.nodes = [s.start_node(f"dash{i}", "--min-peers", "2") for i in range(2)]
+        s.nodes = [s.start_node(f"dash{i}", "--min-peers", "2", wait=False) for i in range(2)]
+        for node in s.nodes:  # started together: two cold starts overlap
+            node.wait_ready()
         spec = s.root / "run.toml"
         spec.write_text(dashboard_spec())
         # --force: 384-sample epochs are far below what the publish check asks for; these tests want many of them
@@ -88,11 +91,13 @@ def screenshots(tmp_path_factory) -> Path:
 
 
 def login_url(node) -> str:
-    return p2pc_json("node", "dashboard", "--data-dir", str(node.data_dir))["url"]
+    """A one-time login link, asked for as `p2pc node dashboard` does (the first test runs the command itself)."""
+    return ControlClient(node.data_dir).call("auth/login-code", {})["url"]
 
 
 def status_of(node) -> dict:
-    return p2pc_json("node", "status", "--data-dir", str(node.data_dir))
+    """GET /api/status, what `p2pc node status --json` prints (polled in-process: a CLI start costs seconds)."""
+    return ControlClient(node.data_dir).call("status")
 
 
 def request(port: int, method: str, path: str, headers: dict | None = None, body: bytes | None = None):
@@ -123,7 +128,8 @@ def test_requests_without_the_token_or_from_another_origin_are_refused(dash_swar
     assert request(port, "POST", "/api/pause", dict(bearer, Origin="http://evil.example"), b"{}")[0] == 403
     assert request(port, "GET", "/api/status", dict(bearer, Host="evil.example"))[0] == 403
 
-    code_url = urlsplit(login_url(node))
+    printed = run_p2pc("node", "dashboard", "--data-dir", str(node.data_dir), check=True).stdout
+    code_url = urlsplit(next(line for line in printed.splitlines() if line.startswith("http://127.0.0.1:")))
     status, headers, _ = request(port, "GET", f"{code_url.path}?{code_url.query}")
     assert status == 303 and headers["Location"] == "/"
     cookie = headers["Set-Cookie"]
@@ -208,13 +214,28 @@ def test_pause_stops_training_and_resume_restarts_it(dash_swarm, browser):
         return status["paused"] and status["status"] == "paused" and trainer.get("status") == "paused" and trainer
 
     held = wait_until(paused, timeout=PAGE_TIMEOUT, what="the node to say it is paused")
-    assert "paused by the owner" in run_p2pc("node", "status", "--data-dir", str(node.data_dir), check=True).stdout
+    cli = p2pc_json("node", "status", "--data-dir", str(node.data_dir))
+    assert cli["paused"] and cli["status"] == "paused" and cli["training"]["trainer"]["status"] == "paused"
     wait_until(lambda: "paused by the owner" in browser.find_element(By.ID, "node-fields").text,
                timeout=PAGE_TIMEOUT, what="the page to show the pause")
     assert trainer_of(node)["samples_done"] == held["samples_done"]  # no step since (and `status` took a while)
     browser.find_element(By.ID, "resume").click()
     wait_until(lambda: (t := trainer_of(node))["status"] == "training" and t["samples_done"] > held["samples_done"],
                timeout=PAGE_TIMEOUT, what="training to go on after resume")
-    assert status_of(node)["paused"] is False
+    assert p2pc_json("node", "status", "--data-dir", str(node.data_dir))["paused"] is False
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_eta_follows_the_pace_of_the_last_epochs():
+    from p2pcompute.node.history import EpochPoint, eta_seconds
+
+    def at(epoch: int, t: float) -> EpochPoint:
+        return EpochPoint(epoch, t, 1.0, 1.0, 10.0, 20.0, 2, 32, 0.5)
+
+    assert eta_seconds([at(0, 0.0)], 10) is None  # no pace yet
+    assert eta_seconds([at(0, 0.0), at(2, 10.0)], 0) is None  # the run has no end
+    assert eta_seconds([at(0, 0.0), at(2, 10.0)], 10) == 40.0  # 5 s per epoch, 8 to go
+    slow_start = [at(0, 0.0), at(1, 100.0)] + [at(e, 100.0 + 2 * (e - 1)) for e in range(2, 14)]
+    assert eta_seconds(slow_start, 20) == 14.0  # the last 10 epochs' pace (2 s each), not the slow first one
+    assert eta_seconds([at(0, 0.0), at(10, 10.0)], 10) is None  # done
