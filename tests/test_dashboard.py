@@ -225,6 +225,10 @@ def test_pause_stops_training_and_resume_restarts_it(dash_swarm, browser):
     assert p2pc_json("node", "status", "--data-dir", str(node.data_dir))["paused"] is False
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+    other = str(dash_swarm.nodes[1].data_dir)  # the same through the CLI, on the other node
+    assert p2pc_json("node", "pause", "--data-dir", other)["paused"] is True
+    assert "resumed" in run_p2pc("node", "resume", "--data-dir", other, check=True).stdout
+    assert status_of(dash_swarm.nodes[1])["paused"] is False
 
 
 def test_eta_follows_the_pace_of_the_last_epochs():

@@ -132,8 +132,7 @@ def node_stop(data_dir) -> None:
 @json_option
 def node_pause(data_dir, as_json) -> None:
     """Pause training: the node leaves its averaging group after the current step (until `p2pc node resume`)."""
-    report = ControlClient(resolve_data_dir(data_dir)).call("pause", {})
-    emit(report, as_json, lambda r: console.print(f"paused: {r['pause_reason']}", highlight=False))
+    _hold(data_dir, as_json, "pause")
 
 
 @node.command("resume")
@@ -141,8 +140,13 @@ def node_pause(data_dir, as_json) -> None:
 @json_option
 def node_resume(data_dir, as_json) -> None:
     """Resume training after `p2pc node pause` (the idle policy and schedule still apply)."""
-    report = ControlClient(resolve_data_dir(data_dir)).call("resume", {})
-    emit(report, as_json, lambda r: console.print(f"resumed: {r['reason']}", highlight=False))
+    _hold(data_dir, as_json, "resume")
+
+
+def _hold(data_dir, as_json, what: str) -> None:
+    """POST pause or resume; prints the supervisor's state after it."""
+    report = ControlClient(resolve_data_dir(data_dir)).call(what, {})
+    emit(report, as_json, lambda r: console.print(f"{what}d: {r['pause_reason'] or r['reason']}", highlight=False))
 
 
 @node.command("dashboard")
