@@ -222,7 +222,7 @@ def test_pause_stops_training_and_resume_restarts_it(dash_swarm, browser):
     browser.find_element(By.ID, "resume").click()
     wait_until(lambda: (t := trainer_of(node))["status"] == "training" and t["samples_done"] > held["samples_done"],
                timeout=PAGE_TIMEOUT, what="training to go on after resume")
-    assert p2pc_json("node", "status", "--data-dir", str(node.data_dir))["paused"] is False
+    assert status_of(node)["paused"] is False
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
     other = str(dash_swarm.nodes[1].data_dir)  # the same through the CLI, on the other node

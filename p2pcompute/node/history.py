@@ -35,7 +35,9 @@ class EpochPoint:
     swarm_samples_per_second: float
     peers: int  # peers training the run, as the swarm's progress shows
     samples: int  # samples this node contributed to the epoch just ended (0 when they were discarded)
-    share: float | None  # this node's share of the samples the epoch just ended needed (target_batch_size)
+    # this node's share of the swarm's throughput (its samples/s over the sum of the training peers'): peers may
+    # each accumulate up to target_batch_size before a round closes, so samples over the target would say ~100%
+    share: float | None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,12 +130,12 @@ class RunHistory:
         except TimeoutError:
             swarm = None
         samples = trainer.contributions().get(last.epoch, 0) if last is not None else 0
-        target = signed.manifest.target_batch_size
+        swarm_rate = swarm.samples_per_second if swarm is not None else 0.0
         return EpochPoint(
             epoch=status.epoch, time=self.clock(), loss=status.loss,
             swarm_loss=swarm.loss if swarm is not None else None,
             samples_per_second=status.samples_per_second,
             swarm_samples_per_second=swarm.samples_per_second if swarm is not None else 0.0,
             peers=swarm.training_peers if swarm is not None else status.peers, samples=samples,
-            share=min(1.0, samples / target) if last is not None and target else None,
+            share=min(1.0, status.samples_per_second / swarm_rate) if swarm_rate > 0 else None,
         )

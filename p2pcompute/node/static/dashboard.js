@@ -228,7 +228,7 @@ function renderRun(run, status) {
     ["loss (swarm)", num(last.swarm_loss)],
     ["samples/s", num(trainer ? trainer.samples_per_second : last.samples_per_second, 1) + " here, " + num(last.swarm_samples_per_second, 1) + " in the swarm"],
     ["peers training", text(last.peers)],
-    ["this node's share", typeof last.share === "number" ? (100 * last.share).toFixed(0) + " % of the last epoch's samples" : "-"],
+    ["this node's share", typeof last.share === "number" ? (100 * last.share).toFixed(0) + " % of the swarm's samples/s" : "-"],
     ["ETA", run.eta_s === null ? (run.max_epochs ? "not known yet" : "the run has no end") : duration(run.eta_s)],
     ["epochs recorded", points.length],
   ]);
