@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import sys
-from datetime import datetime, timezone
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import click
 
 from p2pcompute.cli.common import console, data_dir_option, emit, json_option, print_fields, print_table
 from p2pcompute.config import load_config, resolve_data_dir
 from p2pcompute.credits.policy import MICRO_PER_CREDIT
-from p2pcompute.errors import InvalidMessage, LedgerInvalid, NotFound, UsageError
+from p2pcompute.errors import InvalidMessage, LedgerInvalid, UsageError
 from p2pcompute.identity import Identity, parse_peer_id, peer_id_b58
-from p2pcompute.ledger.codec import KIND_AUDIT, KIND_PAYOUT, KIND_RUN_PUBLISH, Entry
+from p2pcompute.ledger.codec import KIND_PAYOUT, KIND_RUN_PUBLISH
 from p2pcompute.ledger.store import Store
 from p2pcompute.ledger.verify import verify_store
-
-# `show` accepts an abbreviated id of at least this many hex digits (like git).
-MIN_ID_PREFIX_HEX = 8
+from p2pcompute.ledger.views import credits_text, entry_json, export as export_entries, find_entry, history_rows
+from p2pcompute.ledger.views import time_text as _time
 
 
 @click.group()
@@ -45,72 +39,6 @@ def _peer(text: str) -> bytes:
         return parse_peer_id(text)
     except InvalidMessage as e:
         raise UsageError(f"PEER: {e}") from None
-
-
-def credits_text(micro: int) -> str:
-    """Micro-credits as a decimal string of credits, exactly (no float rounding)."""
-    return str(Decimal(micro).scaleb(-6).quantize(Decimal("0.000001")))
-
-
-def _time(ms: int) -> str:
-    try:
-        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
-    except (OverflowError, OSError, ValueError):
-        return str(ms)
-
-
-def policy_json(policy) -> dict[str, Any]:
-    return {"rate_micro_per_sample": policy.rate, "quorum": policy.quorum,
-            "issuers": [peer_id_b58(v) for v in policy.issuers], "max_epochs": policy.max_epochs,
-            "epoch_cap_samples": policy.epoch_cap, "budget_micro_credits": policy.budget}
-
-
-def entry_json(entry: Entry) -> dict[str, Any]:
-    """An entry as JSON: keys and signatures hex, peers as base58 PeerIDs, `raw` the exact stored bytes."""
-    out: dict[str, Any] = {
-        "id": entry.id.hex(),
-        "version": entry.version,
-        "author": peer_id_b58(entry.author),
-        "author_key": entry.author.hex(),
-        "seq": entry.seq,
-        "prev": entry.prev.hex(),
-        "timestamp": entry.timestamp,
-        "time": _time(entry.timestamp),
-        "kind": entry.kind,
-        "signature": entry.signature.hex(),
-    }
-    if entry.kind == KIND_RUN_PUBLISH:
-        body = entry.body
-        out["body"] = {
-            "run_id": body.run_id.hex(),
-            "manifest_size": len(body.manifest),
-            "manifest": body.manifest.hex(),
-            "policy": policy_json(body.policy),
-        }
-    elif entry.kind == KIND_AUDIT:
-        body = entry.body
-        out["body"] = {"payout_id": body.payout_id.hex(), "run_id": body.run_id.hex(), "peer": peer_id_b58(body.peer),
-                       "epoch": body.epoch, "evidence_size": len(body.evidence), "evidence": body.evidence.hex()}
-    elif entry.kind == KIND_PAYOUT:
-        receipt, claim = entry.body.receipt, entry.body.receipt.claim
-        out["body"] = {
-            "paid_to": peer_id_b58(claim.peer),
-            "micro_credits": entry.body.amount,
-            "credits": credits_text(entry.body.amount),
-            "claim": {
-                "run_id": claim.run_id.hex(),
-                "publisher": peer_id_b58(claim.publisher),
-                "epoch": claim.epoch,
-                "peer": peer_id_b58(claim.peer),
-                "samples": claim.samples,
-                "group_id": claim.group_id.hex(),
-                "work_digest": claim.work_digest.hex(),
-            },
-            "claimant_signature": receipt.claimant_signature.hex(),
-            "witnesses": [{"peer": peer_id_b58(w.witness), "signature": w.signature.hex()} for w in receipt.witnesses],
-        }
-    out["raw"] = entry.wire.hex()
-    return out
 
 
 # ---- balance, history, top -------------------------------------------------------------------------
@@ -166,19 +94,7 @@ def history(peer: str, from_seq: int, limit: int, data_dir: str | None, as_json:
     """Entries signed by PEER, in chain order."""
     public_key = _peer(peer)
     with _open(data_dir) as store:
-        entries = store.chain(public_key, from_seq, limit)
-        counted = store.counted_payouts_by(public_key)
-    rows = []
-    for e in entries:
-        row: dict[str, Any] = {"seq": e.seq, "id": e.id.hex(), "kind": e.kind, "timestamp": e.timestamp,
-                               "time": _time(e.timestamp)}
-        if e.kind == KIND_PAYOUT:
-            claim = e.body.receipt.claim
-            row.update(run_id=claim.run_id.hex(), epoch=claim.epoch, samples=claim.samples, paid_to=peer_id_b58(claim.peer),
-                       micro_credits=e.body.amount, credits=credits_text(e.body.amount), counted=e.id in counted)
-        elif e.kind == KIND_RUN_PUBLISH:
-            row.update(run_id=e.body.run_id.hex())
-        rows.append(row)
+        rows = history_rows(store, public_key, from_seq, limit)
 
     def render(rs: list) -> None:
         print_table(
@@ -189,32 +105,6 @@ def history(peer: str, from_seq: int, limit: int, data_dir: str | None, as_json:
         )
 
     emit(rows, as_json, render)
-
-
-@ledger.command("audits")
-@click.argument("run", required=False)
-@data_dir_option
-@json_option
-def audits(run: str | None, data_dir: str | None, as_json: bool) -> None:
-    """Failed audits (of RUN, a run id, or of every run): whose payouts in which run were clawed back."""
-    run_id = None
-    if run is not None:
-        try:
-            run_id = bytes.fromhex(run)
-        except ValueError:
-            run_id = b""
-        if len(run_id) != 32:
-            raise UsageError(f"RUN must be a 64-digit hex run id, got {run[:80]!r}")
-    with _open(data_dir) as store:
-        found = store.audits(run_id)
-        clawed = {a.peer: store.balance(a.peer).clawed_back for a in found}
-    rows = [{"id": a.entry_id.hex(), "time": _time(a.timestamp), "auditor": peer_id_b58(a.auditor),
-             "run_id": a.run_id.hex(), "peer": peer_id_b58(a.peer), "epoch": a.epoch, "payout_id": a.payout_id.hex(),
-             "peer_clawed_back_micro_credits": clawed[a.peer]} for a in found]
-    emit(rows, as_json, lambda rs: print_table(
-        "Failed audits", ("id", "time", "run", "peer", "epoch", "auditor", "peer's clawed back"),
-        [(r["id"][:16], r["time"], r["run_id"][:16], r["peer"], r["epoch"], r["auditor"],
-          credits_text(r["peer_clawed_back_micro_credits"])) for r in rs]))
 
 
 @ledger.command("top")
@@ -245,20 +135,8 @@ def top(limit: int, data_dir: str | None, as_json: bool) -> None:
 @json_option
 def show(entry_id: str, data_dir: str | None, as_json: bool) -> None:
     """One entry, decoded (ENTRY_ID: hex, or a unique prefix of at least 8 hex digits)."""
-    text = entry_id.strip().lower()
-    if len(text) < MIN_ID_PREFIX_HEX or len(text) > 64:
-        raise UsageError(f"ENTRY_ID: give {MIN_ID_PREFIX_HEX} to 64 hex digits")
-    try:
-        lowest = bytes.fromhex(text if len(text) % 2 == 0 else text + "0")  # the smallest id with this prefix
-    except ValueError:
-        raise UsageError("ENTRY_ID: not hexadecimal") from None
     with _open(data_dir) as store:
-        candidates = [i for i in store.ids_in_range(lowest, None, limit=2) if i.hex().startswith(text)]
-        if not candidates:
-            raise NotFound(f"no entry {text} in this replica")
-        if len(candidates) > 1:
-            raise UsageError(f"ENTRY_ID {text} is ambiguous: give more digits")
-        entry = store.get(candidates[0])
+        entry = find_entry(store, entry_id)
     data = entry_json(entry)
 
     def render(d: dict) -> None:
@@ -269,7 +147,8 @@ def show(entry_id: str, data_dir: str | None, as_json: bool) -> None:
             rows += [("run_id", body["run_id"]), ("manifest", f"{body['manifest_size']} bytes"),
                      ("rate", f"{credits_text(policy['rate_micro_per_sample'])} credits/sample"),
                      ("quorum", policy["quorum"]), ("issuers", ", ".join(policy["issuers"]) or "-"),
-                     ("max epochs", policy["max_epochs"] or "no end"), ("epoch cap", f"{policy['epoch_cap_samples']} samples"),
+                     ("max epochs", policy["max_epochs"] or "no end"),
+                     ("epoch cap", f"{policy['epoch_cap_samples']} samples"),
                      ("budget", credits_text(policy["budget_micro_credits"]) if policy["budget_micro_credits"] else "none")]
         elif d["kind"] == KIND_PAYOUT:
             claim = body["claim"]
@@ -279,6 +158,32 @@ def show(entry_id: str, data_dir: str | None, as_json: bool) -> None:
         print_fields(f"Entry {d['id'][:16]}", rows)
 
     emit(data, as_json, render)
+
+
+@ledger.command("audits")
+@click.argument("run", required=False)
+@data_dir_option
+@json_option
+def audits(run: str | None, data_dir: str | None, as_json: bool) -> None:
+    """Failed audits (of RUN, a run id, or of every run): whose payouts in which run were clawed back."""
+    run_id = None
+    if run is not None:
+        try:
+            run_id = bytes.fromhex(run)
+        except ValueError:
+            run_id = b""
+        if len(run_id) != 32:
+            raise UsageError(f"RUN must be a 64-digit hex run id, got {run[:80]!r}")
+    with _open(data_dir) as store:
+        found = store.audits(run_id)
+        clawed = {a.peer: store.balance(a.peer).clawed_back for a in found}
+    rows = [{"id": a.entry_id.hex(), "time": _time(a.timestamp), "auditor": peer_id_b58(a.auditor),
+             "run_id": a.run_id.hex(), "peer": peer_id_b58(a.peer), "epoch": a.epoch, "payout_id": a.payout_id.hex(),
+             "peer_clawed_back_micro_credits": clawed[a.peer]} for a in found]
+    emit(rows, as_json, lambda rs: print_table(
+        "Failed audits", ("id", "time", "run", "peer", "epoch", "auditor", "peer's clawed back"),
+        [(r["id"][:16], r["time"], r["run_id"][:16], r["peer"], r["epoch"], r["auditor"],
+          credits_text(r["peer_clawed_back_micro_credits"])) for r in rs]))
 
 
 @ledger.command("runs")
@@ -333,10 +238,6 @@ def verify(data_dir: str | None, as_json: bool) -> None:
         raise LedgerInvalid(f"ledger verification failed: {len(report.problems)} problem(s) in {report.entries} entries")
 
 
-EXPORT_CSV_COLUMNS = ("id", "author", "seq", "prev", "timestamp", "kind", "run_id", "epoch", "samples",
-                      "micro_credits", "raw")
-
-
 @ledger.command("export")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -347,32 +248,13 @@ def export(fmt: str, output: str | None, data_dir: str | None) -> None:
     with _open(data_dir) as store:
         sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
         try:
-            _export(store, fmt, sink)
+            export_entries(store, fmt, sink)
         except BrokenPipeError:
             # the reader went away (`p2pc ledger export | head`): stop quietly, as other CLI tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         finally:
             if output:
                 sink.close()
-
-
-def _export(store: Store, fmt: str, sink) -> None:
-    writer = csv.writer(sink) if fmt == "csv" else None
-    if writer is not None:
-        writer.writerow(EXPORT_CSV_COLUMNS)
-    for _n, _entry_id, raw in store.iter_raw():
-        entry = Entry.from_wire(raw)
-        if writer is None:
-            sink.write(json.dumps(entry_json(entry), sort_keys=True) + "\n")
-            continue
-        claim = entry.body.receipt.claim if entry.kind == KIND_PAYOUT else None
-        run_id = claim.run_id if claim else entry.body.run_id
-        writer.writerow((
-            entry.id.hex(), peer_id_b58(entry.author), entry.seq, entry.prev.hex(), entry.timestamp, entry.kind,
-            run_id.hex(), claim.epoch if claim else "", claim.samples if claim else "",
-            entry.body.amount if claim else "", raw.hex(),
-        ))
-    sink.flush()
 
 
 @ledger.command("sync")

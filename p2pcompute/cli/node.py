@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -86,7 +87,7 @@ def node_status(data_dir, as_json) -> None:
         rows = [
             ("peer id", r["peer_id"]),
             ("role", r["role"]),
-            ("status", r["status"]),
+            ("status", r["status"] + (" (paused by the owner: p2pc node resume)" if r.get("paused") else "")),
             ("uptime", f"{r['uptime_s']:.0f} s"),
             ("peers known", r["peers_known"]),
             ("current run", r["current_run"] or "-"),
@@ -124,6 +125,59 @@ def node_stop(data_dir) -> None:
     """Ask the running node to shut down cleanly."""
     ControlClient(resolve_data_dir(data_dir)).call("shutdown", {})
     console.print("stopping")
+
+
+@node.command("pause")
+@data_dir_option
+@json_option
+def node_pause(data_dir, as_json) -> None:
+    """Pause training: the node leaves its averaging group after the current step (until `p2pc node resume`)."""
+    _hold(data_dir, as_json, "pause")
+
+
+@node.command("resume")
+@data_dir_option
+@json_option
+def node_resume(data_dir, as_json) -> None:
+    """Resume training after `p2pc node pause` (the idle policy and schedule still apply)."""
+    _hold(data_dir, as_json, "resume")
+
+
+def _hold(data_dir, as_json, what: str) -> None:
+    """POST pause or resume; prints the supervisor's state after it."""
+    report = ControlClient(resolve_data_dir(data_dir)).call(what, {})
+    emit(report, as_json, lambda r: console.print(f"{what}d: {r['pause_reason'] or r['reason']}", highlight=False))
+
+
+@node.command("dashboard")
+@data_dir_option
+@click.option("--no-browser", is_flag=True, help="Only print the link, even where a browser could be opened.")
+@json_option
+def node_dashboard(data_dir, no_browser, as_json) -> None:
+    """Print a one-time login link to the node's web page, and open it in a browser if there is one."""
+    link = ControlClient(resolve_data_dir(data_dir)).call("auth/login-code", {})
+    opened = not (no_browser or as_json) and _open_browser(link["url"])
+
+    def render(r: dict) -> None:
+        console.print(f"the node's page (the link logs you in once, within {r['expires_in_s']:.0f} s):")
+        click.echo(r["url"])
+        if r["opened"]:
+            console.print("opened in your browser")
+
+    emit(dict(link, opened=opened), as_json, render)
+
+
+def _open_browser(url: str) -> bool:
+    """Open `url` in a graphical browser if this session has a display; never fails (a text browser would take
+    over the terminal, so none is started without a display)."""
+    import webbrowser
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    try:
+        return bool(webbrowser.open(url, new=2))
+    except (webbrowser.Error, OSError):
+        return False
 
 
 @node.command("id")

@@ -205,6 +205,22 @@ class Store:
         )
         return [schema.decode_stored(raw, entry_id) for entry_id, raw in rows]
 
+    def run_entries(self, run_id: bytes, limit: int = 1000) -> list[Entry]:
+        """The run.publish, payout and audit entries of run `run_id` (any publisher), in arrival order."""
+        rows = self._query(
+            "SELECT id, raw FROM entries WHERE n IN (SELECT n FROM runs WHERE run_id = ?"
+            " UNION ALL SELECT n FROM payouts WHERE run_id = ? UNION ALL SELECT n FROM audits WHERE run_id = ?)"
+            " ORDER BY n LIMIT ?", (run_id, run_id, run_id, limit)
+        )
+        return [schema.decode_stored(raw, entry_id) for entry_id, raw in rows]
+
+    def payouts_to(self, peer: bytes, limit: int = 10_000) -> list[tuple[Entry, bool]]:
+        """The payouts to `peer`, oldest first, each with whether it counts (not clawed back, issuer not forked)."""
+        counted = {r[0] for r in self._query(f"SELECT n FROM ({derived.COUNTED_PAYOUTS} AND p.peer = ?)", (peer,))}
+        rows = self._query("SELECT e.n, e.id, e.raw FROM payouts p JOIN entries e ON e.n = p.n WHERE p.peer = ?"
+                           " ORDER BY e.n LIMIT ?", (peer, limit))
+        return [(schema.decode_stored(raw, entry_id), n in counted) for n, entry_id, raw in rows]
+
     def iter_raw(self, batch: int = 1000) -> Iterator[tuple[int, bytes, bytes]]:
         """(arrival number, id, raw) of every entry in arrival order, read in pages: dependencies always
         come before what depends on them."""

@@ -8,11 +8,12 @@ from typing import Callable
 
 from p2pcompute import __version__
 from p2pcompute.config import NodeConfig
-from p2pcompute.errors import InvalidManifest, UsageError
+from p2pcompute.errors import ControlAPIError, InvalidManifest, InvalidMessage, UsageError
 from p2pcompute.identity import Identity
 from p2pcompute.node.announcer import PeerAnnouncer
-from p2pcompute.node.control import ControlServer
+from p2pcompute.node.control_server import ControlServer
 from p2pcompute.node.hardware import Hardware
+from p2pcompute.node.history import RunHistory
 from p2pcompute.node.ledger_host import LedgerHost
 from p2pcompute.node.pacing import PublishPacing
 from p2pcompute.node.selection import check_run_ref, find_run
@@ -23,6 +24,12 @@ MAX_TOP_LIMIT = 1000  # leaderboard rows one request may ask for
 MAX_MANIFEST_HEX = 2 * 64 * 1024  # a manifest is at most 64 KiB, sent as hex
 LEDGER_SYNC_TIMEOUT = 120.0  # seconds for one reconciliation asked for through the API
 DEFAULT_CHECKPOINT_TIMEOUT = 60.0  # seconds to wait for a peer's state when the caller gives none
+MAX_ENTRIES_LIMIT = 500  # ledger entries one explorer request may ask for: a page of a table, not an export
+DEFAULT_ENTRIES_LIMIT = 50
+MAX_CREDIT_ENTRIES = 10_000  # own entries read for the balance-over-time chart (a year of hourly epochs)
+RECENT_RECEIPTS = 50  # payouts to this node listed on the credits view, newest first
+LIVE_HISTORY_TAIL = 20  # epochs of history in each live update; a page loads the rest once (GET history)
+MAX_VERIFY_PROBLEMS = 100  # problems listed by POST ledger/verify; the count is always complete
 
 
 class ControlAPI:
@@ -31,8 +38,10 @@ class ControlAPI:
 
     def __init__(self, *, role: str, config: NodeConfig, identity: Identity, hardware: Hardware, shared: SharedDHT,
                  announcer: PeerAnnouncer, ledger: LedgerHost, supervisor: TrainingSupervisor | None,
-                 pacing: PublishPacing, clock: Callable[[], float], request_stop: Callable[[], None]):
+                 pacing: PublishPacing, clock: Callable[[], float], request_stop: Callable[[], None],
+                 history: RunHistory | None = None, open_claims: Callable[[], list[dict]] | None = None):
         self.role = role
+        self.open_claims = open_claims  # node.run_credits.RunCredits.open_claims, when this node trains
         self.config = config
         self.identity = identity
         self.hardware = hardware
@@ -43,6 +52,7 @@ class ControlAPI:
         self.pacing = pacing
         self.clock = clock
         self.request_stop = request_stop
+        self.history = history
 
     def add_routes(self, control: ControlServer) -> None:
         control.route("GET", "status", lambda _args: self.status())
@@ -55,6 +65,13 @@ class ControlAPI:
         control.route("POST", "runs/status", self.run_status)
         control.route("POST", "runs/checkpoint", self.run_checkpoint)
         control.route("POST", "shutdown", lambda _args: (self.request_stop(), "stopping")[1])
+        control.route("POST", "pause", self.pause)
+        control.route("POST", "resume", self.resume)
+        control.route("POST", "auth/login-code", lambda _args: login_link(control))
+        control.route("GET", "history", self.run_history)
+        control.route("GET", "credits", self.credits)
+        control.route("GET", "ledger/entries", self.ledger_entries)
+        control.route("POST", "ledger/verify", self.ledger_verify)
 
     # ---- the node ------------------------------------------------------------------------------
 
@@ -75,15 +92,110 @@ class ControlAPI:
             "ledger_entries": store.count() if store is not None else None,
             "device": self.hardware.device,
             "device_name": self.hardware.device_name,
+            "memory_bytes": self.hardware.memory_bytes,
+            "schedule": self.config.schedule,
+            "paused": self.supervisor.paused if self.supervisor is not None else False,
             "data_dir": str(self.config.data_dir),
             "pid": os.getpid(),
         }
+
+    def pause(self, _args: dict) -> dict:
+        """The owner's pause: training stops (the trainer leaves its group cleanly) until `resume`."""
+        self._trainer_supervisor().pause()
+        return self._trainer_supervisor().status()
+
+    def resume(self, _args: dict) -> dict:
+        self._trainer_supervisor().resume()
+        return self._trainer_supervisor().status()
+
+    def _trainer_supervisor(self):
+        if self.supervisor is None:
+            raise ControlAPIError(f"this {self.role} does not train (started with --no-train?): nothing to pause")
+        return self.supervisor
+
+    def live(self) -> dict:
+        """One live update of the page (GET /api/events): the node, the peers it knows (no DHT lookup: the
+        announcer's last list) and the newest epochs of the run it trains."""
+        me = self.identity.peer_id.to_bytes()
+        return {"status": self.status(),
+                "peers": [dict(p.to_json(), self=p.peer_id == me) for p in self.announcer.known_peers],
+                "run": self.history.snapshot(tail=LIVE_HISTORY_TAIL) if self.history is not None else None}
+
+    def run_history(self, _args: dict) -> dict | None:
+        """Every epoch point this node recorded of the run it trains (or last trained); None before any run."""
+        return self.history.snapshot() if self.history is not None else None
 
     def peers(self, _args: dict) -> list[dict]:
         me = self.identity.peer_id.to_bytes()
         return [dict(p.to_json(), self=p.peer_id == me) for p in self.announcer.fetch_peers()]
 
     # ---- the local ledger ----------------------------------------------------------------------
+
+    def credits(self, _args: dict) -> dict:
+        """This node's balance, its balance over time (counted payouts to it, oldest first), its newest payouts, and
+        its open claims (awaiting witnesses or the issuer)."""
+        from p2pcompute.ledger.views import credits_text, entry_row
+
+        store, me = self.ledger.store, self.identity.public_key
+        balance = store.balance(me)
+        payouts = [dict(entry_row(e), counted=counted) for e, counted in store.payouts_to(me, MAX_CREDIT_ENTRIES)]
+        series, total = [], 0
+        for r in sorted((r for r in payouts if r["counted"]), key=lambda r: r["timestamp"]):
+            total += r["micro_credits"]
+            series.append([r["timestamp"], total])
+        return {"peer_id": self.identity.peer_id_b58, "micro_credits": balance.credits,
+                "credits": credits_text(balance.credits), "samples": balance.samples, "receipts": balance.receipts,
+                "clawed_back_micro_credits": balance.clawed_back,
+                "series": series, "recent_receipts": payouts[::-1][:RECENT_RECEIPTS],
+                "pending_claims": self.open_claims() if self.open_claims is not None else None}
+
+    def ledger_entries(self, args: dict) -> dict:
+        """The explorer: entries by `id` (a unique prefix of 8+ hex digits), by `peer` (its chain, from `from_seq`)
+        or by `run` (its publication and receipts), each with its signature check; at most `limit`."""
+        from p2pcompute.identity import parse_peer_id
+        from p2pcompute.ledger.views import entry_json, entry_row, find_entry, signature_status
+
+        limit = _int_arg(args, "limit", DEFAULT_ENTRIES_LIMIT, 1, MAX_ENTRIES_LIMIT)
+        asked = [k for k in ("id", "peer", "run") if args.get(k)]
+        if len(asked) != 1:
+            raise UsageError("give exactly one of id, peer or run")
+        key, value = asked[0], args[asked[0]]
+        if not isinstance(value, str) or len(value) > 128:
+            raise UsageError(f"{key} must be a short string")
+        store, counted = self.ledger.store, None
+        if key == "id":
+            entries = [find_entry(store, value)]
+        elif key == "peer":
+            try:
+                author = parse_peer_id(value.strip())
+            except InvalidMessage as e:
+                raise UsageError(f"peer: {e}") from None
+            entries = store.chain(author, _int_arg(args, "from_seq", 0, 0, 1 << 62), limit)
+            counted = store.counted_receipts(author)
+        else:
+            text = value.strip().lower()
+            try:
+                run_id = bytes.fromhex(text)
+            except ValueError:
+                run_id = b""
+            if len(run_id) != 32:
+                raise UsageError("run must be a run id: 64 hex digits")
+            entries = store.run_entries(run_id, limit)
+        rows = [dict(entry_row(e, counted), verify=signature_status(e)) for e in entries]
+        if key == "id":
+            rows[0]["entry"] = entry_json(entries[0])
+        return {"query": {key: value}, "entries": rows}
+
+    def ledger_verify(self, _args: dict) -> dict:
+        """`p2pc ledger verify` on this node's replica: every entry, chain and receipt, and the derived tables."""
+        from p2pcompute.identity import peer_id_b58
+        from p2pcompute.ledger.verify import verify_store
+
+        report = verify_store(self.ledger.store)
+        return {"ok": report.ok, "entries": report.entries, "problem_count": len(report.problems),
+                "problems": [{"entry": p.entry_id.hex() if p.entry_id else None, "reason": p.reason}
+                             for p in report.problems[:MAX_VERIFY_PROBLEMS]],
+                "equivocators": [peer_id_b58(a) for a in report.equivocators]}
 
     def ledger_top(self, args: dict) -> list[dict]:
         """The leaderboard of this replica (what `p2pc ledger top` reads from the file)."""
@@ -211,3 +323,21 @@ class ControlAPI:
         timeout = float(args.get("timeout", DEFAULT_CHECKPOINT_TIMEOUT))
         epoch = fetch_checkpoint(self.shared.dht, signed.manifest, path, timeout=timeout)
         return {"path": path, "epoch": epoch, "source": "a peer"}
+
+
+def _int_arg(args: dict, name: str, default: int, lo: int, hi: int) -> int:
+    """An integer argument from a JSON body or a query string (then a decimal string), within [lo, hi]."""
+    value = args.get(name, default)
+    if isinstance(value, str) and value.isdigit() and len(value) <= 20:
+        value = int(value)
+    if type(value) is not int or not lo <= value <= hi:
+        raise UsageError(f"{name} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def login_link(control: ControlServer) -> dict:
+    """A one-time login link to the node's page (what `p2pc node dashboard` prints)."""
+    from p2pcompute.node.web_auth import LOGIN_CODE_TTL
+
+    code = control.auth.new_login_code()
+    return {"url": f"http://127.0.0.1:{control.port}/login?code={code}", "expires_in_s": LOGIN_CODE_TTL}

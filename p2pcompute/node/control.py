@@ -1,31 +1,22 @@
-"""The node's control API: HTTP+JSON on 127.0.0.1 only, every request carrying the token kept in the data dir."""
+"""Reaching the node's control API: its endpoint and token files in the data dir, and the client the CLI uses
+(the server is node/control_server.py; the CLI does not load it)."""
 
 from __future__ import annotations
 
-import contextlib
-import hmac
 import http.client
 import json
-import logging
 import os
 import secrets
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
 
-from p2pcompute.errors import ControlAPIError, NodeNotRunning, P2PCError
-
-logger = logging.getLogger(__name__)
+from p2pcompute.errors import ControlAPIError, NodeNotRunning
 
 TOKEN_FILENAME = "control.token"
 ENDPOINT_FILENAME = "control.json"
 CONTROL_HOST = "127.0.0.1"  # never anything else: the API controls the node
 MAX_REQUEST_BODY = 64 * 1024  # control requests are small JSON objects
 CLIENT_TIMEOUT = 15.0  # seconds; the slowest call (peers) does one bounded DHT traversal
-
-Handler = Callable[[dict], Any]
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -52,112 +43,6 @@ def load_or_create_token(data_dir: Path) -> str:
     token = secrets.token_urlsafe(32)
     write_private(path, token.encode())
     return token
-
-
-class ControlServer:
-    """Routes GET/POST /api/<name> to handlers; `start()` serves in a thread, `shutdown()` stops it."""
-
-    def __init__(self, data_dir: Path, token: str, port: int = 0):
-        self.data_dir = data_dir
-        self._token = token
-        self._routes: dict[tuple[str, str], Handler] = {}
-        self._pages: dict[str, Callable[[], str]] = {}
-        server = self
-
-        class _RequestHandler(BaseHTTPRequestHandler):
-            server_version = "p2pc-control"
-
-            def log_message(self, fmt: str, *args) -> None:
-                logger.debug("control API: " + fmt, *args)
-
-            def do_GET(self) -> None:
-                server._dispatch(self, "GET")
-
-            def do_POST(self) -> None:
-                server._dispatch(self, "POST")
-
-        self._httpd = ThreadingHTTPServer((CONTROL_HOST, port), _RequestHandler)
-        self._httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return self._httpd.server_address[1]
-
-    def route(self, method: str, name: str, handler: Handler) -> None:
-        self._routes[(method, name)] = handler
-
-    def page(self, path: str, render: Callable[[], str]) -> None:
-        self._pages[path] = render
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="control-api", daemon=True)
-        self._thread.start()
-        endpoint = {"host": CONTROL_HOST, "port": self.port, "pid": os.getpid()}
-        write_private(self.data_dir / ENDPOINT_FILENAME, json.dumps(endpoint).encode())
-
-    def shutdown(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.data_dir / ENDPOINT_FILENAME).unlink()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _authorized(self, request: BaseHTTPRequestHandler, query: dict) -> bool:
-        header = request.headers.get("Authorization", "")
-        supplied = header[len("Bearer "):] if header.startswith("Bearer ") else query.get("token", [""])[0]
-        return hmac.compare_digest(supplied.encode(), self._token.encode())
-
-    def _dispatch(self, request: BaseHTTPRequestHandler, method: str) -> None:
-        url = urlsplit(request.path)
-        query = parse_qs(url.query)
-        if not self._authorized(request, query):
-            return self._reply(request, 401, {"error": "missing or wrong control token"})
-        if method == "GET" and url.path in self._pages:
-            body = self._pages[url.path]().encode()
-            request.send_response(200)
-            request.send_header("Content-Type", "text/html; charset=utf-8")
-            request.send_header("Content-Length", str(len(body)))
-            request.end_headers()
-            request.wfile.write(body)
-            return None
-        if not url.path.startswith("/api/"):
-            return self._reply(request, 404, {"error": f"no such endpoint {url.path}"})
-        handler = self._routes.get((method, url.path[len("/api/"):]))
-        if handler is None:
-            return self._reply(request, 404, {"error": f"no such endpoint {method} {url.path}"})
-        args: dict = {}
-        if method == "POST":
-            try:
-                length = int(request.headers.get("Content-Length", "0"))
-            except ValueError:
-                return self._reply(request, 400, {"error": "bad Content-Length"})
-            if not 0 <= length <= MAX_REQUEST_BODY:
-                return self._reply(request, 413, {"error": f"request body over {MAX_REQUEST_BODY} bytes"})
-            try:
-                args = json.loads(request.rfile.read(length) or b"{}")
-            except (ValueError, UnicodeDecodeError):
-                return self._reply(request, 400, {"error": "request body is not JSON"})
-            if not isinstance(args, dict):
-                return self._reply(request, 400, {"error": "request body must be a JSON object"})
-        try:
-            result = handler(args)
-        except P2PCError as e:
-            return self._reply(request, 400, {"error": str(e), "exit_code": e.exit_code})
-        except Exception as e:  # a bug in a handler must not kill the API thread; report it to the caller
-            logger.exception("control API handler %s failed", url.path)
-            return self._reply(request, 500, {"error": f"internal error: {type(e).__name__}: {e}"})
-        return self._reply(request, 200, {"result": result})
-
-    @staticmethod
-    def _reply(request: BaseHTTPRequestHandler, status: int, payload: dict) -> None:
-        body = json.dumps(payload, default=str).encode()
-        request.send_response(status)
-        request.send_header("Content-Type", "application/json")
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        request.wfile.write(body)
 
 
 class ControlClient:

@@ -14,7 +14,10 @@ from p2pcompute.identity import Identity
 from p2pcompute.node import hardware
 from p2pcompute.node.announcer import PeerAnnouncer
 from p2pcompute.node.api import ControlAPI
-from p2pcompute.node.control import ControlServer, load_or_create_token, write_private
+from p2pcompute.node.control import load_or_create_token, write_private
+from p2pcompute.node.control_server import ControlServer
+from p2pcompute.node.dashboard import Dashboard
+from p2pcompute.node.history import RunHistory
 from p2pcompute.node.instance_lock import InstanceLock
 from p2pcompute.node.ledger_host import LedgerHost
 from p2pcompute.node.pacing import PublishPacing
@@ -51,6 +54,7 @@ class Node:
         self.ledger = LedgerHost(config.data_dir, config.sync_interval, config.startup_timeout)
         self.credits: RunCredits | None = None
         self.supervisor: TrainingSupervisor | None = None
+        self.history: RunHistory | None = None
         self.api: ControlAPI | None = None
         self.control: ControlServer | None = None
         self._stop = threading.Event()
@@ -84,16 +88,21 @@ class Node:
                                         trainer_started=self.credits.trainer_started,
                                         trainer_stopped=self.credits.trainer_stopped)
                 self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks)
+                self.history = RunHistory(self.supervisor, self.shared, clock=self.clock)
             self.api = ControlAPI(role=self.role, config=config, identity=self.identity, hardware=self.hardware,
                                   shared=self.shared, announcer=self.announcer, ledger=self.ledger,
                                   supervisor=self.supervisor, pacing=PublishPacing(self.hardware.device, self.maddrs),
-                                  clock=self.clock, request_stop=self.request_stop)
-            self.control = ControlServer(config.data_dir, load_or_create_token(config.data_dir), config.control_port)
+                                  clock=self.clock, request_stop=self.request_stop, history=self.history,
+                                  open_claims=self.credits.open_claims if self.credits is not None else None)
+            self.control = ControlServer(config.data_dir, load_or_create_token(config.data_dir), config.control_port,
+                                         clock=self.clock)
             self.api.add_routes(self.control)
+            Dashboard(self.control, self.api.live, self._export_ledger).mount()
             self.control.start()
             write_private(config.data_dir / MULTIADDRS_FILENAME, ("\n".join(self.maddrs) + "\n").encode())
             if self.supervisor is not None:
                 self.supervisor.start()
+                self.history.start()
         except BaseException:
             self.shutdown()
             raise
@@ -102,6 +111,9 @@ class Node:
 
     def shutdown(self) -> None:
         self._stop.set()  # from here on the peer record no longer follows training state changes
+        if self.history is not None:
+            self.history.shutdown()
+            self.history = None
         if self.supervisor is not None:
             self.supervisor.shutdown()  # leaves the averaging group cleanly first
             self.supervisor = None
@@ -135,6 +147,11 @@ class Node:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _export_ledger(self, fmt: str, sink) -> None:
+        from p2pcompute.ledger.views import export
+
+        export(self.ledger.store, fmt, sink)
 
     def status_report(self) -> dict:
         """What `p2pc node status` shows (the control API's GET status)."""

@@ -41,6 +41,11 @@ class RunCredits:
 
         return payload
 
+    def open_claims(self) -> list[dict]:
+        """The open claims of the run being (or last) trained, for `node status` and the page."""
+        service = self.service
+        return service.open_claims() if service is not None else []
+
     def trainer_started(self, trainer, signed: "SignedManifest") -> None:
         from p2pcompute.services.credits import CreditsService
 

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 SELECT_PERIOD = 5.0  # seconds between looks for a run while the node has none
 TRAINER_POLL_PERIOD = 1.0  # seconds between looks at the running trainer (status, re-announcing the run)
 SHUTDOWN_TIMEOUT = 120.0  # seconds for the supervisor's thread to end (a trainer leaving its group cleanly)
+OWNER_PAUSE_REASON = "paused by the owner"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,12 @@ class TrainingSupervisor:
         self._finished: set[bytes] = set()
         self._final_checkpoints: dict[bytes, Path] = {}  # run id -> the parameters when the run ended here
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set on stop, pause and resume: the thread looks again at once
         self._thread: threading.Thread | None = None
         self._next_announce = 0.0
+        self._pause_lock = threading.Lock()
+        self._owner_pause: str | None = None  # set by pause(): holds whatever the idle policy says
+        self._idle_pause: str | None = None  # set by the idle watcher (schedule, GPU busy)
 
     def start(self) -> "TrainingSupervisor":
         self._thread = threading.Thread(target=self._run, name="training-supervisor", daemon=True)
@@ -67,6 +72,7 @@ class TrainingSupervisor:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=SHUTDOWN_TIMEOUT)
         self._stop_trainer()
@@ -74,13 +80,55 @@ class TrainingSupervisor:
     # ---- what the node may ask -----------------------------------------------------------------
 
     def status(self) -> dict:
-        out = {"reason": self._reason, "run": None, "trainer": None, "idle": None}
+        out = {"reason": self._reason, "run": None, "trainer": None, "idle": None, "paused": self.paused,
+               "pause_reason": self._owner_pause}
         if self._signed is not None and self._trainer is not None:
             out["run"] = {"run_id": self._signed.run_id.hex(), "name": self._signed.manifest.name}
             out["trainer"] = self._trainer.status().to_json()
         if self._watcher is not None:
             out["idle"] = {"train": self._watcher.decision.train, "reason": self._watcher.decision.reason}
         return out
+
+    @property
+    def paused(self) -> bool:
+        """True while the owner has paused training (`pause()`), whatever the idle policy says."""
+        return self._owner_pause is not None
+
+    def pause(self, reason: str = OWNER_PAUSE_REASON) -> None:
+        """The owner's pause: the trainer leaves its averaging group after the current step and waits; no run is
+        joined until `resume()`. Kept in memory only: a restarted node trains again."""
+        with self._pause_lock:
+            self._owner_pause = reason
+            self._apply_pauses()
+        self._wake.set()
+
+    def resume(self) -> None:
+        """Undo `pause()`: training goes on unless the idle policy holds it."""
+        with self._pause_lock:
+            self._owner_pause = None
+            self._apply_pauses()
+        self._wake.set()
+
+    def _set_idle_pause(self, reason: str | None) -> None:
+        with self._pause_lock:
+            self._idle_pause = reason
+            self._apply_pauses()
+
+    def _apply_pauses(self) -> None:
+        """The trainer runs only when neither the owner nor the idle policy holds it (caller holds _pause_lock)."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        reason = self._owner_pause or self._idle_pause
+        if reason is not None:
+            trainer.pause(reason)
+        else:
+            trainer.resume()
+
+    def current(self) -> tuple["SignedManifest | None", Any]:
+        """(the run, its Trainer) being trained now, or (None, None)."""
+        trainer, signed = self._trainer, self._signed
+        return (signed, trainer) if trainer is not None else (None, None)
 
     def trainer_for(self, run_id: bytes):
         """Our running Trainer if it trains `run_id`, else None."""
@@ -103,7 +151,8 @@ class TrainingSupervisor:
                 if self._signed is not None:
                     self._finished.add(self._signed.run_id)
                 self._stop_trainer()
-            self._stop.wait(self.period if self._trainer is None else TRAINER_POLL_PERIOD)
+            self._wake.wait(self.period if self._trainer is None else TRAINER_POLL_PERIOD)
+            self._wake.clear()
 
     def _tick(self) -> None:
         from p2pcompute.swarm.dht import dht_time
@@ -128,6 +177,10 @@ class TrainingSupervisor:
             return
         from p2pcompute.swarm.runs import fetch_runs
 
+        if self._owner_pause is not None:  # no new run while the owner holds training
+            self._reason = self._owner_pause
+            self.hooks.state_changed("paused", b"")
+            return
         with self.shared.held() as dht:
             runs = fetch_runs(dht)
         signed, self._reason = choose_run(runs, self.hardware.device, self.hardware.memory_bytes, self.config.run,
@@ -154,7 +207,9 @@ class TrainingSupervisor:
         policy = IdlePolicy(max_other_utilization=config.idle_gpu_util, max_memory_fraction=config.max_memory_fraction,
                             schedule=parse_schedule(config.schedule))
         gpu_index = 0 if str(self._trainer.device).startswith("cuda") else None
-        self._watcher = IdleWatcher(self._trainer, policy, gpu_index).start()
+        self._watcher = IdleWatcher(_IdleSide(self), policy, gpu_index).start()
+        with self._pause_lock:
+            self._apply_pauses()  # paused by the owner while this trainer started
         self._reason = "training"
         self._next_announce = 0.0
 
@@ -162,8 +217,23 @@ class TrainingSupervisor:
         if self._watcher is not None:
             self._watcher.shutdown()
             self._watcher = None
+        self._idle_pause = None  # the next trainer gets a watcher of its own
         if self._trainer is not None:
             trainer, self._trainer = self._trainer, None
             trainer.shutdown()
             self.hooks.trainer_stopped(trainer)
         self.hooks.state_changed("idle", b"")
+
+
+class _IdleSide:
+    """What the idle watcher sees as its trainer: its pause/resume go through the supervisor, which also keeps
+    the owner's pause in force."""
+
+    def __init__(self, supervisor: TrainingSupervisor):
+        self._supervisor = supervisor
+
+    def pause(self, reason: str) -> None:
+        self._supervisor._set_idle_pause(reason or "paused by the idle policy")
+
+    def resume(self) -> None:
+        self._supervisor._set_idle_pause(None)

@@ -82,6 +82,12 @@ class CreditsService(Servicer):
             claims = [p["signed"].to_wire() for _, p in sorted(self._pending.items())[-MAX_CLAIMS_PER_PAYLOAD:]]
         return [self.trainer.status().epoch, claims]
 
+    def open_claims(self) -> list[dict]:
+        """Our claims not paid yet: epoch, samples, witness signatures so far, attempts at the issuer."""
+        with self._lock:
+            return [{"run_id": self.signed.run_id.hex(), "epoch": e, "samples": p["signed"].claim.samples,
+                     "witnesses": len(p["sigs"]), "hand_ins": p["hand_ins"]} for e, p in sorted(self._pending.items())]
+
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
