@@ -171,7 +171,7 @@ class ControlAPI:
             except InvalidMessage as e:
                 raise UsageError(f"peer: {e}") from None
             entries = store.chain(author, _int_arg(args, "from_seq", 0, 0, 1 << 62), limit)
-            counted = store.counted_receipts(author)
+            counted = store.counted_payouts_by(author)
         else:
             text = value.strip().lower()
             try:
