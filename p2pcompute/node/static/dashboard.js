@@ -257,8 +257,10 @@ async function loadCredits() {
     ["peer id", c.peer_id],
     ["balance", c.credits + " credits"],
     ["samples paid", c.samples],
-    ["receipts counted", c.receipts],
-    ["pending claims", c.pending_claims === null ? "not exposed by this node" : c.pending_claims.length],
+    ["payouts received", c.receipts],
+    ["clawed back by audits", (c.clawed_back_micro_credits / 1e6) + " credits"],
+    ["open claims", c.pending_claims === null ? "none (not training)" :
+      c.pending_claims.map((p) => "epoch " + p.epoch + ": " + p.witnesses + " witnesses").join(", ") || "none"],
   ]);
   lineChart($("balance-chart"), [{ cls: "s-balance", points: c.series.map(([t, micro]) => [t, micro / 1e6]) }],
     "time", "credits", (t) => new Date(t).toLocaleTimeString());
