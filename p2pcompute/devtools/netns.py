@@ -19,6 +19,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,11 @@ class NatTopology:
                 proc.stop(timeout=10)
         self.procs.clear()
         for namespace in reversed(self._namespaces):
+            # anything still running in a namespace we made is ours (a process group that escaped a stop, p2pd
+            # of a killed node): the namespace would outlive `ip netns del` while it runs
+            for pid in sh("ip", "netns", "pids", namespace, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             sh("ip", "netns", "del", namespace, check=False)
         self._namespaces.clear()
 

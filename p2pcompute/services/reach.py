@@ -143,6 +143,10 @@ class ReachabilityService(Servicer):
                 addr = Multiaddr(text)
             except Exception:  # the multiaddr parser raises assorted types on bad text
                 raise InvalidMessage(f"{text[:60]!r} is not a multiaddr") from None
+            if "p2p" in [p.name for p in addr.protocols()]:  # p2pd dials the transport part of an address
+                if addr.value_for_protocol("p2p") != PeerID(peer).to_base58():
+                    continue  # an address of another peer: never dialled
+                addr = addr.decapsulate(Multiaddr(f"/p2p/{addr.value_for_protocol('p2p')}"))
             if tcp_host(addr) in seen_from:
                 candidates.append(addr)
         if not candidates:
