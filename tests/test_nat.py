@@ -108,3 +108,27 @@ def test_nated_nodes_train_and_earn(nat):
         epochs = wait_until(paid, timeout=60, interval=3, what=f"{host}'s receipts (run took {elapsed:.0f} s)")
         assert epochs <= set(range(EPOCHS + 1))
         assert cli_json(nat, host, "node", "status")["credits"] > 0
+
+
+def test_verdict_and_modes(tmp_path):
+    """The pure parts: the verdict from dial-back answers, and the mode the config starts p2pd in."""
+    from p2pcompute.config import load_config
+    from p2pcompute.node.reachability import initial
+    from p2pcompute.services.reach import Answer, decide
+
+    assert decide([Answer("a", False, "refused"), Answer("b", True, "dialled x")], 3).state == "public"
+    private = decide([Answer("a", False, "none of your addresses is at 10.99.0.21")], 1)
+    assert private.state == "private" and "10.99.0.21" in private.reason
+    assert decide([], 2).state == "unknown" and decide([], 0).state == "unknown"
+    boot = "/ip4/10.99.0.10/tcp/1/p2p/12D3KooWDv3hsZNdFazqFFVWdcLdohqn5sPDYvRqdd68whhfLVxi"
+
+    def mode(role="node", **settings):
+        config = load_config(tmp_path, environ={}, overrides=dict(bootstrap=(boot,), **settings))
+        found, reachability = initial(config, role)
+        return found, reachability and reachability.state
+
+    assert mode() == ("auto", None)  # listening on every interface: checked at start
+    assert mode(listen=("/ip4/127.0.0.1/tcp/0",)) == ("local", "public")
+    assert mode(public=True) == ("public", "public") and mode(public=False) == ("local", "public")
+    assert mode(public="private") == ("private", "private")
+    assert mode(role="bootstrap") == ("public", "public")

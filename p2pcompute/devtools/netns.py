@@ -69,11 +69,14 @@ class NatTopology:
     """`start()` builds the namespaces (a context manager too); `shutdown()` stops every process started with
     `spawn()` (by PID group) and deletes every namespace, also after a failed start."""
 
-    def __init__(self, root: Path, routers: int = 2, prefix: str = NS_PREFIX):
+    def __init__(self, root: Path, routers: int = 2, prefix: str = NS_PREFIX, extra_public: int = 0):
         self.root = Path(root)
         self.suffix = secrets.token_hex(2)
         self.prefix = prefix + self.suffix
         self.routers = routers
+        # more public hosts, "pub2", "pub3", ... at 10.99.0.12, .13, ... (an all-public swarm to compare with)
+        self.public_hosts = dict(PUBLIC_HOSTS, **{f"pub{i + 2}": PUBLIC_HOSTS["pub"] + 1 + i
+                                                  for i in range(extra_public)})
         self.hosts: dict[str, Host] = {}
         self.procs: list[NodeProcess] = []
         self._namespaces: list[str] = []
@@ -106,9 +109,9 @@ class NatTopology:
             self.internet = self._ns("net")
             sh("ip", "-n", self.internet, "link", "add", "br0", "type", "bridge")
             sh("ip", "-n", self.internet, "link", "set", "br0", "up")
-            for name, octet in PUBLIC_HOSTS.items():
+            for name, octet in self.public_hosts.items():
                 namespace = self._ns(name)
-                self._to_internet(namespace, name[:2], f"{INTERNET}.{octet}")
+                self._to_internet(namespace, f"p{octet}", f"{INTERNET}.{octet}")
                 self.hosts[name] = Host(name, namespace, f"{INTERNET}.{octet}", behind_nat=False)
             for n in range(1, self.routers + 1):
                 self._add_router(n)
