@@ -47,7 +47,7 @@ def nat(tmp_path_factory):
         topology.shutdown()
 
 
-def cli_json(nat: NatTopology, host: str, *args: str, timeout: float = 60):
+def cli_json(nat: NatTopology, host: str, *args: str, timeout: float = 180):  # a CLI start takes ~60 s at load 17
     proc = nat.p2pc(host, *args, "--json", "--data-dir", str(nat.nodes[host].data_dir), timeout=timeout)
     assert proc.returncode == 0, f"p2pc {' '.join(args)} on {host} failed ({proc.returncode}): {proc.stderr}"
     return json.loads(proc.stdout)

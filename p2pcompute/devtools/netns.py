@@ -32,7 +32,7 @@ INTERNET = "10.99.0"  # the "public" /24; routers' LANs are 10.99.<router number
 ROUTER_WAN_BASE = 20  # router N is 10.99.0.(20+N) on the internet side
 PUBLIC_HOSTS = {"boot": 10, "pub": 11}  # public hosts and their last octet
 COMMAND_TIMEOUT = 30.0  # seconds for one `ip`/`iptables` command (they take milliseconds)
-CLI_TIMEOUT = 60.0  # seconds for one `p2pc` command run inside a namespace
+CLI_TIMEOUT = 180.0  # seconds for one `p2pc` command inside a namespace (~60 s seen on a 2-core box at load 17)
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
