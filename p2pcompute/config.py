@@ -123,6 +123,30 @@ class Boolean(Check):
         raise ValueError(f"{value!r} is not a boolean")
 
 
+REACHABILITY_MODES = ("auto", "public", "private", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reachability(Check):
+    """How the node treats its reachability: "auto" (checked at start by a dial-back from a public peer), or
+    forced: "public" (true, or the --public flag), "private" (a client behind NAT), "local" (false, or --local:
+    a loopback/LAN swarm without NAT traversal). From a string: one of those names or a boolean word."""
+
+    metavar = None  # the --public/--local flag pair; neither given: the file, environment or "auto"
+
+    def __call__(self, value: Any) -> str:
+        if isinstance(value, bool):
+            return "public" if value else "local"
+        if isinstance(value, str):
+            if value.lower() in REACHABILITY_MODES:
+                return value.lower()
+            try:
+                return self(Boolean()(value))
+            except ValueError:
+                pass
+        raise ValueError(f"{value!r} is not one of {', '.join(REACHABILITY_MODES)} (or true/false)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Text(Check):
     """A string of at most max_len characters."""
@@ -196,8 +220,11 @@ class NodeConfig:
                                         "multiaddrs announced to others (needed behind NAT or in containers)")
     bootstrap: tuple[str, ...] = setting("swarm", Multiaddrs(require_peer_id=True), (),
                                          "bootstrap peers' multiaddrs, each ending in /p2p/<peer id>")
-    public: bool = setting("swarm", Boolean(), False,
-                           "enable NAT port mapping, AutoNAT and relays (off for local swarms)", off_flag="--local")
+    public: str = setting("swarm", Reachability(), "auto",
+                          "reachability: auto (a public peer dials us back at start; behind NAT we train as a "
+                          "client through relays), --public / --local force a reachable host (NAT port mapping, "
+                          "relay service) or a loopback/LAN swarm (no NAT traversal); \"private\" in config.toml "
+                          "or P2PC_PUBLIC forces client mode", off_flag="--local")
     record_ttl: float = setting("swarm", Number(2, 3600), 30, "seconds a peer record lives in the DHT without refresh")
     startup_timeout: float = setting("swarm", Number(1, 300), 30, "seconds to wait for p2pd and the bootstrap peers")
     # [node]

@@ -77,7 +77,7 @@ def test_config_env_lists_and_bools(tmp_path):
     env = {"P2PC_BOOTSTRAP": f"/ip4/127.0.0.1/tcp/1/p2p/{peer}, /ip4/127.0.0.2/tcp/2/p2p/{peer}",
            "P2PC_PUBLIC": "yes", "P2PC_DATA_DIR": str(tmp_path / "x")}
     config = load_config(None, environ=env)
-    assert len(config.bootstrap) == 2 and config.public is True
+    assert len(config.bootstrap) == 2 and config.public == "public"
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_node_example_config_loads_and_lists_every_setting(tmp_path):
     example = REPO / "node" / "node.example.toml"
     config = load_config(tmp_path, config_file=example, environ={})
-    assert config.public is True and config.name == "my-gpu-box"
+    assert config.public == "auto" and config.name == "my-gpu-box"
     with open(example, "rb") as f:
         keys = {f"{section}.{key}" for section, table in tomllib.load(f).items() for key in table}
     assert keys == {declared.key for declared in SETTINGS.values()}

@@ -48,7 +48,9 @@ def test_record_round_trip_and_strictness():
     bad_variants = [
         b"\xc1",  # never-used msgpack byte
         record.to_wire() + b"\x00",  # trailing bytes
-        msgpack.packb(fields[:-1]),  # missing field
+        msgpack.packb(fields[:-2]),  # missing field
+        msgpack.packb(fields + ["x"]),  # extra field
+        msgpack.packb(fields[:-1] + ["reachable"]),  # unknown reachability
         msgpack.packb([2] + fields[1:]),  # unknown version
         msgpack.packb(fields[:4] + ["tpu"] + fields[5:]),  # unknown device
         msgpack.packb(fields[:6] + [-1] + fields[7:]),  # negative memory
@@ -61,6 +63,16 @@ def test_record_round_trip_and_strictness():
     for bad in bad_variants:
         with pytest.raises(InvalidMessage):
             PeerRecord.from_wire(bad)
+
+
+def test_records_before_reachability_still_read():
+    """Nodes of the previous version publish 13 fields: their records read as reachability "unknown"."""
+    record = make_record(Identity.generate(), reachability="private")
+    fields = msgpack.unpackb(record.to_wire())
+    assert fields[-1] == "private" and PeerRecord.from_wire(record.to_wire()).reachability == "private"
+    old = PeerRecord.from_wire(msgpack.packb(fields[:-1], use_bin_type=True))
+    assert old == dataclasses.replace(record, reachability="unknown")
+    assert old.to_json()["reachability"] == "unknown"
 
 
 def test_owner_signature_validator():

@@ -89,6 +89,7 @@ def node_status(data_dir, as_json) -> None:
             ("role", r["role"]),
             ("status", r["status"] + (" (paused by the owner: p2pc node resume)" if r.get("paused") else "")),
             ("uptime", f"{r['uptime_s']:.0f} s"),
+            ("reachability", _reachability_row(r.get("reachability"))),
             ("peers known", r["peers_known"]),
             ("current run", r["current_run"] or "-"),
             *(_training_rows(r.get("training"))),
@@ -100,6 +101,12 @@ def node_status(data_dir, as_json) -> None:
         print_fields("node status", rows)
 
     emit(report, as_json, render)
+
+
+def _reachability_row(reachability: dict | None) -> str:
+    if not reachability:
+        return "-"
+    return f"{reachability['state']}: {reachability['reason']}"
 
 
 def _training_rows(training: dict | None) -> list[tuple[str, str]]:
@@ -243,12 +250,13 @@ def peers(data_dir, bootstrap, as_json) -> None:
         now = time.time() * 1000
         print_table(
             f"{len(rows)} live peers",
-            ["peer id", "name", "status", "device", "run", "seen"],
+            ["peer id", "name", "status", "reachability", "device", "run", "seen"],
             [
                 (
                     r["peer_id"] + (" (this node)" if r.get("self") else ""),
                     r["name"],
                     r["status"],
+                    r.get("reachability", "unknown"),
                     f"{r['device']} {r['device_name']}".strip(),
                     (r["run_id"] or "-")[:12],
                     f"{max(0.0, (now - r['updated_at_ms']) / 1000):.0f} s ago",

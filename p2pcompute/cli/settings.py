@@ -24,7 +24,7 @@ def setting_option(name: str) -> Callable:
     text = declared.help[0].upper() + declared.help[1:]
     if declared.check.metavar is None:
         off_flag = declared.off_flag or "--no-" + declared.flag.removeprefix("--")
-        shown = declared.flag if declared.default else off_flag
+        shown = {True: declared.flag, False: off_flag}.get(declared.default, f"neither: {declared.default}")
         return click.option(f"{declared.flag}/{off_flag}", name, default=None, help=f"{text} [default: {shown}]")
     notes = []
     if declared.check.multiple:

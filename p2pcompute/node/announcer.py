@@ -28,7 +28,7 @@ class PeerAnnouncer:
 
     def __init__(self, shared: SharedDHT, identity: Identity, name: str, hardware: Hardware, maddrs: list[str],
                  record_ttl: float, started_at: float, clock: Callable[[], float], status: str = "idle",
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, reachability: str = "unknown"):
         self.shared = shared
         self.identity = identity
         self.name = name
@@ -39,6 +39,7 @@ class PeerAnnouncer:
         self.clock = clock
         self.status = status
         self.run_id = b""
+        self.reachability = reachability  # swarm.records.REACHABILITY
         self.known_peers: list[PeerRecord] = []
         self._stop = stop if stop is not None else threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,6 +88,7 @@ class PeerAnnouncer:
             addrs=tuple(self.maddrs[:MAX_RECORD_ADDRS]),
             started_at_ms=int(self.started_at * 1000),
             updated_at_ms=int(self.clock() * 1000),
+            reachability=self.reachability,
         )
 
     def publish(self, ttl: float | None = None) -> bool:

@@ -19,6 +19,7 @@ from p2pcompute.node.pacing import PublishPacing
 from p2pcompute.node.selection import check_run_ref, find_run
 from p2pcompute.node.shared_dht import SharedDHT
 from p2pcompute.node.training import TrainingSupervisor
+from p2pcompute.services.reach import Reachability
 
 MAX_TOP_LIMIT = 1000  # leaderboard rows one request may ask for
 MAX_MANIFEST_HEX = 2 * 64 * 1024  # a manifest is at most 64 KiB, sent as hex
@@ -39,7 +40,8 @@ class ControlAPI:
     def __init__(self, *, role: str, config: NodeConfig, identity: Identity, hardware: Hardware, shared: SharedDHT,
                  announcer: PeerAnnouncer, ledger: LedgerHost, supervisor: TrainingSupervisor | None,
                  pacing: PublishPacing, clock: Callable[[], float], request_stop: Callable[[], None],
-                 history: RunHistory | None = None, open_claims: Callable[[], list[dict]] | None = None):
+                 history: RunHistory | None = None, open_claims: Callable[[], list[dict]] | None = None,
+                 reachability: Callable[[], Reachability] | None = None):
         self.role = role
         self.open_claims = open_claims  # node.run_credits.RunCredits.open_claims, when this node trains
         self.config = config
@@ -53,6 +55,7 @@ class ControlAPI:
         self.clock = clock
         self.request_stop = request_stop
         self.history = history
+        self.reachability = reachability
 
     def add_routes(self, control: ControlServer) -> None:
         control.route("GET", "status", lambda _args: self.status())
@@ -85,6 +88,7 @@ class ControlAPI:
             "status": self.announcer.status,
             "uptime_s": round(self.clock() - self.announcer.started_at, 1),
             "multiaddrs": self.announcer.maddrs,
+            "reachability": self.reachability().to_json() if self.reachability is not None else None,
             "peers_known": len(self.announcer.known_peers),
             "current_run": self.announcer.run_id.hex() or None,
             "training": self.supervisor.status() if self.supervisor is not None else None,

@@ -11,7 +11,7 @@ from typing import Callable
 
 from p2pcompute.config import NodeConfig
 from p2pcompute.identity import Identity
-from p2pcompute.node import hardware
+from p2pcompute.node import hardware, reachability
 from p2pcompute.node.announcer import PeerAnnouncer
 from p2pcompute.node.api import ControlAPI
 from p2pcompute.node.control import load_or_create_token, write_private
@@ -25,10 +25,12 @@ from p2pcompute.node.run_credits import RunCredits
 from p2pcompute.node.shared_dht import SharedDHT
 from p2pcompute.node.training import SupervisorHooks, TrainingSupervisor
 from p2pcompute.node.watchdog import Watchdog
+from p2pcompute.services.reach import Reachability, ReachabilityService
 
 logger = logging.getLogger(__name__)
 
 MULTIADDRS_FILENAME = "multiaddrs"
+REACH_STOP_TIMEOUT = 10.0  # seconds for the dial-back service (and its probe p2pd) to stop
 
 
 class Node:
@@ -57,11 +59,11 @@ class Node:
         self.history: RunHistory | None = None
         self.api: ControlAPI | None = None
         self.control: ControlServer | None = None
+        self.reachability: Reachability | None = None  # settled at start (node/reachability.py)
+        self.reach: ReachabilityService | None = None  # the dial-back check we serve for others
         self._stop = threading.Event()
 
     def start(self) -> "Node":
-        from p2pcompute.swarm import dht as swarm_dht
-
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.lock.acquire()  # before anything else: a second instance must not touch the running one's files
@@ -70,15 +72,17 @@ class Node:
             self.hardware = hardware.detect(config.device)
         started_at = self.clock()
         try:
-            dht = swarm_dht.start_dht(self.identity, listen=config.listen, announce=config.announce,
-                                      bootstrap=config.bootstrap, public=config.public,
-                                      startup_timeout=config.startup_timeout)
+            dht, self.reachability = reachability.start_host(config, self.identity, self.role)
             self.shared = SharedDHT(dht)
             self.maddrs = [str(a) for a in dht.get_visible_maddrs(latest=True)]
             self.announcer = PeerAnnouncer(self.shared, self.identity, config.name, self.hardware, self.maddrs,
                                            config.record_ttl, started_at, self.clock,
-                                           status="bootstrap" if self.role == "bootstrap" else "idle", stop=self._stop)
+                                           status="bootstrap" if self.role == "bootstrap" else "idle", stop=self._stop,
+                                           reachability=self.reachability.state)
             self.ledger.start(dht, self.identity)
+            if self.reachability.state != "private":  # others ask us to dial them back
+                self.reach = ReachabilityService(self.ledger.sync.p2p)
+                self.ledger.loop.run(self.reach.start(), timeout=config.startup_timeout)
             self.announcer.start()
             if self.role == "node" and config.train:
                 self.credits = RunCredits(self.ledger.loop, self.ledger.sync.p2p, self.ledger.replica, self.identity,
@@ -93,7 +97,8 @@ class Node:
                                   shared=self.shared, announcer=self.announcer, ledger=self.ledger,
                                   supervisor=self.supervisor, pacing=PublishPacing(self.hardware.device, self.maddrs),
                                   clock=self.clock, request_stop=self.request_stop, history=self.history,
-                                  open_claims=self.credits.open_claims if self.credits is not None else None)
+                                  open_claims=self.credits.open_claims if self.credits is not None else None,
+                                  reachability=lambda: self.reachability)
             self.control = ControlServer(config.data_dir, load_or_create_token(config.data_dir), config.control_port,
                                          clock=self.clock)
             self.api.add_routes(self.control)
@@ -123,6 +128,12 @@ class Node:
         if self.credits is not None:
             self.credits.shutdown()
             self.credits = None
+        if self.reach is not None:
+            try:
+                self.ledger.loop.run(self.reach.shutdown(), timeout=REACH_STOP_TIMEOUT)
+            except TimeoutError:
+                logger.warning("the reachability service did not stop within %.0f s", REACH_STOP_TIMEOUT)
+            self.reach = None
         self.ledger.shutdown()
         if self.announcer is not None:
             self.announcer.shutdown()  # the "stopped" tombstone, while the DHT is still up

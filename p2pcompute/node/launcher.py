@@ -131,13 +131,14 @@ class NodeProcess(SessionProcess):
     its ready file and log lie beside the data dir (D.ready, D.log)."""
 
     def __init__(self, command: Sequence[str], data_dir: Path, extra_args: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None, module: str = "p2pcompute.cli.main"):
+                 env: Mapping[str, str] | None = None, module: str = "p2pcompute.cli.main",
+                 prefix: Sequence[str] = ()):
         self.command = list(command)
         self.data_dir = Path(data_dir)
         ready_file = self.data_dir.parent / f"{self.data_dir.name}.ready"
         super().__init__(["-m", module, *self.command, "--data-dir", str(self.data_dir), "--ready-file",
                           str(ready_file), *extra_args], self.data_dir.parent / f"{self.data_dir.name}.log",
-                         ready_file=ready_file, env=env)
+                         ready_file=ready_file, env=env, prefix=prefix)
 
     def __str__(self) -> str:
         return " ".join(self.command) or self.args[1]

@@ -18,6 +18,16 @@ logger = logging.getLogger(__name__)
 PEERS_KEY = "p2pc/v1/peers"  # subkey per peer (its PeerID bytes), value: signed PeerRecord
 DHT_WAIT_TIMEOUT = 3.0  # seconds a single DHT RPC may take on a healthy network (hivemind's default)
 DHT_GET_TIMEOUT = 10.0  # upper bound for a whole get/store traversal issued by our code
+# p2pd's NAT traversal per reachability mode (config `public`). p2pd (hivemind 1.1.12) has no hole punching; its
+# relay service limits are p2pd's defaults (128 reservations, 16 circuits a peer, 4 GiB / 30 min a circuit):
+# hivemind's P2P.create does not pass them on. Auto-relay takes the bootstrap peers as its trusted relays.
+_TRAVERSAL = dict(use_relay=True, auto_nat=True, nat_port_map=True)
+NAT_OPTIONS = {
+    "local": dict(use_relay=False, use_auto_relay=False, auto_nat=False, nat_port_map=False),
+    "public": dict(_TRAVERSAL, use_auto_relay=False),
+    "auto": dict(_TRAVERSAL, use_auto_relay=False),  # started as public; restarted as private if the check says so
+    "private": dict(_TRAVERSAL, use_auto_relay=True, auto_nat=False),
+}
 
 
 def dht_time() -> float:
@@ -32,15 +42,18 @@ def start_dht(
     listen: Sequence[str],
     announce: Sequence[str] = (),
     bootstrap: Sequence[str] = (),
-    public: bool = False,
+    mode: str = "local",
     startup_timeout: float = 30.0,
     client_mode: bool = False,
 ) -> "hivemind.DHT":
     """Start hivemind's DHT (and its p2pd) with the node's own key and our record validators.
 
-    `public=False` turns off NAT port mapping, AutoNAT and relays: right for loopback, LANs and tests.
-    Raises SwarmError with a readable reason when p2pd or the bootstrap fails.
-    """
+    `mode` (see NAT_OPTIONS): "local" turns off NAT port mapping, AutoNAT and relays (loopback, LANs, tests);
+    "public" (and "auto", until a check says otherwise) serves as a circuit relay and AutoNAT server for others;
+    "private" is a DHT client (it serves no DHT requests and is not put in others' routing tables) that keeps a
+    relay reservation on its bootstrap peers so that control traffic reaches it. `client_mode=True` makes any
+    mode a DHT client (one-shot CLI clients). Raises SwarmError with a readable reason when p2pd or the bootstrap
+    fails."""
     import hivemind
     from hivemind.p2p import P2PDaemonError
 
@@ -57,17 +70,14 @@ def start_dht(
             start=True,
             await_ready=False,
             record_validators=validators,
-            client_mode=client_mode,
+            client_mode=client_mode or mode == "private",
             host_maddrs=list(listen),
             announce_maddrs=list(announce) or None,
             identity_path=str(identity.path),
             # hivemind's identity check assumes RSA keys (PeerID.from_identity) and would crash on ours;
             # it also starts a second p2pd. A duplicate identity is the owner's mistake, shown by libp2p.
             check_if_identity_free=False,
-            use_relay=public,
-            use_auto_relay=public,
-            auto_nat=public,
-            nat_port_map=public,
+            **NAT_OPTIONS[mode],
             startup_timeout=startup_timeout,
             wait_timeout=DHT_WAIT_TIMEOUT,
             # the DHT replicates our own records eagerly; keep its cache so repeated reads are cheap

@@ -15,6 +15,10 @@ MAX_ADDRS = 8  # a node rarely listens on more than a few addresses (v4, v6, rel
 MAX_ADDR_LEN = 200
 STATUSES = ("starting", "idle", "training", "paused", "stopped", "bootstrap")
 DEVICES = ("cpu", "cuda", "none")
+# whether others can dial the node (node/reachability.py): "public" (a dial-back by a public peer worked, or forced),
+# "private" (behind NAT: a client that others reach over its own connections or a relay), "unknown" (not checked)
+REACHABILITY = ("unknown", "public", "private")
+V1_FIELDS = 13  # records of nodes before the reachability field (read as "unknown")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +37,7 @@ class PeerRecord:
     addrs: tuple[str, ...]
     started_at_ms: int
     updated_at_ms: int
+    reachability: str = "unknown"
 
     def to_wire(self) -> bytes:
         return msgpack.packb(
@@ -50,6 +55,7 @@ class PeerRecord:
                 list(self.addrs),
                 self.started_at_ms,
                 self.updated_at_ms,
+                self.reachability,
             ],
             use_bin_type=True,
         )
@@ -62,9 +68,11 @@ class PeerRecord:
             fields = msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=64, max_str_len=512)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
             raise InvalidMessage(f"peer record is not valid msgpack: {e}") from None
-        if not isinstance(fields, list) or len(fields) != 13:
-            raise InvalidMessage("peer record must be an array of 13 fields")
-        version, peer_id, software, name, device, device_name, memory, sps, status, run_id, addrs, t0, t1 = fields
+        if not isinstance(fields, list) or len(fields) not in (V1_FIELDS, V1_FIELDS + 1):
+            raise InvalidMessage(f"peer record must be an array of {V1_FIELDS} or {V1_FIELDS + 1} fields")
+        version, peer_id, software, name, device, device_name, memory, sps, status, run_id, addrs, t0, t1 = \
+            fields[:V1_FIELDS]
+        reachability = fields[V1_FIELDS] if len(fields) > V1_FIELDS else "unknown"
         if version != RECORD_VERSION:
             raise InvalidMessage(f"peer record version {version!r} is not supported")
         if not isinstance(peer_id, bytes) or len(peer_id) != PEER_ID_SIZE:
@@ -77,6 +85,8 @@ class PeerRecord:
             raise InvalidMessage(f"peer record: unknown device {device!r}")
         if status not in STATUSES:
             raise InvalidMessage(f"peer record: unknown status {status!r}")
+        if reachability not in REACHABILITY:
+            raise InvalidMessage(f"peer record: unknown reachability {reachability!r}")
         for label, value in (("memory_bytes", memory), ("samples_per_s_milli", sps), ("started_at_ms", t0),
                              ("updated_at_ms", t1)):
             if type(value) is not int or not 0 <= value < 2**63:
@@ -86,7 +96,8 @@ class PeerRecord:
         if (not isinstance(addrs, list) or len(addrs) > MAX_ADDRS
                 or not all(isinstance(a, str) and 0 < len(a) <= MAX_ADDR_LEN and a.startswith("/") for a in addrs)):
             raise InvalidMessage(f"peer record: addrs must be at most {MAX_ADDRS} multiaddr strings")
-        return cls(peer_id, software, name, device, device_name, memory, sps, status, run_id, tuple(addrs), t0, t1)
+        return cls(peer_id, software, name, device, device_name, memory, sps, status, run_id, tuple(addrs), t0, t1,
+                   reachability)
 
     def to_json(self) -> dict:
         import base58
@@ -104,4 +115,5 @@ class PeerRecord:
             "addrs": list(self.addrs),
             "started_at_ms": self.started_at_ms,
             "updated_at_ms": self.updated_at_ms,
+            "reachability": self.reachability,
         }

@@ -228,7 +228,13 @@ class LocalUpdatesOptimizer:
     def _next_epoch(self, epoch: int) -> None:
         self.local_epoch = self.tracker.update_epoch(epoch)
         self._samples_in_epoch = 0
-        self.averager.state_sharing_priority = self.local_epoch
+        self._advertise_state()
+
+    def _advertise_state(self) -> None:
+        """Offer our state for download at our epoch; a client-mode averager (a peer behind NAT) cannot be
+        downloaded from (hivemind refuses the priority)."""
+        if not self.averager.client_mode:
+            self.averager.state_sharing_priority = self.local_epoch
 
     def _launch(self) -> None:
         """Start this epoch's round with our theta (or, alone in the swarm, take the outer step on it)."""
@@ -377,7 +383,7 @@ class LocalUpdatesOptimizer:
         epoch = max(metadata["epoch"], self.local_epoch)
         self.local_epoch = self.tracker.update_epoch(epoch)
         self._samples_in_epoch = 0
-        self.averager.state_sharing_priority = self.local_epoch
+        self._advertise_state()
         logger.info("loaded the swarm's state at epoch %d", epoch)
 
     # ---- pause/resume and leaving --------------------------------------------------------------------
@@ -405,7 +411,7 @@ class LocalUpdatesOptimizer:
         self._unsent, self._needs_state = state["unsent"], state["needs_state"]
         with self.tracker.pause_updates():
             self.local_epoch = self.tracker.update_epoch(state["epoch"])
-        self.averager.state_sharing_priority = self.local_epoch
+        self._advertise_state()
 
     def shutdown(self) -> None:
         """Finish (or give up on, after shutdown_timeout) the round in flight, say goodbye to the tracker, stop

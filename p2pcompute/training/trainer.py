@@ -361,6 +361,9 @@ class Trainer:
         return SwarmOptimizer(
             observer=self._observer,
             dht=self.dht, run_id=m.hivemind_prefix,
+            # a DHT client (a node behind NAT) averages as a client. Passed explicitly: hivemind.Optimizer (1.1.12)
+            # leaves its own client_mode None when not given, then offers a client's state for download (ValueError)
+            client_mode=self.dht.client_mode,
             target_batch_size=m.target_batch_size, batch_size_per_step=m.batch_size_per_step,
             optimizer=optimizer_factory(m.optimizer.name, m.optimizer.as_dict(), with_state=True),
             params=list(self.model.parameters()),

@@ -99,8 +99,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
 
     identity = Identity.load_or_create(args.data_dir / "identity.key")
     run = load_signed_or_spec(args.manifest, identity)
-    dht = start_dht(identity, listen=args.listen, bootstrap=args.initial_peers, public=args.public,
-                    startup_timeout=DHT_STARTUP_TIMEOUT)
+    dht = start_dht(identity, listen=args.listen, bootstrap=args.initial_peers,
+                    mode="public" if args.public else "local", startup_timeout=DHT_STARTUP_TIMEOUT)
     trainer = None
     try:
         if args.ready_file is not None:

@@ -199,7 +199,8 @@ class RawAllReduceMixin(MembershipMixin, RoundTimingMixin):
         True if the libp2p stream ended with an error status (see _serve_raw_stream)."""
         listener = self._direct.listener if self._direct is not None else None
         ticket = None
-        if listener is not None and runner._reason_to_reject(sender, codec, weight) is None:
+        if (listener is not None and runner._reason_to_reject(sender, codec, weight) is None
+                and not runner.is_client(sender)):
             ticket = listener.issue(sender, group_id)  # None when MAX_DIRECT_SENDERS are in use
         if ticket is None:  # no offer: the parts come on this stream (serve_sender refuses them if it must)
             writer.write(REPLY.pack(STATUS_OK, 0))

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.p2p import P2PDaemonError, PeerID
@@ -220,11 +220,16 @@ class RawAllReduceRunner(AllReduceRunner):
         writer.write(header)
         self.counters.sent += len(header)
 
+    def is_client(self, peer_id: PeerID) -> bool:
+        """Whether `peer_id` takes part in client mode (behind NAT: it reduces nothing and, on our data plane,
+        sends on its own libp2p streams only; the direct path is neither offered to it nor taken by it)."""
+        return bool(self.modes) and self.modes[self.ordered_peer_ids.index(peer_id)] == AveragingMode.CLIENT
+
     # ---- the direct path, sender side -------------------------------------------------------------------
     async def _hosts_of(self, peer_id: PeerID) -> tuple[str, ...]:
         """The loopback/private IPs our libp2p host is connected to `peer_id` at: the only places we take a
         ticket to (an address from the reducer's reply could be anyone's). Empty: no direct path to it."""
-        if self.direct is None or peer_id in self.direct.stream_only:
+        if self.direct is None or peer_id in self.direct.stream_only or self.is_client(self.peer_id):
             return ()
         if self._direct_hosts is None:  # one p2pd request a round, shared by every exchange (they start together,
             # each once its stream is open; a mate not connected yet when it is made goes on its stream this round)
