@@ -121,6 +121,13 @@ def _training_rows(training: dict | None) -> list[tuple[str, str]]:
                                      f"{trainer['samples_per_second']:.1f} samples/s, {trainer['peers']} peers"))
         rows.append(("averaging", f"{trainer.get('mode', '?')} mode, {100 * trainer.get('sync_share', 0.0):.1f}% "
                                   "of training time in the swarm optimizer's step (rounds, update)"))
+        if trainer.get("reason"):
+            rows.append(("waiting because", trainer["reason"]))
+    rounds = training.get("last_rounds") or []
+    if rounds:
+        rows.append(("last rounds", "; ".join(
+            f"{r['kind']} {'ok' if r['ok'] else 'failed'}" + (f" x{r['group_size']}" if r["ok"] else f" ({r['error']})")
+            for r in rounds)))
     if training.get("idle"):
         rows.append(("idle policy", ("train: " if training["idle"]["train"] else "pause: ") + training["idle"]["reason"]))
     return rows

@@ -28,6 +28,15 @@ OWNER_PAUSE_REASON = "paused by the owner"
 
 
 @dataclasses.dataclass(frozen=True)
+LAST_ROUNDS = 5  # averaging rounds listed in `node status` (newest last)
+
+
+def round_json(r) -> dict:
+    """One averaging round as `node status` shows it: kind, outcome, group size, and hivemind's error if it failed
+    (e.g. "could not find a group": epochs too short for matchmaking, or peers gone)."""
+    return {"kind": r.kind, "ok": r.ok, "group_size": len(r.members), "error": r.error or None}
+
+
 class SupervisorHooks:
     """What the supervisor tells the node, each called from the supervisor's thread."""
 
@@ -80,11 +89,14 @@ class TrainingSupervisor:
     # ---- what the node may ask -----------------------------------------------------------------
 
     def status(self) -> dict:
+        """What `node status` shows of training: the run, the trainer (with why it waits, if it does), the outcome of
+        its last averaging rounds, the idle policy's decision, the owner's pause."""
         out = {"reason": self._reason, "run": None, "trainer": None, "idle": None, "paused": self.paused,
                "pause_reason": self._owner_pause}
         if self._signed is not None and self._trainer is not None:
             out["run"] = {"run_id": self._signed.run_id.hex(), "name": self._signed.manifest.name}
             out["trainer"] = self._trainer.status().to_json()
+            out["last_rounds"] = [round_json(r) for r in self._trainer.rounds()[-LAST_ROUNDS:]]
         if self._watcher is not None:
             out["idle"] = {"train": self._watcher.decision.train, "reason": self._watcher.decision.reason}
         return out
