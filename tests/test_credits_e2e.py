@@ -170,6 +170,10 @@ def test_training_run_pays_every_contributor(own_swarm, tmp_path, mode):
             and len(status["peers"]) == 3
 
     wait_until(all_done, timeout=600, interval=1, what="the run to finish on all three peers")
+    # node status tells how the last rounds went (issue 14: a volunteer sees why training stalls)
+    rounds = p2pc_json("node", "status", "--data-dir", str(nodes[1].data_dir))["training"]["last_rounds"]
+    assert rounds and all(r["kind"] in ("gradients", "state", "outer") for r in rounds), rounds
+    assert any(r["ok"] and r["group_size"] >= 2 for r in rounds), rounds
     if mode == "gradients":  # while the last claims settle, one peer floods node 0's credits protocol
         flood = asyncio.run(flood_credits(nodes[0]))
         # nothing witnessed, and the node examined no more than its rate limit lets through; the rest were
