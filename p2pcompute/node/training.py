@@ -27,7 +27,6 @@ SHUTDOWN_TIMEOUT = 120.0  # seconds for the supervisor's thread to end (a traine
 OWNER_PAUSE_REASON = "paused by the owner"
 
 
-@dataclasses.dataclass(frozen=True)
 LAST_ROUNDS = 5  # averaging rounds listed in `node status` (newest last)
 
 
@@ -37,6 +36,7 @@ def round_json(r) -> dict:
     return {"kind": r.kind, "ok": r.ok, "group_size": len(r.members), "error": r.error or None}
 
 
+@dataclasses.dataclass(frozen=True)
 class SupervisorHooks:
     """What the supervisor tells the node, each called from the supervisor's thread."""
 
