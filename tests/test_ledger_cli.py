@@ -216,3 +216,18 @@ def test_a_minted_payout_inserted_into_the_sqlite_file_is_not_credited_after_reb
     with Store(data_dir / LEDGER_FILENAME) as store:
         store.rebuild_derived()
     _shows_no_minted_credits(data_dir, minted)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (p2pcompute/ledger/verify.py:108 _describe): reads the v1 run key "
+                   "('run', publisher, run_id); the key is now ('run', run_id): IndexError, a traceback from verify")
+def test_verify_names_a_payout_whose_run_is_missing(tmp_path):
+    data_dir = tmp_path / "node"
+    build_replica(data_dir)
+    elsewhere = ChainBuilder().publish(PUB, example_manifest("elsewhere", quorum=1, issuers=[W1]), T0)
+    orphan = ChainBuilder().payout(W1, C1, elsewhere, 0, 10, [W2], T0)  # valid, but its run is not in this file
+    inject(data_dir, orphan)
+    proc = run_p2pc("ledger", "verify", "--data-dir", str(data_dir), "--json")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 11, proc.stderr
+    [problem] = json.loads(proc.stdout)["problems"]
+    assert problem["entry"] == orphan.id.hex() and elsewhere.body.run_id.hex() in problem["reason"]
