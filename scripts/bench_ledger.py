@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Ledger ingest benchmark: validated, durable ingest rate vs raw Ed25519 verify rate of the same signatures.
 
-Generates a ledger (one publisher, several claimants, receipts with witness signatures), then in one run
-measures side by side:
+Generates a ledger (one run, paid by its publisher (or by --issuers keys taking turns by epoch) to several
+claimants: payouts carrying the claimant's signed claim and witness signatures), then in one run measures
+side by side:
   raw:    `cryptography` Ed25519 verification of every signature the entries carry (entry, claim and
           witness signatures), nothing else;
   ingest: Store.append of the same entries as wire bytes into a fresh SQLite store (WAL, synchronous=FULL),
-          in batches: decoding, the pinned Ed25519 rule, chain/receipt validation, index and derived tables,
+          in batches: decoding, the pinned Ed25519 rule, chain/payout validation, index and derived tables,
           fsync per batch;
 and prints the ratio ingest/raw (goal: >= 0.8). Repeats interleave the two and keep the best of each, to
 damp noise from other processes.
@@ -15,7 +16,7 @@ Sync part: for each ledger size and difference d, replica B (a copy of A minus d
 with A over two real p2pd hosts on 127.0.0.1; prints time, bytes each way and round trips, next to the bytes
 of the smallest naive exchange (every id once).
 
-    python scripts/bench_ledger.py --part ingest --entries 20000 --witnesses 3 --batch 500 --repeat 3
+    python scripts/bench_ledger.py --part ingest --entries 20000 --witnesses 3 --batch 500 --repeat 3 [--issuers 8]
     python scripts/bench_ledger.py --part sync --sync-sizes 10000 100000 1000000 --sync-diffs 0 10 1000
 """
 
@@ -31,32 +32,42 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pcompute.credits.claims import CLAIM_DOMAIN, WITNESS_DOMAIN
-from p2pcompute.credits.policy import CreditPolicy
-from p2pcompute.ledger.codec import KIND_RECEIPT
-from p2pcompute.ledger.examples import ChainBuilder, label_key
+from p2pcompute.ledger.codec import KIND_PAYOUT
+from p2pcompute.ledger.examples import ChainBuilder, example_manifest, label_key
 from p2pcompute.ledger.store import Store
 
+# Samples per payout are 64..70: an epoch cap of 192 per claimant (128 x 1.5) never binds.
+TARGET_BATCH_PER_CLAIMANT = 128
 
-def generate(n_entries: int, n_claimants: int, n_witnesses: int, seed: int) -> tuple[list[bytes], list[tuple]]:
-    """Entries as wire bytes (each author's chain in order, authors interleaved) and every (key, message,
-    signature) they carry."""
+
+def generate(n_entries: int, n_claimants: int, n_witnesses: int, seed: int,
+             n_issuers: int = 1) -> tuple[list[bytes], list[tuple]]:
+    """Entries as wire bytes (the run's publication, then the issuers' payouts: each epoch pays every claimant,
+    epoch e paid by issuers[e % n_issuers], so with several issuers their chains interleave) and every
+    (key, message, signature) they carry."""
     publisher = label_key(f"bench {seed} publisher")
+    issuers = [publisher] + [label_key(f"bench {seed} issuer {i}") for i in range(1, n_issuers)]
     claimants = [label_key(f"bench {seed} claimant {i}") for i in range(n_claimants)]
     witnesses = [label_key(f"bench {seed} witness {i}") for i in range(n_witnesses)]
     chains = ChainBuilder()
-    run = chains.publish(publisher, b"bench manifest %d" % seed, CreditPolicy.create(1000, n_witnesses), 1_700_000_000_000)
+    manifest = example_manifest(f"bench-{seed}", rate=1000, quorum=n_witnesses, issuers=issuers,
+                                target_batch_size=TARGET_BATCH_PER_CLAIMANT * n_claimants)
+    run = chains.publish(publisher, manifest, 1_700_000_000_000)
+    by_key = {k.public_key: k for k in issuers}
     entries = [run]
     epoch = 0
     while len(entries) < n_entries:
+        issuer = by_key[run.body.policy.issuer_for(epoch)]
         for claimant in claimants[: n_entries - len(entries)]:
-            entries.append(chains.receipt(claimant, run, epoch, 64 + epoch % 7, witnesses, 1_700_000_000_000 + epoch))
+            entries.append(chains.payout(issuer, claimant, run, epoch, 64 + epoch % 7, witnesses,
+                                         1_700_000_000_000 + epoch))
         epoch += 1
     signatures = []
     for entry in entries:
         signatures.append((entry.author, entry.signed_message, entry.signature))
-        if entry.kind == KIND_RECEIPT:
+        if entry.kind == KIND_PAYOUT:
             receipt = entry.body.receipt
-            signatures.append((entry.author, CLAIM_DOMAIN + receipt.claim.wire, receipt.claimant_signature))
+            signatures.append((receipt.claim.peer, CLAIM_DOMAIN + receipt.claim.wire, receipt.claimant_signature))
             signatures.extend((w.witness, WITNESS_DOMAIN + receipt.claim.wire, w.signature) for w in receipt.witnesses)
     return [e.wire for e in entries], signatures
 
@@ -87,12 +98,13 @@ def time_ingest(wires: list[bytes], batch: int, directory: Path) -> float:
 
 
 def publish_entries(n: int, seed: str, authors: int = 1000) -> list[bytes]:
-    """n cheap valid entries (run publications, one signature each) from `authors` authors, chains in order."""
+    """n valid entries (run publications, one signature each) from `authors` authors, chains in order. Anyone
+    may publish any manifest, so the authors' k-th entries share one manifest (paid by the first author)."""
     keys = [label_key(f"sync {seed} author {i}") for i in range(min(authors, n) or 1)]
+    manifests = [example_manifest(f"{seed}-{k}", issuers=[keys[0]]) for k in range(-(-n // len(keys)))]
     chains = ChainBuilder()
-    policy = CreditPolicy.create(1000, 1)
-    return [chains.publish(keys[i % len(keys)], b"%s manifest %d" % (seed.encode(), i), policy,
-                           1_700_000_000_000 + i).wire for i in range(n)]
+    return [chains.publish(keys[i % len(keys)], manifests[i // len(keys)], 1_700_000_000_000 + i).wire
+            for i in range(n)]
 
 
 def build_store(path: Path, wires: list[bytes], batch: int = 5000) -> None:
@@ -181,7 +193,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=20_000)
     parser.add_argument("--claimants", type=int, default=8)
-    parser.add_argument("--witnesses", type=int, default=3, help="witness signatures per receipt (= quorum)")
+    parser.add_argument("--witnesses", type=int, default=3, help="witness signatures per payout (= quorum)")
+    parser.add_argument("--issuers", type=int, default=1, choices=range(1, 17), metavar="1..16",
+                        help="keys paying the run, taking turns by epoch (1: the publisher pays every epoch)")
     parser.add_argument("--batch", type=int, default=500, help="entries per append (one transaction, one fsync)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the fresh store goes")
@@ -198,7 +212,7 @@ def main() -> None:
 def run_ingest_bench(args) -> None:
 
     t0 = time.perf_counter()
-    wires, signatures = generate(args.entries, args.claimants, args.witnesses, seed=1)
+    wires, signatures = generate(args.entries, args.claimants, args.witnesses, seed=1, n_issuers=args.issuers)
     console = Console()
     console.print(
         f"generated {len(wires)} entries carrying {len(signatures)} signatures "

@@ -18,7 +18,7 @@ from p2pcompute.credits.claims import (
     SignedClaim,
     WitnessSignature,
 )
-from p2pcompute.credits.policy import MAX_RATE, CreditPolicy
+from p2pcompute.credits.policy import MAX_EPOCH_CAP, MAX_EPOCHS, MAX_RATE, CreditPolicy
 from p2pcompute.errors import InvalidMessage, InvalidSignature
 from p2pcompute.ledger.codec import ENTRY_DOMAIN
 from p2pcompute.ledger.examples import seed_key
@@ -160,15 +160,32 @@ def test_receipt_structure_rules():
 
 
 def test_credit_policy_rules():
-    policy = CreditPolicy.create(rate=10, quorum=2, validators=[W2.public_key, W1.public_key, W1.public_key])
-    assert list(policy.validators) == sorted({W1.public_key, W2.public_key})
+    policy = CreditPolicy.create(rate=10, quorum=2, issuers=[W2.public_key, W1.public_key, W1.public_key],
+                                 max_epochs=100, epoch_cap=600, budget=10**9)
+    assert list(policy.issuers) == sorted({W1.public_key, W2.public_key})
     assert CreditPolicy.from_obj(policy.to_obj()) == policy
     assert policy.amount_for(7) == 70
+    # epoch e is paid by issuers[e % len(issuers)]; the budget is split evenly among them
+    assert [policy.issuer_for(e) for e in (0, 1, 2, 2**62 + 1)] == [policy.issuers[0], policy.issuers[1]] * 2
+    assert policy.issuer_budget() == 5 * 10**8
+    assert (policy.pays_epoch(99), policy.pays_epoch(100)) == (True, False)
+    free = CreditPolicy(0, 1)  # a run that pays nothing needs no issuer and has no end or budget by default
+    assert (free.issuer_for(5), free.pays_epoch(2**62), free.issuer_budget()) == (None, True, None)
     with pytest.raises(InvalidMessage, match="quorum"):
         CreditPolicy(10, 0)
     with pytest.raises(InvalidMessage, match="rate"):
         CreditPolicy(MAX_RATE + 1, 1)
+    with pytest.raises(InvalidMessage, match="needs at least one issuer"):
+        CreditPolicy(10, 1)
     with pytest.raises(InvalidMessage, match="small order"):
         CreditPolicy(10, 1, (SMALL_ORDER_KEY,))
     with pytest.raises(InvalidMessage, match="sorted"):
-        CreditPolicy.from_obj([10, 1, sorted([W1.public_key, W2.public_key], reverse=True)])
+        CreditPolicy.from_obj([10, 1, sorted([W1.public_key, W2.public_key], reverse=True), 0, 1, 0])
+    with pytest.raises(InvalidMessage, match="at most 16"):
+        CreditPolicy(10, 1, tuple(sorted(crypto.SigningKey(bytes([i]) * 32).public_key for i in range(1, 18))))
+    for bounds, field in ((dict(max_epochs=MAX_EPOCHS + 1), "max_epochs"), (dict(epoch_cap=0), "epoch_cap"),
+                          (dict(epoch_cap=MAX_EPOCH_CAP + 1), "epoch_cap"), (dict(budget=-1), "budget")):
+        with pytest.raises(InvalidMessage, match=field):
+            CreditPolicy(10, 1, (W1.public_key,), **bounds)
+    with pytest.raises(InvalidMessage, match="policy"):  # the three-field policy of ledger v1 is not a policy
+        CreditPolicy.from_obj([10, 1, [W1.public_key]])

@@ -18,7 +18,7 @@ from p2pcompute.ledger import validate
 from p2pcompute.ledger.codec import (
     ENTRY_DOMAIN,
     GENESIS_PREV,
-    KIND_RECEIPT,
+    KIND_PAYOUT,
     KIND_RUN_PUBLISH,
     KINDS,
     MAX_ENTRY_SIZE,
@@ -26,14 +26,27 @@ from p2pcompute.ledger.codec import (
     MAX_SEQ,
     MAX_TIMESTAMP,
     Entry,
-    ReceiptBody,
+    PayoutBody,
     RunPublish,
+    policy_of,
     sign_entry,
 )
-from p2pcompute.ledger.examples import seed_key, vector_entries
+from p2pcompute.ledger.examples import example_manifest, seed_key, vector_entries
+from p2pcompute.runs.manifest import Manifest
 
 KEYS = [seed_key(b) for b in range(1, 7)]
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "ledger.md"
+
+
+@st.composite
+def manifests(draw) -> bytes:
+    """Canonical bytes of real run manifests over the range of every credit setting their policy derives from."""
+    rate = draw(st.integers(0, 10**12))
+    issuers = draw(st.lists(st.sampled_from(KEYS), min_size=1 if rate else 0, max_size=3, unique=True))
+    return example_manifest(
+        draw(st.text("abcxyz0123", min_size=1, max_size=8)), rate=rate, quorum=draw(st.integers(1, 64)),
+        issuers=issuers, max_epochs=draw(st.integers(0, 2**31)), target_batch_size=draw(st.integers(32, 2**24)),
+        budget=draw(st.integers(0, 10**12)), slack=draw(st.integers(0, 1000)))
 
 
 @st.composite
@@ -46,17 +59,16 @@ def entries(draw) -> Entry:
     kind = draw(st.sampled_from(KINDS))
     others = [k for k in KEYS if k is not author]
     if kind == KIND_RUN_PUBLISH:
-        validators = draw(st.lists(st.sampled_from(KEYS), max_size=3))
-        policy = CreditPolicy.create(draw(st.integers(0, 10**12)), draw(st.integers(1, 64)),
-                                     [k.public_key for k in validators])
-        body = RunPublish.create(draw(st.binary(min_size=1, max_size=300)), policy)
-    else:
+        body = RunPublish.from_manifest(Manifest.from_wire(draw(manifests())))
+    else:  # the author (the issuer) pays a claimant, witnessed by others (the issuer may be among them)
+        claimant = draw(st.sampled_from(others))
         claim = Claim(draw(st.binary(min_size=32, max_size=32)), draw(st.sampled_from(KEYS)).public_key,
-                      draw(st.integers(0, 2**63 - 1)), author.public_key, draw(st.integers(1, 2**32 - 1)),
+                      draw(st.integers(0, 2**63 - 1)), claimant.public_key, draw(st.integers(1, 2**32 - 1)),
                       draw(st.binary(max_size=32)), draw(st.binary(min_size=32, max_size=32)))
-        witnesses = draw(st.lists(st.sampled_from(others), max_size=3, unique_by=lambda k: k.public_key))
-        receipt = Receipt.assemble(claim.sign(author), [claim.witness(w) for w in witnesses])
-        body = ReceiptBody(receipt, draw(st.integers(0, MAX_AMOUNT)))
+        witnesses = draw(st.lists(st.sampled_from([k for k in KEYS if k is not claimant]), max_size=3,
+                                  unique_by=lambda k: k.public_key))
+        receipt = Receipt.assemble(claim.sign(claimant), [claim.witness(w) for w in witnesses])
+        body = PayoutBody(receipt, draw(st.integers(0, MAX_AMOUNT)))
     return sign_entry(author, seq, prev, timestamp, kind, body)
 
 
@@ -110,7 +122,7 @@ def test_changed_fields_break_the_signature(entry, data):
     obj = msgpack.unpackb(entry.wire)
     paths = [(1,), (2,), (3,), (4,)]
     if entry.kind == KIND_RUN_PUBLISH:
-        paths += [(6, 1), (6, 2, 0), (6, 2, 1)]
+        paths += [(6, 1), (6, 2, 0), (6, 2, 1), (6, 2, 3), (6, 2, 4), (6, 2, 5)]
     else:
         paths += [(6, 1), (6, 0, 0, 3), (6, 0, 0, 5)]
     path = data.draw(st.sampled_from(paths))
@@ -135,7 +147,7 @@ def test_random_bytes_never_crash_the_decoder(data):
 
 # ---- explicit strictness cases -----------------------------------------------------------------------
 
-SAMPLE = vector_entries()["receipt seq 0"]
+SAMPLE = vector_entries()["payout seq 1"]
 SAMPLE_OBJ = msgpack.unpackb(SAMPLE.wire)
 
 
@@ -154,6 +166,7 @@ MALFORMED = [
         (_packed(_replace(SAMPLE_OBJ, (4,), 1.5)), "timestamp"),
         (_packed(_replace(SAMPLE_OBJ, (5,), "audit")), "reserved"),
         (_packed(_replace(SAMPLE_OBJ, (5,), "transfer")), "reserved"),
+        (_packed(_replace(SAMPLE_OBJ, (5,), "receipt")), "kind 'receipt' .* was replaced by 'payout'"),
         (_packed(_replace(SAMPLE_OBJ, (5,), "mint")), "unknown entry kind"),
         (_packed(_replace(SAMPLE_OBJ, (5,), KIND_RUN_PUBLISH)), "run.publish body"),
         (_packed(_replace(SAMPLE_OBJ, (6, 1), -5)), "amount"),
@@ -177,38 +190,65 @@ def test_malformed_entries_are_rejected_naming_why(data, reason):
 def test_oversize_manifest_and_genesis_rules():
     key = KEYS[0]
     with pytest.raises(InvalidMessage, match="manifest"):
-        RunPublish.create(b"x" * (MAX_MANIFEST_SIZE + 1), CreditPolicy(1, 1))
-    body = RunPublish.create(b"m", CreditPolicy(1, 1))
+        RunPublish.create(b"x" * (MAX_MANIFEST_SIZE + 1), CreditPolicy(0, 1))
+    manifest = example_manifest("genesis", issuers=[key])
+    body = RunPublish.from_manifest(Manifest.from_wire(manifest))
+    validate.check_entry(sign_entry(key, 0, GENESIS_PREV, 0, KIND_RUN_PUBLISH, body))
     with pytest.raises(InvalidEntry, match="seq 0"):
         validate.check_entry(sign_entry(key, 0, b"\x01" * 32, 0, KIND_RUN_PUBLISH, body))
     with pytest.raises(InvalidEntry, match="genesis"):
         validate.check_entry(sign_entry(key, 1, GENESIS_PREV, 0, KIND_RUN_PUBLISH, body))
-    wrong_id = RunPublish(crypto.digest(b"other"), b"m", CreditPolicy(1, 1))
+    wrong_id = RunPublish(crypto.digest(b"other"), manifest, body.policy)
     with pytest.raises(InvalidEntry, match="digest of the manifest"):
         validate.check_entry(sign_entry(key, 0, GENESIS_PREV, 0, KIND_RUN_PUBLISH, wrong_id))
+    wrong_policy = RunPublish.create(manifest, CreditPolicy.create(1000, 1, [key.public_key]))  # cap left at default
+    with pytest.raises(InvalidEntry, match="not the one the manifest implies"):
+        validate.check_entry(sign_entry(key, 0, GENESIS_PREV, 0, KIND_RUN_PUBLISH, wrong_policy))
 
 
-def test_receipt_for_another_peer_is_rejected():
-    claim = Claim(crypto.digest(b"m"), KEYS[0].public_key, 0, KEYS[1].public_key, 5)
-    receipt = Receipt.assemble(claim.sign(KEYS[1]), [claim.witness(KEYS[2])])
-    entry = sign_entry(KEYS[3], 0, GENESIS_PREV, 0, KIND_RECEIPT, ReceiptBody(receipt, 5))
-    with pytest.raises(InvalidEntry, match="another peer"):
-        validate.check_entry(entry)
+def test_payout_signatures_are_checked_alone_and_its_author_against_the_policy():
+    issuer, claimant, witness, other = KEYS[:4]
+    claim = Claim(crypto.digest(b"m"), issuer.public_key, 3, claimant.public_key, 5)
+    receipt = Receipt.assemble(claim.sign(claimant), [claim.witness(witness)])
+    policy = CreditPolicy.create(1000, 1, [issuer.public_key, other.public_key], epoch_cap=5)
+    body = PayoutBody.create(receipt, policy)
+    validate.check_entry(sign_entry(issuer, 0, GENESIS_PREV, 0, KIND_PAYOUT, body))
+    forged = PayoutBody(Receipt(claim, other.sign(b"not the claim"), receipt.witnesses), body.amount)
+    with pytest.raises(InvalidEntry, match="payout receipt .*claimant"):
+        validate.check_entry(sign_entry(issuer, 0, GENESIS_PREV, 0, KIND_PAYOUT, forged))
+    # the issuer of epoch 3 is issuers[3 % 2]; neither the other issuer nor the claimant may sign its payout
+    payer = policy.issuer_for(3)
+    validate.check_payout_policy(body, policy, payer)
+    for wrong in ({issuer.public_key, other.public_key} - {payer}) | {claimant.public_key}:
+        with pytest.raises(InvalidEntry, match="not signed by the run's issuer for that epoch"):
+            validate.check_payout_policy(body, policy, wrong)
 
 
 def test_run_publish_body_from_a_run_manifest():
     import tomllib
 
     from p2pcompute.identity import peer_id_b58
-    from p2pcompute.runs.manifest import Manifest
 
     spec = tomllib.loads((Path(__file__).resolve().parent.parent / "docs" / "examples" / "mlp-synthetic.toml").read_text())
-    validator = KEYS[2].public_key
-    spec["credits"] = {"rate": 2500, "quorum": 2, "validators": [peer_id_b58(validator)]}
+    issuer = KEYS[2].public_key
+    spec["credits"] = {"rate": 2500, "quorum": 2, "issuers": [peer_id_b58(issuer)], "budget": 40, "slack": 25}
     manifest = Manifest.from_dict(spec)
     body = RunPublish.from_manifest(manifest)
     assert body.run_id == manifest.run_id and body.manifest == manifest.to_wire()
-    assert body.policy == CreditPolicy(2500, 2, (validator,))
+    assert body.policy == policy_of(manifest) == CreditPolicy(
+        2500, 2, (issuer,), max_epochs=manifest.max_epochs, epoch_cap=manifest.target_batch_size * 125 // 100,
+        budget=40_000_000)
+    # a paying run names no issuer: it cannot be published as it is; the publisher becomes its issuer
+    spec["credits"] = {"rate": 2500}
+    unpaid = Manifest.from_dict(spec)
+    with pytest.raises(InvalidMessage, match="needs at least one issuer"):
+        RunPublish.from_manifest(unpaid)
+    published = unpaid.with_default_issuer(peer_id_b58(KEYS[4].public_key))
+    assert RunPublish.from_manifest(published).policy.issuers == (KEYS[4].public_key,)
+    assert published.run_id != unpaid.run_id  # the issuer is part of the manifest, hence of the run id
+    free = Manifest.from_dict({**spec, "credits": {"rate": 0}})
+    assert free.with_default_issuer(peer_id_b58(KEYS[4].public_key)) == free
+    assert RunPublish.from_manifest(free).policy.issuers == ()
 
 
 # ---- test vectors: docs/ledger.md lists them; the code must reproduce them byte for byte --------------

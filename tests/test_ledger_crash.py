@@ -13,29 +13,31 @@ from pathlib import Path
 from conftest import run_p2pc
 from p2pcompute.ledger.store import LEDGER_FILENAME, Store
 
-# The writer: appends forever, alternating single local appends (a node's own receipts) and batches of
-# ten entries of another author (what sync ingests), and prints each entry id once `append` returned.
+# The writer: appends forever, alternating single local appends (a node's own payouts, as the run's issuer)
+# and batches of ten payouts of the run's other issuer (what sync ingests), and prints each entry id once
+# `append` returned. Epoch e is paid by issuers[e % 2]: the node pays the epochs 2k + mine, the other 2k + theirs.
 WRITER = r"""
 import sys
-from p2pcompute.credits.policy import CreditPolicy
-from p2pcompute.ledger.codec import KIND_RUN_PUBLISH
-from p2pcompute.ledger.examples import ChainBuilder, receipt_body, seed_key
+from p2pcompute.ledger.codec import KIND_PAYOUT
+from p2pcompute.ledger.examples import ChainBuilder, example_manifest, payout_body, seed_key
 from p2pcompute.ledger.store import Store
 
 publisher, claimant, batcher, w1, w2 = (seed_key(b) for b in range(1, 6))
 store = Store(sys.argv[1])
 chains = ChainBuilder()
-run = chains.publish(publisher, b"crash manifest", CreditPolicy(10, 2), 0)
+run = chains.publish(publisher, example_manifest("crash", rate=10, quorum=2, issuers=[publisher, batcher]), 0)
 store.append([run])
-for key in (claimant, batcher):
+mine, theirs = (run.body.policy.issuers.index(k.public_key) for k in (publisher, batcher))
+for key in (publisher, batcher):
     head = store.head(key.public_key)
     if head is not None:
         chains.heads[key.public_key] = (head.seq, head.id)
 epoch = store.count() * 1000  # above every epoch an earlier (killed) writer used
 while True:
-    entry = store.append_local(claimant, "receipt", receipt_body(claimant, run, epoch, 5, [w1, w2]), epoch)
+    body = payout_body(claimant, run, 2 * epoch + mine, 5, [w1, w2])
+    entry = store.append_local(publisher, KIND_PAYOUT, body, epoch)
     print(entry.id.hex(), flush=True)
-    batch = [chains.receipt(batcher, run, epoch * 100 + i, 7, [w1, w2], epoch) for i in range(10)]
+    batch = [chains.payout(batcher, claimant, run, 2 * (epoch * 100 + i) + theirs, 7, [w1, w2], epoch) for i in range(10)]
     store.append(batch)
     for e in batch:
         print(e.id.hex(), flush=True)

@@ -89,9 +89,9 @@ def test_one_shot_sync_with_node_stopped(tmp_path):
 def test_malicious_peer_changes_nothing(tmp_path):
     from hivemind.p2p import P2P, PeerID
 
-    from p2pcompute.credits.policy import CreditPolicy
     from p2pcompute.ledger.codec import GENESIS_PREV, KIND_RUN_PUBLISH, RunPublish, sign_entry
-    from p2pcompute.ledger.examples import label_key
+    from p2pcompute.ledger.examples import example_manifest, label_key
+    from p2pcompute.runs.manifest import Manifest
     from p2pcompute.protocol import read_frame, write_frame
     from p2pcompute.services.sync import LIMITS, MAX_FRAME, PROTOCOL
 
@@ -100,11 +100,11 @@ def test_malicious_peer_changes_nothing(tmp_path):
         mine = publish(node, tmp_path, "honest-run")
         before = entry_ids(node.data_dir)
         mallory = label_key("mallory")
-        policy = CreditPolicy.create(1000, 1)
 
         def run_entry(seq, prev, name, signer=mallory):
+            manifest = Manifest.from_wire(example_manifest(name, issuers=[signer]))
             return sign_entry(signer, seq, prev, 1_700_000_000_000 + seq, KIND_RUN_PUBLISH,
-                              RunPublish.create(name.encode(), policy))
+                              RunPublish.from_manifest(manifest))
 
         good0 = run_entry(0, GENESIS_PREV, "m0")
         forged = bytearray(run_entry(1, good0.id, "m1").to_wire())

@@ -14,7 +14,7 @@ from p2pcompute import crypto
 from p2pcompute.credits.claims import Claim, Receipt, WitnessSignature
 from p2pcompute.errors import InvalidEntry, InvalidSignature
 from p2pcompute.ledger import validate
-from p2pcompute.ledger.codec import GENESIS_PREV, KIND_RECEIPT, Entry, ReceiptBody, sign_entry
+from p2pcompute.ledger.codec import KIND_PAYOUT, Entry, PayoutBody, sign_entry
 from p2pcompute.ledger.examples import seed_key, vector_entries
 
 VECTORS = Path(__file__).resolve().parent / "vectors" / "ed25519-speccheck-cases.json"  # shipped: never skipped
@@ -98,15 +98,15 @@ def test_entries_by_small_order_or_non_canonical_authors_are_rejected(author, re
         validate.check_entry(entry)
 
 
-def test_receipt_with_a_small_order_witness_is_rejected():
-    entry = vector_entries()["receipt seq 0"]
+def test_payout_with_a_small_order_witness_is_rejected():
+    entry = vector_entries()["payout seq 1"]
     receipt = entry.body.receipt
     small = bytes.fromhex("0000000000000000000000000000000000000000000000000000000000000080")
     witnesses = tuple(sorted(receipt.witnesses + (WitnessSignature(small, bytes(64)),), key=lambda w: w.witness))
     forged = Receipt(receipt.claim, receipt.claimant_signature, witnesses)
-    # signed by the claimant, so that only the witness is wrong
-    tampered = sign_entry(seed_key(2), 0, GENESIS_PREV, entry.timestamp, KIND_RECEIPT,
-                          ReceiptBody(forged, entry.body.amount))
+    # signed again by the issuer, so that only the witness is wrong
+    tampered = sign_entry(seed_key(1), entry.seq, entry.prev, entry.timestamp, KIND_PAYOUT,
+                          PayoutBody(forged, entry.body.amount))
     with pytest.raises(InvalidEntry, match="witness .*small order"):
         validate.check_entry(Entry.from_wire(tampered.wire))
 

@@ -1,4 +1,4 @@
-"""The SQLite replica: schema and pragmas, refusal of foreign files, sync lookups, derived tables rebuilt
+"""The SQLite replica: schema and pragmas, refusal of foreign and version-1 files, sync lookups, derived tables rebuilt
 and checked, concurrent local appends, and a Hypothesis state machine against a model of the verdict."""
 
 from __future__ import annotations
@@ -13,19 +13,30 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from p2pcompute.credits.policy import CreditPolicy
 from p2pcompute.errors import InvalidMessage, NotFound, StoreError
-from p2pcompute.ledger.codec import KIND_RECEIPT, KIND_RUN_PUBLISH, RunPublish, sign_entry
-from p2pcompute.ledger.examples import ChainBuilder, receipt_body, seed_key
+from p2pcompute.ledger.codec import KIND_PAYOUT, KIND_RUN_PUBLISH, RunPublish, sign_entry
+from p2pcompute.ledger.examples import ChainBuilder, example_manifest, payout_body, seed_key
 from p2pcompute.ledger.reconcile import FINGERPRINT_SIZE, PrefixIndex, prefix_bounds
 from p2pcompute.ledger.schema import APPLICATION_ID, SCHEMA_VERSION
 from p2pcompute.ledger.store import Store
 from p2pcompute.ledger.replica import Replica
+from p2pcompute.runs.manifest import Manifest
 
-PUB, C1, C2, C3, W1, W2 = (seed_key(b) for b in range(1, 7))
+PUB, C1, C2, C3, W1, W2, I1, I2, I3 = (seed_key(b) for b in range(1, 10))
 CLAIMANTS = (C1, C2, C3)
+ISSUERS = {k.public_key: k for k in (I1, I2, I3)}
 T0 = 1_700_000_000_000
-POLICY = CreditPolicy.create(rate=7, quorum=2)
+# rate 7, quorum 2; epoch e is paid by the e % 3-th of three issuers; an epoch pays up to 12,288 samples
+MANIFEST = example_manifest("store", rate=7, quorum=2, issuers=list(ISSUERS), target_batch_size=8192)
+
+
+def issuer_of(run, epoch: int):
+    return ISSUERS[run.body.policy.issuer_for(epoch)]
+
+
+def publication(name: str) -> RunPublish:
+    """The run.publish body of a small manifest paid by PUB."""
+    return RunPublish.from_manifest(Manifest.from_wire(example_manifest(name, issuers=[PUB])))
 
 
 def _fingerprint(ids: list[bytes]) -> tuple[int, bytes]:
@@ -38,8 +49,9 @@ def _fingerprint(ids: list[bytes]) -> tuple[int, bytes]:
 
 def _populated(path: Path) -> list:
     chains = ChainBuilder()
-    run = chains.publish(PUB, b"manifest", POLICY, T0)
-    entries = [run] + [chains.receipt(c, run, epoch, 10 + epoch, [W1, W2], T0 + epoch) for epoch in range(3) for c in CLAIMANTS]
+    run = chains.publish(PUB, MANIFEST, T0)
+    entries = [run] + [chains.payout(issuer_of(run, epoch), c, run, epoch, 10 + epoch, [W1, W2], T0 + epoch)
+                       for epoch in range(3) for c in CLAIMANTS]
     with Store(path) as store:
         store.append(entries)
     return entries
@@ -65,6 +77,18 @@ def test_refuses_newer_schemas_foreign_databases_and_garbage(tmp_path):
     raw.close()
     with pytest.raises(StoreError, match="upgrade p2pc"):
         Store(newer)
+    # ledger v1 (self-signed receipts): refused with a reason, never migrated nor changed
+    v1 = tmp_path / "v1.sqlite"
+    raw = sqlite3.connect(v1)
+    raw.executescript(f"PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1;"
+                      "CREATE TABLE receipts (n INTEGER PRIMARY KEY);")
+    raw.close()
+    with pytest.raises(StoreError, match="version-1 ledger .*move it away and sync again"):
+        Store(v1)
+    raw = sqlite3.connect(v1)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert [r[0] for r in raw.execute("SELECT name FROM sqlite_master")] == ["receipts"]
+    raw.close()
     foreign = tmp_path / "foreign.sqlite"
     raw = sqlite3.connect(foreign)
     raw.execute("CREATE TABLE t (x)")
@@ -87,15 +111,15 @@ def test_derived_tables_are_checked_and_rebuilt(tmp_path):
     raw = sqlite3.connect(path)
     raw.execute("UPDATE balances SET credits = credits + 1 WHERE peer = ?", (C1.public_key,))
     raw.execute("UPDATE entries SET seq = 9 WHERE id = ?", (entries[1].id,))
-    raw.execute("DELETE FROM receipts WHERE n = (SELECT n FROM entries WHERE id = ?)", (entries[2].id,))
-    raw.execute("UPDATE authors SET fork_seq = 0 WHERE author = ?", (C2.public_key,))
+    raw.execute("DELETE FROM payouts WHERE n = (SELECT n FROM entries WHERE id = ?)", (entries[2].id,))
+    raw.execute("UPDATE authors SET fork_seq = 0 WHERE author = ?", (entries[5].author,))
     raw.commit()
     raw.close()
     with Store(path) as store:
         problems = store.check_derived()
         assert any(p.startswith("balances") for p in problems)
         assert any(entries[1].id.hex() in p and "index columns" in p for p in problems)
-        assert any(entries[2].id.hex() in p and p.startswith("receipts") for p in problems)
+        assert any(entries[2].id.hex() in p and p.startswith("payouts") for p in problems)
         assert any(p.startswith("authors") for p in problems)
         store.rebuild_derived()
         assert store.check_derived() == []
@@ -118,16 +142,17 @@ def test_lookups_for_sync(tmp_path):
             assert index.fingerprint(prefix) == _fingerprint(store.ids_in_range(*prefix_bounds(prefix)))
         heads = store.heads(limit=2)
         assert len(heads) == 2 and store.heads(after=heads[-1].author) == store.heads()[2:]
-        head = store.head(C1.public_key)
+        issuer = entries[1].author  # paid epoch 0 to the three claimants
+        head = store.head(issuer)
         assert (head.seq, head.entries, head.fork_seq) == (2, 3, None)
-        chain = store.chain(C1.public_key, from_seq=1)
+        chain = store.chain(issuer, from_seq=1)
         assert [e.seq for e in chain] == [1, 2] and chain[-1].id == head.id
         assert store.get(entries[0].id) == entries[0] and store.get(b"\x00" * 32) is None
         order = [entry_id for _, entry_id, _ in store.iter_raw(batch=3)]
         assert sorted(order) == ids
         for e in entries:  # stored order puts every entry after what it depends on
             assert e.seq == 0 or order.index(e.prev) < order.index(e.id)
-            assert e.kind != KIND_RECEIPT or order.index(entries[0].id) < order.index(e.id)
+            assert e.kind != KIND_PAYOUT or order.index(entries[0].id) < order.index(e.id)
 
 
 def test_fingerprint_pages_through_large_ranges(tmp_path):
@@ -146,14 +171,15 @@ def test_fingerprint_pages_through_large_ranges(tmp_path):
 def test_concurrent_local_appends_never_fork_the_chain(tmp_path):
     path = tmp_path / "ledger.sqlite"
     with Store(path) as store:
-        store.append_local(PUB, KIND_RUN_PUBLISH, RunPublish.create(b"m0", POLICY), T0)
+        store.append_local(PUB, KIND_RUN_PUBLISH, publication("m0"), T0)
     errors = []
+    bodies = {tag: [publication(f"m-{tag}-{i}") for i in range(8)] for tag in range(2)}
 
     def worker(tag: int) -> None:
         try:
             with Store(path) as store:  # its own connection, as a second process would have
-                for i in range(8):
-                    store.append_local(PUB, KIND_RUN_PUBLISH, RunPublish.create(b"m %d %d" % (tag, i), POLICY), T0)
+                for body in bodies[tag]:
+                    store.append_local(PUB, KIND_RUN_PUBLISH, body, T0)
         except Exception as e:  # surfaced below
             errors.append(e)
 
@@ -171,10 +197,10 @@ def test_concurrent_local_appends_never_fork_the_chain(tmp_path):
 
 def test_a_forked_identity_is_not_extended(tmp_path):
     with Store(tmp_path / "ledger.sqlite") as store:
-        first = store.append_local(PUB, KIND_RUN_PUBLISH, RunPublish.create(b"a", POLICY), T0)
-        store.append([sign_entry(PUB, 0, first.prev, T0, KIND_RUN_PUBLISH, RunPublish.create(b"b", POLICY))])
+        first = store.append_local(PUB, KIND_RUN_PUBLISH, publication("a"), T0)
+        store.append([sign_entry(PUB, 0, first.prev, T0, KIND_RUN_PUBLISH, publication("b"))])
         with pytest.raises(StoreError, match="forked chain"):
-            store.append_local(PUB, KIND_RUN_PUBLISH, RunPublish.create(b"c", POLICY), T0)
+            store.append_local(PUB, KIND_RUN_PUBLISH, publication("c"), T0)
 
 
 # ---- stateful test -----------------------------------------------------------------------------------
@@ -190,7 +216,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.path = Path(self.tmp.name) / "ledger.sqlite"
         self.store = Store(self.path)
         self.chains = ChainBuilder()
-        self.run = self.chains.publish(PUB, b"stateful", POLICY, T0)
+        self.run = self.chains.publish(PUB, MANIFEST, T0)
         self.store.append([self.run])
         self.stored = {self.run.id: self.run}
         self.pending: dict[bytes, object] = {}  # delivered, waiting for a predecessor
@@ -216,14 +242,18 @@ class LedgerMachine(RuleBasedStateMachine):
                     progress = True
         assert set(result.added) | set(result.pending) | set(result.duplicates) >= {e.id for e in entries}
 
-    def _fresh_body(self, claimant, samples):
+    def _fresh_body(self, issuer, claimant, samples):
+        """A payout body for an epoch never paid before that `issuer` pays."""
         self.next_epoch += 1
-        return receipt_body(claimant, self.run, self.next_epoch, samples, [W1, W2])
+        while issuer_of(self.run, self.next_epoch) is not issuer:
+            self.next_epoch += 1
+        return payout_body(claimant, self.run, self.next_epoch, samples, [W1, W2])
 
     @rule(claimant=st.sampled_from(CLAIMANTS), samples=st.integers(1, 10_000), hold=st.booleans())
-    def receipt(self, claimant, samples, hold):
+    def payout(self, claimant, samples, hold):
         self.next_epoch += 1
-        entry = self.chains.receipt(claimant, self.run, self.next_epoch, samples, [W1, W2], T0 + self.next_epoch)
+        issuer = issuer_of(self.run, self.next_epoch)
+        entry = self.chains.payout(issuer, claimant, self.run, self.next_epoch, samples, [W1, W2], T0 + self.next_epoch)
         if hold:
             self.held.append(entry)
         else:
@@ -245,20 +275,20 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.store.append([entry]).duplicates == (entry.id,)
         assert self.store.count() == before
 
-    @rule(data=st.data(), samples=st.integers(1, 10_000))
-    def equivocate(self, data, samples):
-        candidates = sorted((e for e in self.stored.values() if e.kind == KIND_RECEIPT), key=lambda e: e.id)
+    @rule(data=st.data(), claimant=st.sampled_from(CLAIMANTS), samples=st.integers(1, 10_000))
+    def equivocate(self, data, claimant, samples):
+        candidates = sorted((e for e in self.stored.values() if e.kind == KIND_PAYOUT), key=lambda e: e.id)
         if not candidates:
             return
         original = data.draw(st.sampled_from(candidates))
-        claimant = next(c for c in CLAIMANTS if c.public_key == original.author)
-        twin = sign_entry(claimant, original.seq, original.prev, original.timestamp, KIND_RECEIPT,
-                          self._fresh_body(claimant, samples))
+        issuer = ISSUERS[original.author]
+        twin = sign_entry(issuer, original.seq, original.prev, original.timestamp, KIND_PAYOUT,
+                          self._fresh_body(issuer, claimant, samples))
         self._deliver([twin])
 
     @rule(data=st.data(), claimant=st.sampled_from(CLAIMANTS))
     def invalid_bytes(self, data, claimant):
-        entry = ChainBuilder().receipt(claimant, self.run, 10**6, 5, [W1, W2], T0)
+        entry = ChainBuilder().payout(issuer_of(self.run, 10**6), claimant, self.run, 10**6, 5, [W1, W2], T0)
         wire = bytearray(entry.wire)
         wire[data.draw(st.integers(0, len(wire) - 1))] ^= data.draw(st.integers(1, 255))
         count, pending = self.store.count(), len(self.store.pending)
@@ -291,12 +321,14 @@ class LedgerMachine(RuleBasedStateMachine):
         if not hasattr(self, "store"):
             return
         assert self.store.check_derived() == []
+        fork = {}  # issuer -> its lowest seq holding two entries, if any
+        for issuer in ISSUERS:
+            seqs = [e.seq for e in self.stored.values() if e.author == issuer]
+            fork[issuer] = min((s for s in set(seqs) if seqs.count(s) > 1), default=None)
+        payouts = [e for e in self.stored.values() if e.kind == KIND_PAYOUT]
         for claimant in CLAIMANTS:
-            mine = [e for e in self.stored.values() if e.author == claimant.public_key]
-            seqs = [e.seq for e in mine]
-            forks = [s for s in set(seqs) if seqs.count(s) > 1]
-            fork = min(forks) if forks else None
-            counted = [e for e in mine if fork is None or e.seq < fork]
+            counted = [e for e in payouts if e.body.receipt.claim.peer == claimant.public_key
+                       and (fork[e.author] is None or e.seq < fork[e.author])]
             balance = self.store.balance(claimant.public_key)
             assert (balance.credits, balance.receipts) == (sum(e.body.amount for e in counted), len(counted))
 

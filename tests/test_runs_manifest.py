@@ -72,7 +72,8 @@ def test_defaults_filled_in_and_typed():
     assert m.averaging.mode == "gradients" and m.averaging.compression == "none"
     assert m.averaging.request_timeout < m.averaging.matchmaking_time
     assert m.optimizer["lr"] == Decimal("0.1") and m.optimizer["momentum"] == Decimal("0")
-    assert m.hardware.devices == ("cpu", "cuda") and m.credits.validators == ()
+    assert m.hardware.devices == ("cpu", "cuda")
+    assert (m.credits.issuers, m.credits.budget, m.credits.slack) == ((), 0, 100)
     assert m.parameter_count == (3 * 5 + 5) + (5 * 2 + 2)
 
 
@@ -114,7 +115,13 @@ def test_built_spec_holds_what_it_was_given_over_the_defaults():
     (with_lines("hardware", "devices = ['tpu']"), "hardware.devices"),
     (with_lines("credits", "quorum = 0"), "credits.quorum"),
     (with_lines("credits", "rate = 1.5"), "credits.rate"),
-    (with_lines("credits", "validators = ['not-a-peer']"), "credits.validators"),
+    (with_lines("credits", "issuers = ['not-a-peer']"), "credits.issuers"),
+    (with_lines("credits", "issuers = ['11111111111111111111111111111111']"), "credits.issuers"),
+    (with_lines("credits", "validators = []"), "credits.validators"),
+    (with_lines("credits", "budget = -1"), "credits.budget"),
+    (with_lines("credits", "budget = 1000000000001"), "credits.budget"),
+    (with_lines("credits", "slack = 1001"), "credits.slack"),
+    (with_lines("credits", "slack = 0.5"), "credits.slack"),
     (BASE.replace("in_features = 3", "in_features = 4"), "model"),
     (BASE.replace("target_batch_size = 16", "target_batch_size = 2"), "target_batch_size"),
     (BASE.replace('name = "t"', 'name = "../etc"'), "name"),
@@ -179,7 +186,8 @@ def test_from_wire_rejects_non_canonical_encodings():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda items: items.__setitem__(0, 2), "version"),
+    (lambda items: items.__setitem__(0, 1), "unsupported version 1"),  # version 1 named validators
+    (lambda items: items.__setitem__(0, 3), "unsupported version 3"),
     (lambda items: items.pop(), "12 fields"),
     (lambda items: items.__setitem__(6, ["mlp"]), "model"),
     (lambda items: items.__setitem__(6, ["gpt5", []]), "model.name"),
@@ -257,12 +265,36 @@ def test_load_signed_or_spec(tmp_path):
         Manifest.load(tmp_path / "missing.toml")
 
 
-def test_validators_are_sorted_and_checked():
+def test_issuers_are_sorted_and_checked():
     a, b = Identity.generate().peer_id.to_base58(), Identity.generate().peer_id.to_base58()
-    m1 = Manifest.from_toml(with_lines("credits", f"validators = ['{a}', '{b}']"))
-    m2 = Manifest.from_toml(with_lines("credits", f"validators = ['{b}', '{a}']"))
-    assert m1.run_id == m2.run_id and list(m1.credits.validators) == sorted([a, b])
-    assert error_of(with_lines("credits", f"validators = ['{a}', '{a}']")).startswith("credits.validators")
+    m1 = Manifest.from_toml(with_lines("credits", f"issuers = ['{a}', '{b}']"))
+    m2 = Manifest.from_toml(with_lines("credits", f"issuers = ['{b}', '{a}']"))
+    assert m1.run_id == m2.run_id and list(m1.credits.issuers) == sorted([a, b])
+    assert error_of(with_lines("credits", f"issuers = ['{a}', '{a}']")).startswith("credits.issuers")
+    many = ", ".join(f"'{Identity.generate().peer_id.to_base58()}'" for _ in range(17))
+    assert error_of(with_lines("credits", f"issuers = [{many}]")).startswith("credits.issuers")
+
+
+def test_budget_and_slack_are_part_of_the_run():
+    base = Manifest.from_toml(BASE)
+    budget = Manifest.from_toml(with_lines("credits", "budget = 500"))
+    slack = Manifest.from_toml(with_lines("credits", "slack = 10"))
+    assert (budget.credits.budget, slack.credits.slack) == (500, 10)
+    assert len({base.run_id, budget.run_id, slack.run_id}) == 3
+    for m in (budget, slack):
+        assert Manifest.from_wire(m.to_wire()) == m
+
+
+def test_the_publisher_is_the_default_issuer_of_a_paying_run():
+    me, other = Identity.generate().peer_id.to_base58(), Identity.generate().peer_id.to_base58()
+    paying = Manifest.from_toml(BASE)
+    published = paying.with_default_issuer(me)
+    assert published.credits.issuers == (me,) and published.run_id != paying.run_id
+    assert Manifest.from_wire(published.to_wire()) == published
+    named = Manifest.from_toml(with_lines("credits", f"issuers = ['{other}']"))
+    assert named.with_default_issuer(me) is named  # issuers named by the researcher are kept
+    free = Manifest.from_toml(with_lines("credits", "rate = 0"))
+    assert free.with_default_issuer(me) is free  # a run that pays nothing needs no issuer
 
 
 def test_hardware_requirements():
