@@ -206,8 +206,6 @@ def test_verify_names_a_minted_payout_inserted_into_the_sqlite_file(tmp_path):
     _shows_no_minted_credits(data_dir, minted)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (p2pcompute/ledger/derived.py rebuild): rebuild_derived() indexes every "
-                   "stored entry without validating it, so a payout inserted by hand is credited after a rebuild")
 def test_a_minted_payout_inserted_into_the_sqlite_file_is_not_credited_after_rebuild(tmp_path):
     data_dir = tmp_path / "node"
     built = build_replica(data_dir)
@@ -218,8 +216,6 @@ def test_a_minted_payout_inserted_into_the_sqlite_file_is_not_credited_after_reb
     _shows_no_minted_credits(data_dir, minted)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (p2pcompute/ledger/verify.py:108 _describe): reads the v1 run key "
-                   "('run', publisher, run_id); the key is now ('run', run_id): IndexError, a traceback from verify")
 def test_verify_names_a_payout_whose_run_is_missing(tmp_path):
     data_dir = tmp_path / "node"
     build_replica(data_dir)

@@ -20,7 +20,9 @@ from p2pcompute.ledger.codec import (
     GENESIS_PREV,
     KIND_PAYOUT,
     KIND_RUN_PUBLISH,
+    KIND_AUDIT,
     KINDS,
+    AuditBody,
     MAX_ENTRY_SIZE,
     MAX_MANIFEST_SIZE,
     MAX_SEQ,
@@ -60,6 +62,9 @@ def entries(draw) -> Entry:
     others = [k for k in KEYS if k is not author]
     if kind == KIND_RUN_PUBLISH:
         body = RunPublish.from_manifest(Manifest.from_wire(draw(manifests())))
+    elif kind == KIND_AUDIT:
+        body = AuditBody(*(draw(st.binary(min_size=32, max_size=32)) for _ in range(3)), draw(st.integers(0, 2**63 - 1)),
+                         draw(st.binary(min_size=1, max_size=256)))
     else:  # the author (the issuer) pays a claimant, witnessed by others (the issuer may be among them)
         claimant = draw(st.sampled_from(others))
         claim = Claim(draw(st.binary(min_size=32, max_size=32)), draw(st.sampled_from(KEYS)).public_key,
@@ -123,6 +128,8 @@ def test_changed_fields_break_the_signature(entry, data):
     paths = [(1,), (2,), (3,), (4,)]
     if entry.kind == KIND_RUN_PUBLISH:
         paths += [(6, 1), (6, 2, 0), (6, 2, 1), (6, 2, 3), (6, 2, 4), (6, 2, 5)]
+    elif entry.kind == KIND_AUDIT:
+        paths += [(6, 0), (6, 2), (6, 3), (6, 4)]
     else:
         paths += [(6, 1), (6, 0, 0, 3), (6, 0, 0, 5)]
     path = data.draw(st.sampled_from(paths))
@@ -164,7 +171,7 @@ MALFORMED = [
         (_packed(_replace(SAMPLE_OBJ, (2,), 1.0)), "seq"),
         (_packed(_replace(SAMPLE_OBJ, (2,), -1)), "seq"),
         (_packed(_replace(SAMPLE_OBJ, (4,), 1.5)), "timestamp"),
-        (_packed(_replace(SAMPLE_OBJ, (5,), "audit")), "reserved"),
+        (_packed(_replace(SAMPLE_OBJ, (5,), "audit")), "audit body"),
         (_packed(_replace(SAMPLE_OBJ, (5,), "transfer")), "reserved"),
         (_packed(_replace(SAMPLE_OBJ, (5,), "receipt")), "kind 'receipt' .* was replaced by 'payout'"),
         (_packed(_replace(SAMPLE_OBJ, (5,), "mint")), "unknown entry kind"),

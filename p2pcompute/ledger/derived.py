@@ -137,7 +137,9 @@ def _stored(conn: sqlite3.Connection):
 
 def rebuild(conn: sqlite3.Connection) -> None:
     """Recompute every table but the raw entries from the entries themselves (inside the caller's
-    write transaction)."""
+    write transaction). Entries were validated when they arrived; one written into the file by other means (a
+    minted payout, say) is indexed only if it holds by itself and against its run's policy (`_indexable`), so a
+    rebuild never credits it. `p2pc ledger verify` names such entries."""
     for table in schema.INDEX_TABLES_BY_NAME:
         conn.execute(f"DELETE FROM {table}")
     for n, entry_id, raw in _stored(conn):
@@ -147,7 +149,7 @@ def rebuild(conn: sqlite3.Connection) -> None:
             (entry.author, entry.seq, entry.prev, entry.timestamp, entry.kind, n),
         )
         indexed = schema.index_row(entry, n)
-        if indexed is not None:
+        if indexed is not None and _indexable(conn, entry):
             conn.execute(schema.insert_sql(indexed[0]), indexed[1])
     conn.execute("DELETE FROM authors")
     conn.execute("INSERT INTO authors " + _DERIVE_AUTHORS)
@@ -156,6 +158,30 @@ def rebuild(conn: sqlite3.Connection) -> None:
     peers, runs = _sum_counted(conn)
     conn.executemany("INSERT INTO balances VALUES (?, ?, ?, ?)", [(p, *t) for p, t in peers.items()])
     conn.executemany("INSERT INTO run_totals VALUES (?, ?, ?, ?)", [(k, *t) for k, t in runs.items()])
+
+
+def _indexable(conn: sqlite3.Connection, entry: Entry) -> bool:
+    """Whether an entry met the rules that need no chain walk: its own (signatures, body) and, for a payout or an
+    audit, its run's policy (the payout's issuer, epoch, quorum, cap and amount; the auditor among the issuers)."""
+    from p2pcompute.errors import InvalidEntry
+    from p2pcompute.ledger.codec import KIND_AUDIT, KIND_PAYOUT
+    from p2pcompute.ledger.validate import check_entry, check_payout_policy
+
+    try:
+        check_entry(entry)
+        if entry.kind in (KIND_PAYOUT, KIND_AUDIT):
+            run_id = entry.body.receipt.claim.run_id if entry.kind == KIND_PAYOUT else entry.body.run_id
+            row = conn.execute("SELECT policy FROM runs WHERE run_id = ? LIMIT 1", (run_id,)).fetchone()
+            if row is None:
+                return False
+            policy = schema.policy_from_row(row[0])
+            if entry.kind == KIND_PAYOUT:
+                check_payout_policy(entry.body, policy, entry.author)
+            elif entry.author not in policy.issuers:
+                return False
+    except InvalidMessage:
+        return False
+    return True
 
 
 def check(conn: sqlite3.Connection) -> list[str]:

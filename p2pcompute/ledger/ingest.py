@@ -101,17 +101,22 @@ class _Batch:
             self.policies[run_id] = None if row is None else schema.policy_from_row(row[0])
         return self.policies[run_id]
 
-    def tally(self, issuer: bytes, run_id: bytes, epoch: int, peer: bytes, below_seq: int) -> Tally:
-        same, epoch_samples, run_amount = self.conn.execute(
-            "SELECT coalesce(sum(epoch = ? AND peer = ?), 0), coalesce(sum(CASE WHEN epoch = ? THEN samples END), 0),"
-            " coalesce(sum(amount), 0) FROM payouts WHERE issuer = ? AND run_id = ? AND seq < ?",
-            (epoch, peer, epoch, issuer, run_id, below_seq),
+    def tally(self, issuer: bytes, run_id: bytes, epoch: int, peer: bytes, below_seq: int,
+              with_budget: bool = True) -> Tally:
+        same, epoch_samples = self.conn.execute(
+            "SELECT coalesce(sum(peer = ?), 0), coalesce(sum(samples), 0) FROM payouts"
+            " WHERE issuer = ? AND run_id = ? AND epoch = ? AND seq < ?", (peer, issuer, run_id, epoch, below_seq),
         ).fetchone()
+        run_amount = 0
+        if with_budget:  # one index-only scan of the issuer's payouts in the run: only runs with a budget pay it
+            run_amount = self.conn.execute(
+                "SELECT coalesce(sum(amount), 0) FROM payouts WHERE issuer = ? AND run_id = ? AND seq < ?",
+                (issuer, run_id, below_seq)).fetchone()[0]
         for p in self.new_payouts.get((issuer, run_id), ()):
             if p.ref.seq < below_seq:
                 same += p.epoch == epoch and p.peer == peer
                 epoch_samples += p.samples if p.epoch == epoch else 0
-                run_amount += p.amount
+                run_amount += p.amount if with_budget else 0
         return Tally(same, epoch_samples, run_amount)
 
     def payouts_of(self, issuer: bytes, run_id: bytes) -> list[PayoutRef]:

@@ -53,7 +53,8 @@ CREATE TABLE payouts (
     samples INTEGER NOT NULL,
     amount INTEGER NOT NULL
 );
-CREATE INDEX payouts_by_issuer ON payouts (issuer, run_id, seq);
+CREATE INDEX payouts_by_epoch ON payouts (issuer, run_id, epoch, seq, peer, samples);  -- per-epoch tallies
+CREATE INDEX payouts_by_issuer ON payouts (issuer, run_id, seq, amount);  -- budget tallies, index-only
 CREATE INDEX payouts_by_peer ON payouts (peer, run_id, epoch);
 CREATE INDEX payouts_by_run ON payouts (run_id);
 CREATE TABLE audits (

@@ -76,8 +76,10 @@ class LedgerView(Protocol):
     def run_policy(self, run_id: bytes) -> CreditPolicy | None:
         """The policy of `run_id` (the same in every publication of it: it is derived from the manifest)."""
 
-    def tally(self, issuer: bytes, run_id: bytes, epoch: int, peer: bytes, below_seq: int) -> Tally:
-        """Sums over `issuer`'s payouts for `run_id` at seqs below `below_seq` (all of them, on any fork)."""
+    def tally(self, issuer: bytes, run_id: bytes, epoch: int, peer: bytes, below_seq: int,
+              with_budget: bool = True) -> Tally:
+        """Sums over `issuer`'s payouts for `run_id` at seqs below `below_seq` (all of them, on any fork); the run's
+        amount only `with_budget` (0 otherwise)."""
 
     def payouts_of(self, issuer: bytes, run_id: bytes) -> list[PayoutRef]:
         """Every payout of `issuer` for `run_id`, on any of its forks."""
@@ -208,13 +210,13 @@ def _check_payout(entry: Entry, view: LedgerView) -> None:
     if policy is None:
         raise MissingDependency(f"run {claim.run_id.hex()} is not here yet", run_key(claim.run_id))
     check_payout_policy(entry.body, policy, entry.author)
-    tally = chain_tally(view, entry, claim.run_id, claim.epoch, claim.peer)
+    budget = policy.issuer_budget()
+    tally = chain_tally(view, entry, claim.run_id, claim.epoch, claim.peer, with_budget=budget is not None)
     if tally.peer_epoch_payouts:
         raise InvalidEntry(f"epoch {claim.epoch} of run {claim.run_id.hex()[:16]} was already paid to this peer")
     if tally.epoch_samples + claim.samples > policy.epoch_cap:
         raise InvalidEntry(f"epoch {claim.epoch} would pay {tally.epoch_samples + claim.samples} samples, over its cap "
                            f"of {policy.epoch_cap}")
-    budget = policy.issuer_budget()
     if budget is not None and tally.run_amount + entry.body.amount > budget:
         raise InvalidEntry(f"the payout would take this issuer past its share of the run's budget ({budget} micro-credits)")
 
@@ -234,12 +236,13 @@ def _check_audit(entry: Entry, view: LedgerView) -> None:
         raise InvalidEntry("the audit does not describe the payout it names (peer, run or epoch differ)")
 
 
-def chain_tally(view: LedgerView, entry: Entry, run_id: bytes, epoch: int, peer: bytes) -> Tally:
+def chain_tally(view: LedgerView, entry: Entry, run_id: bytes, epoch: int, peer: bytes,
+                with_budget: bool = True) -> Tally:
     """What `entry`'s author paid for `run_id` on `entry`'s own chain below it. Below the author's fork point
     (if any) every stored payout is on that chain (one SQL sum); an equivocator's are filtered by ancestry."""
     fork = view.fork_seq(entry.author)
     if fork is None or fork >= entry.seq:
-        return view.tally(entry.author, run_id, epoch, peer, entry.seq)
+        return view.tally(entry.author, run_id, epoch, peer, entry.seq, with_budget)
     same, epoch_samples, run_amount = 0, 0, 0
     for p in view.payouts_of(entry.author, run_id):
         if is_ancestor(view, p.ref.id, p.ref.seq, entry):

@@ -105,4 +105,4 @@ def _why_altered(raw: bytes) -> str:
 def _describe(key: tuple) -> str:
     if key[0] == "entry":
         return f"entry {key[1].hex()}"
-    return f"run {key[2].hex()} of publisher {key[1].hex()}"
+    return f"run {key[1].hex()}"
