@@ -61,6 +61,7 @@ class TrainingSupervisor:
         self.hooks = hooks
         self.period = period
         self._trainer = None
+        self._last_rounds: list[dict] = []  # round_json of the last trainer's last rounds, once it stopped
         self._watcher = None
         self._signed: "SignedManifest | None" = None
         self._reason = "looking for a run"
@@ -96,7 +97,9 @@ class TrainingSupervisor:
         if self._signed is not None and self._trainer is not None:
             out["run"] = {"run_id": self._signed.run_id.hex(), "name": self._signed.manifest.name}
             out["trainer"] = self._trainer.status().to_json()
-            out["last_rounds"] = [round_json(r) for r in self._trainer.rounds()[-LAST_ROUNDS:]]
+        trainer = self._trainer
+        out["last_rounds"] = ([round_json(r) for r in trainer.rounds()[-LAST_ROUNDS:]] if trainer is not None
+                              else self._last_rounds)  # the last trainer's, once it stopped
         if self._watcher is not None:
             out["idle"] = {"train": self._watcher.decision.train, "reason": self._watcher.decision.reason}
         return out
@@ -232,6 +235,7 @@ class TrainingSupervisor:
         self._idle_pause = None  # the next trainer gets a watcher of its own
         if self._trainer is not None:
             trainer, self._trainer = self._trainer, None
+            self._last_rounds = [round_json(r) for r in trainer.rounds()[-LAST_ROUNDS:]]
             trainer.shutdown()
             self.hooks.trainer_stopped(trainer)
         self.hooks.state_changed("idle", b"")
