@@ -82,6 +82,14 @@ def status(run_ref: str, data_dir: str | None, as_json: bool) -> None:
         print_table(None, ["peer", "status", "epoch", "loss", "samples/s", "samples"],
                     [(peer[-12:], p["status"], p["epoch"], "-" if p["loss"] is None else f"{p['loss']:.4f}",
                       f"{p['samples_per_second']:.1f}", p["samples_done"]) for peer, p in r["peers"].items()])
+        if r["evals"]:
+            def show(value, fmt=".4f"):
+                return "-" if value is None else format(value, fmt)
+
+            print_table("evaluation (held-out samples, at the start of each epoch)",
+                        ["epoch", "train loss", "eval loss", "perplexity", "accuracy", "peers"],
+                        [(e["epoch"], show(e["train_loss"]), show(e["eval_loss"]), show(e["perplexity"], ".2f"),
+                          show(e["accuracy"], ".3f"), e["peers"]) for e in r["evals"]])
 
     emit(report, as_json, render)
 

@@ -183,8 +183,9 @@ class ControlAPI:
         signed = self._announced_run(args.get("run"))
         with self.shared.held() as dht:
             records = fetch_progress(dht, signed.run_id, timeout=30)
-        return dict(summarize(records).to_json(), run_id=signed.run_id.hex(), name=signed.manifest.name,
-                    max_epochs=signed.manifest.max_epochs, target_batch_size=signed.manifest.target_batch_size)
+        return dict(summarize(records, signed.manifest.data_shape.task).to_json(), run_id=signed.run_id.hex(),
+                    name=signed.manifest.name, max_epochs=signed.manifest.max_epochs,
+                    target_batch_size=signed.manifest.target_batch_size)
 
     def run_checkpoint(self, args: dict) -> dict:
         """Write the run's current parameters to args["path"]: from our own trainer if we train the run,

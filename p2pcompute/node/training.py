@@ -136,6 +136,7 @@ class TrainingSupervisor:
             self._start_trainer(signed)
 
     def _start_trainer(self, signed: "SignedManifest") -> None:
+        from p2pcompute.runs.artifacts import ArtifactStore
         from p2pcompute.training.idle import IdlePolicy, parse_schedule
         from p2pcompute.training.nvml import IdleWatcher
         from p2pcompute.training.trainer import Trainer, TrainerOptions
@@ -146,6 +147,7 @@ class TrainingSupervisor:
             device=config.device, max_memory_fraction=config.max_memory_fraction,
             data_dir=config.data_dir / "datasets", checkpoint_dir=config.data_dir / "checkpoints",
             round_payload=self.hooks.round_payload(signed), min_peers=config.min_peers,
+            artifacts=ArtifactStore.for_data_dir(config.data_dir),
         )
         self._signed = signed
         self.hooks.state_changed("starting", signed.run_id)

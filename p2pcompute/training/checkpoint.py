@@ -12,7 +12,7 @@ from torch import nn
 
 from p2pcompute.errors import InvalidMessage, NotFound
 from p2pcompute.runs.manifest import Manifest
-from p2pcompute.runs.models import build_model
+from p2pcompute.runs.materialize import run_model
 
 FORMAT = "p2pc-checkpoint/v1"
 # A checkpoint file holds only tensors, ints and strings: torch.load(weights_only=True) refuses anything
@@ -57,7 +57,7 @@ def load_checkpoint(path: str | Path, manifest: Manifest) -> tuple[nn.Module, in
     data = read_checkpoint(path)
     if data["run_id"] != manifest.run_id_hex:
         raise InvalidMessage(f"{path} belongs to run {data['run_id'][:16]}..., not {manifest.run_id_hex[:16]}...")
-    model = build_model(manifest.model.name, manifest.model.as_dict(), manifest.init_seed)
+    model = run_model(manifest, with_init=False)
     try:
         model.load_state_dict(data["state_dict"], strict=True)
     except RuntimeError as e:
@@ -77,7 +77,7 @@ def fetch_checkpoint(dht, manifest: Manifest, path: str | Path, timeout: float) 
     if donors is None or not isinstance(donors.value, dict) or not any(
             isinstance(v.value, (int, float)) for v in donors.value.values()):
         raise NotFound(f"no peer of run {manifest.run_id_hex[:16]}... offers its state (is anyone training it?)")
-    model = build_model(manifest.model.name, manifest.model.as_dict(), manifest.init_seed)
+    model = run_model(manifest, with_init=False)
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(float("nan"))  # sentinel: any NaN left after the download means nothing arrived
