@@ -15,6 +15,7 @@ from p2pcompute.node import hardware
 from p2pcompute.node.announcer import PeerAnnouncer
 from p2pcompute.node.api import ControlAPI
 from p2pcompute.node.control import ControlServer, load_or_create_token, write_private
+from p2pcompute.node.final_checkpoints import FinalCheckpoints
 from p2pcompute.node.instance_lock import InstanceLock
 from p2pcompute.node.ledger_host import LedgerHost
 from p2pcompute.node.pacing import PublishPacing
@@ -51,6 +52,7 @@ class Node:
         self.ledger = LedgerHost(config.data_dir, config.sync_interval, config.startup_timeout)
         self.credits: RunCredits | None = None
         self.supervisor: TrainingSupervisor | None = None
+        self.finals: FinalCheckpoints | None = None
         self.api: ControlAPI | None = None
         self.control: ControlServer | None = None
         self._stop = threading.Event()
@@ -76,17 +78,20 @@ class Node:
                                            status="bootstrap" if self.role == "bootstrap" else "idle", stop=self._stop)
             self.ledger.start(dht)
             self.announcer.start()
+            self.finals = FinalCheckpoints(config, self.identity, self.shared, self.ledger.loop,
+                                           self.ledger.sync.p2p).start()
             if self.role == "node" and config.train:
                 self.credits = RunCredits(self.ledger.loop, self.ledger.sync.p2p, self.ledger.replica, self.identity)
                 hooks = SupervisorHooks(state_changed=self.announcer.set_state,
                                         round_payload=self.credits.round_payload,
                                         trainer_started=self.credits.trainer_started,
                                         trainer_stopped=self.credits.trainer_stopped)
-                self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks)
+                self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks,
+                                                     finals=self.finals)
             self.api = ControlAPI(role=self.role, config=config, identity=self.identity, hardware=self.hardware,
                                   shared=self.shared, announcer=self.announcer, ledger=self.ledger,
                                   supervisor=self.supervisor, pacing=PublishPacing(self.hardware.device, self.maddrs),
-                                  clock=self.clock, request_stop=self.request_stop)
+                                  clock=self.clock, request_stop=self.request_stop, finals=self.finals)
             self.control = ControlServer(config.data_dir, load_or_create_token(config.data_dir), config.control_port)
             self.api.add_routes(self.control)
             self.control.start()
@@ -110,6 +115,9 @@ class Node:
         if self.credits is not None:
             self.credits.shutdown()
             self.credits = None
+        if self.finals is not None:
+            self.finals.shutdown()
+            self.finals = None
         self.ledger.shutdown()
         if self.announcer is not None:
             self.announcer.shutdown()  # the "stopped" tombstone, while the DHT is still up

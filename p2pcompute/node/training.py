@@ -17,6 +17,7 @@ from p2pcompute.node.selection import choose_run
 from p2pcompute.node.shared_dht import SharedDHT
 
 if TYPE_CHECKING:
+    from p2pcompute.node.final_checkpoints import FinalCheckpoints
     from p2pcompute.runs.manifest import SignedManifest
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,13 @@ class TrainingSupervisor:
     through `shared`, and tells the node what happens through `hooks`."""
 
     def __init__(self, config: NodeConfig, identity: Identity, shared: SharedDHT, hardware: Hardware,
-                 hooks: SupervisorHooks, period: float = SELECT_PERIOD):
+                 hooks: SupervisorHooks, period: float = SELECT_PERIOD, finals: "FinalCheckpoints | None" = None):
         self.config = config
         self.identity = identity
         self.shared = shared
         self.hardware = hardware
         self.hooks = hooks
+        self.finals = finals  # where a finished run's final checkpoint is kept and served from
         self.period = period
         self._trainer = None
         self._watcher = None
@@ -117,7 +119,10 @@ class TrainingSupervisor:
                 logger.info("run %s %s: %s", signed.manifest.name, status.status, status.reason)
                 self._finished.add(signed.run_id)
                 if status.status == "finished":  # keep the result: nobody serves a finished run's state
-                    self._final_checkpoints[signed.run_id] = self._trainer.save_checkpoint()
+                    path = self._trainer.save_checkpoint()
+                    self._final_checkpoints[signed.run_id] = path
+                    if self.finals is not None:
+                        self.finals.keep(signed.run_id, path, status.epoch)
                 self._reason = f"{signed.manifest.name} {status.status} {status.reason}".strip()
                 self._stop_trainer()
                 return

@@ -93,12 +93,36 @@ def load_initial_weights(model: nn.Module, path: Path) -> None:
                             f"unexpected {list(unexpected)[:3]}")
 
 
+def check_weights_file(task: str, config: tuple[tuple[str, Any], ...], path: Path) -> None:
+    """The names and shapes in a safetensors file's header against the model built on the meta device (tied weights
+    may be stored once); TrainingError naming the first difference."""
+    from safetensors import SafetensorError, safe_open
+
+    with torch.device("meta"):
+        model = build(task, config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = _tied_names(model)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise TrainingError(f"initial weights {path.name}: not a safetensors file ({e})") from None
+    missing = sorted(k for k in expected if k not in stored and k not in tied)
+    unexpected = sorted(k for k in stored if k not in expected)
+    wrong = sorted(k for k in stored if k in expected and stored[k] != expected[k])
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"{wrong[0]} has shape {list(stored[wrong[0]])}, the model {list(expected[wrong[0]])}")
+        raise TrainingError(f"initial weights {path.name} do not fit the model: {detail}")
+
+
 def _tied_names(model: nn.Module) -> set[str]:
-    """State-dict names that share storage with an earlier name (tied embeddings): a file may omit them."""
+    """State-dict names that are the same parameter as an earlier name (tied embeddings): a file may omit them.
+    By object identity, which also holds on the meta device (where every data pointer is 0)."""
     seen: dict[int, str] = {}
     tied = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = tensor.data_ptr()
+        key = id(tensor)
         if key in seen:
             tied.add(name)
         else:

@@ -51,3 +51,17 @@ def run_model(manifest: Manifest, artifacts: ArtifactStore | None = None, *, wit
 
         load_initial_weights(model, artifacts.resolve(sha256))
     return model
+
+
+def check_artifacts(manifest: Manifest, artifacts: ArtifactStore) -> dict[str, Path]:
+    """Every file the run names, resolved and checked as a peer will use it: the tokenizer loads and fits the model's
+    vocabulary; the initial weights have exactly the model's parameter names and shapes (read from the safetensors
+    header against a build on the meta device: no memory, no weights loaded). Returns {"init"/"tokenizer": path}."""
+    found = {kind: artifacts.resolve(sha256) for kind, sha256 in manifest.artifacts().items()}
+    if "tokenizer" in found:
+        run_tokenizer(manifest, artifacts)
+    if "init" in found:
+        from p2pcompute.runs.hf_models import check_weights_file
+
+        check_weights_file(manifest.model["task"], manifest.model["config"], found["init"])
+    return found
