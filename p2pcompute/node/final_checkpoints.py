@@ -62,12 +62,13 @@ class FinalCheckpoints:
 
     # ---- keeping ----------------------------------------------------------------------------------------
 
-    def keep(self, run_id: bytes, path: Path, epoch: int) -> None:
+    def keep(self, signed: "SignedManifest", path: Path, epoch: int) -> None:
         """Keep (a copy of) a run's final checkpoint and announce it at once, if keeping is on."""
         if not self.config.keep_final_checkpoints:
             return
+        run_id = signed.run_id
         try:
-            kept = self.store.add(run_id, path, epoch)
+            kept = self.store.add(run_id, path, epoch, signed.to_wire())
         except OSError as e:  # a full disk must not stop the node: the checkpoint is just not kept
             logger.warning("could not keep the final checkpoint of run %s: %s", run_id.hex()[:16], e)
             return
@@ -83,13 +84,24 @@ class FinalCheckpoints:
             self._stop.wait(PROVIDER_TTL / 3)
 
     def _announce(self, kept) -> None:
+        """Our provider record for each kept checkpoint, and its run (so the run stays findable after training)."""
+        from p2pcompute.errors import P2PCError
+        from p2pcompute.runs.manifest import SignedManifest
         from p2pcompute.services.checkpoints import Provider, announce_provider
         from p2pcompute.swarm.dht import dht_time
+        from p2pcompute.swarm.runs import announce_run
 
         for k in kept:
             provider = Provider(self.identity.peer_id.to_bytes(), k.epoch, k.size, bytes.fromhex(k.sha256))
+            try:
+                signed = SignedManifest.from_wire(k.manifest_path.read_bytes())
+            except (OSError, P2PCError) as e:
+                logger.warning("kept checkpoint of run %s: its manifest is unreadable (%s)", k.run_id.hex()[:16], e)
+                signed = None
             with self.shared.held() as dht:
                 announce_provider(dht, k.run_id, self.identity.peer_id, provider, dht_time() + PROVIDER_TTL)
+                if signed is not None and signed.run_id == k.run_id:
+                    announce_run(dht, signed, dht_time())
 
     # ---- fetching -----------------------------------------------------------------------------------------
 
@@ -126,6 +138,6 @@ class FinalCheckpoints:
                 continue
             from p2pcompute.protocol import short_peer
 
-            self.keep(run_id, dest, epoch)  # now this node serves it too
+            self.keep(signed, dest, epoch)  # now this node serves it too
             return epoch, f"the final checkpoint kept by {short_peer(provider.peer_id)}"
         raise NotFound(f"no node sent a valid final checkpoint of run {run_id.hex()[:16]}...: {'; '.join(errors)[:300]}")

@@ -122,7 +122,7 @@ class TrainingSupervisor:
                     path = self._trainer.save_checkpoint()
                     self._final_checkpoints[signed.run_id] = path
                     if self.finals is not None:
-                        self.finals.keep(signed.run_id, path, status.epoch)
+                        self.finals.keep(signed, path, status.epoch)
                 self._reason = f"{signed.manifest.name} {status.status} {status.reason}".strip()
                 self._stop_trainer()
                 return

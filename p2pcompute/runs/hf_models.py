@@ -86,8 +86,8 @@ def load_initial_weights(model: nn.Module, path: Path) -> None:
         raise TrainingError(f"initial weights {path.name}: not a safetensors file ({e})") from None
     except RuntimeError as e:  # load_state_dict: a shape differs
         raise TrainingError(f"initial weights {path.name} do not fit the model: {str(e).splitlines()[-1][:200]}") from None
-    tied = _tied_names(model)
-    missing = [k for k in missing if k not in tied]
+    absent = set(missing)
+    missing = [group[0] for group in _tied_groups(model) if all(k in absent for k in group)]
     if missing or unexpected:
         raise TrainingError(f"initial weights {path.name} do not fit the model: missing {missing[:3]}, "
                             f"unexpected {list(unexpected)[:3]}")
@@ -101,13 +101,12 @@ def check_weights_file(task: str, config: tuple[tuple[str, Any], ...], path: Pat
     with torch.device("meta"):
         model = build(task, config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = _tied_names(model)
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise TrainingError(f"initial weights {path.name}: not a safetensors file ({e})") from None
-    missing = sorted(k for k in expected if k not in stored and k not in tied)
+    missing = sorted(group[0] for group in _tied_groups(model) if not any(k in stored for k in group))
     unexpected = sorted(k for k in stored if k not in expected)
     wrong = sorted(k for k in stored if k in expected and stored[k] != expected[k])
     if missing or unexpected or wrong:
@@ -116,18 +115,13 @@ def check_weights_file(task: str, config: tuple[tuple[str, Any], ...], path: Pat
         raise TrainingError(f"initial weights {path.name} do not fit the model: {detail}")
 
 
-def _tied_names(model: nn.Module) -> set[str]:
-    """State-dict names that are the same parameter as an earlier name (tied embeddings): a file may omit them.
-    By object identity, which also holds on the meta device (where every data pointer is 0)."""
-    seen: dict[int, str] = {}
-    tied = set()
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict names grouped by the tensor they are (tied embeddings are one parameter under two names), by
+    object identity, which also holds on the meta device (where every data pointer is 0)."""
+    groups: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = id(tensor)
-        if key in seen:
-            tied.add(name)
-        else:
-            seen[key] = name
-    return tied
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
 
 
 def save_pretrained(model: nn.Module, directory: Path) -> None:

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 SUFFIX = ".pt"
 META_SUFFIX = ".meta"  # msgpack [epoch, sha256 hex, size]
+MANIFEST_SUFFIX = ".manifest"  # the run's signed manifest: a node keeping the result keeps the run findable
 MAX_META_BYTES = 256
 
 
@@ -28,6 +29,10 @@ class KeptCheckpoint:
     sha256: str  # hex of the file's bytes
     size: int
     path: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path.with_suffix(MANIFEST_SUFFIX)
 
 
 class CheckpointStore:
@@ -40,9 +45,9 @@ class CheckpointStore:
         self.cap_bytes = cap_bytes
         self._lock = threading.Lock()
 
-    def add(self, run_id: bytes, source: Path, epoch: int) -> KeptCheckpoint | None:
-        """Keep a copy of `source` as the run's final checkpoint (replacing an older one); None if it alone is larger
-        than the cap."""
+    def add(self, run_id: bytes, source: Path, epoch: int, signed_manifest: bytes) -> KeptCheckpoint | None:
+        """Keep a copy of `source` as the run's final checkpoint (replacing an older one), with the run's signed
+        manifest; None if it alone is larger than the cap."""
         size = Path(source).stat().st_size
         if size > self.cap_bytes:
             logger.warning("not keeping the final checkpoint of run %s: %d MiB is above the cap of %d MiB",
@@ -55,6 +60,10 @@ class CheckpointStore:
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
             shutil.copyfile(source, tmp)
             os.replace(tmp, path)
+            manifest = path.with_suffix(MANIFEST_SUFFIX)
+            tmp_manifest = manifest.with_name(manifest.name + f".{os.getpid()}.tmp")
+            tmp_manifest.write_bytes(signed_manifest)
+            os.replace(tmp_manifest, manifest)
             meta = self._meta_path(run_id)
             tmp_meta = meta.with_name(meta.name + f".{os.getpid()}.tmp")
             tmp_meta.write_bytes(msgpack.packb([int(epoch), sha256, size]))
@@ -96,6 +105,8 @@ class CheckpointStore:
             return None
         try:
             epoch, sha256, recorded = msgpack.unpackb(raw[:MAX_META_BYTES])
+            if not (type(epoch) is int and isinstance(sha256, str) and type(recorded) is int):
+                raise TypeError("wrong field types")
         except (ValueError, TypeError, msgpack.UnpackException):
             logger.warning("dropping kept checkpoint %s: unreadable metadata", path.name)
             self._drop(run_id)
@@ -134,3 +145,4 @@ class CheckpointStore:
     def _drop(self, run_id: bytes) -> None:
         self._meta_path(run_id).unlink(missing_ok=True)
         self._path(run_id).unlink(missing_ok=True)
+        self._path(run_id).with_suffix(MANIFEST_SUFFIX).unlink(missing_ok=True)
