@@ -21,7 +21,7 @@ from p2pcompute.runs.materialize import check_artifacts, run_dataset, run_model
 from p2pcompute.runs.model_specs import MAX_PARAMETERS
 from p2pcompute.services.checkpoint_store import CheckpointStore
 from p2pcompute.training.checkpoint import export_checkpoint, save_checkpoint
-from p2pcompute.training.local import evaluate
+from p2pcompute.training.local import evaluate, single_process, train_locally
 from p2pcompute.training.progress import EvalPoint, ProgressRecord, summarize
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -218,6 +218,42 @@ def test_evaluation_reports_accuracy_for_classifiers():
     whole = evaluate(model, dataset, manifest.run_id, 64)
     assert 0 <= result.accuracy <= 1 and result.loss == pytest.approx(whole.loss, rel=1e-5)
     assert result.accuracy == whole.accuracy
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("bert", "hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 2, intermediate_size = 64, "
+             "max_position_embeddings = 16"),
+    ("llama", "hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 4, num_key_value_heads = 2, "
+              "intermediate_size = 64, max_position_embeddings = 16"),
+])
+def test_sequence_classifiers_learn_the_tokens_dataset(model_type, extra):
+    manifest = Manifest.from_toml(f"""
+name = "seq-unit"
+batch_size_per_step = 32
+target_batch_size = 32
+
+[model]
+name = "hf"
+task = "sequence-classification"
+config = {{ model_type = "{model_type}", vocab_size = 50, num_labels = 4, pad_token_id = 0, {extra} }}
+
+[dataset]
+name = "tokens"
+seq_len = 12
+vocab_size = 50
+classes = 4
+seed = 3
+noise = 0
+
+[optimizer]
+name = "adam"
+lr = "0.01"
+""")
+    assert manifest.data_shape.vocab == 50
+    before = evaluate(run_model(manifest), run_dataset(manifest), manifest.run_id, 256)
+    model, dataset = train_locally(manifest, single_process(epochs=30, steps_per_epoch=1))
+    after = evaluate(model, dataset, manifest.run_id, 256)
+    assert after.loss < 0.9 * before.loss and after.accuracy > before.accuracy, (before, after)
 
 
 def test_checkpoint_exports_load_with_from_pretrained(tokenizer, tmp_path):

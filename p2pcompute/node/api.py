@@ -214,8 +214,13 @@ class ControlAPI:
         timeout = args.get("timeout", DEFAULT_CHECKPOINT_TIMEOUT)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
             raise UsageError("timeout must be a number of seconds in (0, 3600]")
-        staging = self.config.data_dir / "checkpoints" / f"export-{signed.run_id.hex()[:16]}-{os.getpid()}.pt"
-        staging.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
+        (self.config.data_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"export-{signed.run_id.hex()[:16]}-", suffix=".pt",
+                                    dir=self.config.data_dir / "checkpoints")
+        os.close(fd)
+        staging = Path(name)
         try:
             epoch, source = self._checkpoint_to(signed, staging, float(timeout))
             report = export_checkpoint(staging, signed.manifest, fmt, Path(path),

@@ -25,6 +25,10 @@ PROVIDER_TTL = 300.0  # seconds a provider record lives; refreshed 3 times as of
 START_TIMEOUT = 30.0  # seconds to open the protocol
 STOP_TIMEOUT = 10.0
 LOOKUP_TIMEOUT = 30.0  # seconds for the DHT lookup of a run's providers
+# A checkpoint holds the run's fp32 parameters (4 bytes each; buffers and the pickle framing add little): a provider
+# announcing more than 8 bytes per parameter plus 16 MiB is not downloaded at all.
+MAX_BYTES_PER_PARAMETER = 8
+CHECKPOINT_OVERHEAD_BYTES = 16 << 20
 
 
 class FinalCheckpoints:
@@ -120,7 +124,9 @@ class FinalCheckpoints:
         with self.shared.held() as dht:
             providers = fetch_providers(dht, run_id, timeout=LOOKUP_TIMEOUT)
         me = self.identity.peer_id.to_bytes()
-        providers = [p for p in providers if p.peer_id != me and not self.service.limits.banned(p.peer_id)]
+        largest = signed.manifest.parameter_count * MAX_BYTES_PER_PARAMETER + CHECKPOINT_OVERHEAD_BYTES
+        providers = [p for p in providers
+                     if p.peer_id != me and not self.service.limits.banned(p.peer_id) and p.size <= largest]
         if not providers:
             return None
         errors = []

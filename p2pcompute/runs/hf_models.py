@@ -17,6 +17,10 @@ from torch import nn
 
 from p2pcompute.errors import InvalidManifest, TrainingError
 
+# What transformers raises for a config it cannot build (checks spread over its modeling code); a manifest is
+# validated inside the DHT process too, where anything else would escape a record validator.
+BUILD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, RuntimeError)
+
 # the transformers auto class for each task (runs.hf_specs.TASKS)
 AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
@@ -50,7 +54,7 @@ def hf_config(task: str, config: tuple[tuple[str, Any], ...]):
         values["problem_type"] = "single_label_classification"
     try:
         return transformers.AutoConfig.for_model(model_type, **values)
-    except (ValueError, TypeError) as e:
+    except BUILD_ERRORS as e:
         raise InvalidManifest(f"model.config: transformers refused it: {str(e).splitlines()[0][:200]}") from None
 
 
@@ -60,7 +64,7 @@ def build(task: str, config: tuple[tuple[str, Any], ...]) -> nn.Module:
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
         model = auto.from_config(hf_config(task, config))
-    except (ValueError, TypeError) as e:
+    except BUILD_ERRORS as e:
         raise InvalidManifest(f"model.config: transformers could not build it: {str(e).splitlines()[0][:200]}") from None
     return model.train()
 

@@ -213,6 +213,9 @@ def check_against(cfg: Mapping[str, Any], shape: "DataShape") -> None:
             raise ValueError("a sequence classifier needs a classification dataset of tokens (e.g. 'tokens')")
         if d.vocab < shape.vocab:
             raise ValueError(f"config: vocab_size is {d.vocab} but the dataset's tokens go up to {shape.vocab}")
+        if model_type != "bert" and "pad_token_id" not in dict(config):
+            raise ValueError(f"config: pad_token_id is missing ({model_type} classifies a sequence by its last token "
+                             "before padding, so transformers needs to know the padding token)")
     else:
         if shape.task != "classification" or shape.vocab:
             raise ValueError("an image classifier needs a classification dataset of images (e.g. 'synthetic' with "
