@@ -148,6 +148,9 @@ class Trainer:
         if self.options.min_peers > 1:
             self._peers_deadline = self._clock() + self.options.min_peers_timeout
         self._join()
+        if m.eval is not None and self._epoch == 0:  # the initial model's held-out loss: the baseline of the run
+            with self._lock:
+                self._evaluate_epoch(0)
         self._thread = threading.Thread(target=self._run, name=f"trainer-{m.run_id_hex[:8]}", daemon=True)
         self._thread.start()
         return self
