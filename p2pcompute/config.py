@@ -242,6 +242,10 @@ class NodeConfig:
                             "windows when training is allowed, e.g. '22:00-07:00,12:00-13:00'; empty: any time")
     min_peers: int = setting("training", Number(1, 1000, integer=True), 1,
                              "hold a run's first epoch until this many peers train it (local swarms, demos)")
+    keep_final_checkpoints: bool = setting("training", Boolean(), True,
+                                           "keep the final checkpoints of finished runs and serve them to other nodes")
+    final_checkpoints_mb: int = setting("training", Number(1, 1 << 24, integer=True), 4096,
+                                        "size cap (MiB) of the kept final checkpoints; least recently used go first")
     # [ledger]
     sync_interval: float = setting("ledger", Number(0, 3600), 10.0,
                                    "seconds between ledger anti-entropy rounds (0: off)")

@@ -124,6 +124,20 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def sha256_hasher():
+    """An incremental sha256 (update() chunk by chunk, digest() at the end), for data that arrives in pieces."""
+    return hashlib.sha256()
+
+
+def sha256_file(path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (artifacts and checkpoints can be gigabytes)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 class Signer(Protocol):
     """Anything that signs with an Ed25519 key: `identity.Identity` or `crypto.SigningKey`."""
 

@@ -97,3 +97,19 @@ def own_swarm(tmp_path):
 def _quiet_p2pd():
     os.environ.setdefault("GOLOG_LOG_LEVEL", "fatal")
     yield
+
+
+def train_tokenizer(texts: list[str], path: Path, vocab_size: int) -> str:
+    """A byte-level BPE tokenizer.json trained here on `texts` (nothing downloaded); returns its sha256 hex."""
+    import hashlib
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.save(str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()

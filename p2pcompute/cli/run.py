@@ -21,17 +21,27 @@ def run() -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True,
               help="Publish even if the run's epochs look too short for its averaging rounds (warns instead).")
+@click.option("--artifact", "artifacts", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="A file the run names by sha256 (initial weights, tokenizer.json): copied into the node's "
+                   "artifact cache. Repeatable.")
 @data_dir_option
 @json_option
-def publish(spec: str, force: bool, data_dir: str | None, as_json: bool) -> None:
+def publish(spec: str, force: bool, artifacts: tuple[str, ...], data_dir: str | None, as_json: bool) -> None:
     """Validate a TOML run SPEC, sign it with the node's key, record it in the ledger and announce it.
 
     The running node of --data-dir signs and announces; the run id is the hash of the canonical manifest.
     The node refuses a run whose epochs are too short for its averaging rounds at the swarm's estimated
-    throughput (docs/training.md, "Epoch length"), naming the smallest target_batch_size that would do."""
+    throughput (docs/training.md, "Epoch length"), naming the smallest target_batch_size that would do,
+    and a run naming files (by sha256) that are not in its artifact cache: give them with --artifact."""
+    from pathlib import Path
+
+    from p2pcompute.runs.artifacts import ArtifactStore
     from p2pcompute.runs.manifest import Manifest
 
     manifest = Manifest.load(spec)  # a bad spec fails here, naming the field, before the node is contacted
+    store = ArtifactStore.for_data_dir(resolve_data_dir(data_dir))
+    for path in artifacts:
+        store.add(Path(path))
     report = ControlClient(resolve_data_dir(data_dir), timeout=PUBLISH_TIMEOUT).call(
         "runs/publish", {"manifest": manifest.to_wire().hex(), "force": force})
     if report.get("warning"):
@@ -82,25 +92,42 @@ def status(run_ref: str, data_dir: str | None, as_json: bool) -> None:
         print_table(None, ["peer", "status", "epoch", "loss", "samples/s", "samples"],
                     [(peer[-12:], p["status"], p["epoch"], "-" if p["loss"] is None else f"{p['loss']:.4f}",
                       f"{p['samples_per_second']:.1f}", p["samples_done"]) for peer, p in r["peers"].items()])
+        if r["evals"]:
+            def show(value, fmt=".4f"):
+                return "-" if value is None else format(value, fmt)
+
+            print_table("evaluation (held-out samples, at the start of each epoch)",
+                        ["epoch", "train loss", "eval loss", "perplexity", "accuracy", "peers"],
+                        [(e["epoch"], show(e["train_loss"]), show(e["eval_loss"]), show(e["perplexity"], ".2f"),
+                          show(e["accuracy"], ".3f"), e["peers"]) for e in r["evals"]])
 
     emit(report, as_json, render)
 
 
 @run.command("checkpoint")
 @click.argument("run_ref", metavar="RUN")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
-              help="File to write; loads with torch.load(..., weights_only=True).")
+@click.option("-o", "--output", type=click.Path(), required=True,
+              help="Where to write: a file (torch, safetensors) or a new directory (hf).")
+@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors", "hf"]), default="torch",
+              show_default=True,
+              help="torch: loads with torch.load(..., weights_only=True); safetensors: the parameters; hf: a directory "
+                   "(config.json, model.safetensors, tokenizer) that AutoModelFor...from_pretrained loads.")
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
               help="Seconds to wait for a peer's state.")
 @data_dir_option
 @json_option
-def checkpoint(run_ref: str, output: str, timeout: float, data_dir: str | None, as_json: bool) -> None:
-    """Fetch RUN's current parameters from the swarm and write them to a checkpoint file."""
+def checkpoint(run_ref: str, output: str, fmt: str, timeout: float, data_dir: str | None, as_json: bool) -> None:
+    """Fetch RUN's parameters (this node's trainer, a kept final checkpoint, or the swarm) and write them."""
     from pathlib import Path
 
     path = Path(output).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     report = ControlClient(resolve_data_dir(data_dir), timeout=timeout + 30).call(
-        "runs/checkpoint", {"run": run_ref, "path": str(path), "timeout": timeout})
-    emit(report, as_json, lambda r: console.print(f"wrote {r['path']} (epoch {r['epoch']}, from {r['source']})",
-                                                 highlight=False))
+        "runs/checkpoint", {"run": run_ref, "path": str(path), "timeout": timeout, "format": fmt})
+
+    def render(r: dict) -> None:
+        console.print(f"wrote {r['path']} ({r['format']}, epoch {r['epoch']}, from {r['source']})", highlight=False)
+        if (r.get("tokenizer") or "").startswith("missing"):
+            err_console.print(f"[yellow]warning:[/] tokenizer {r['tokenizer']}", highlight=False)
+
+    emit(report, as_json, render)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from p2pcompute import __version__
 from p2pcompute.config import NodeConfig
@@ -20,6 +20,9 @@ from p2pcompute.node.selection import check_run_ref, find_run
 from p2pcompute.node.shared_dht import SharedDHT
 from p2pcompute.node.training import TrainingSupervisor
 from p2pcompute.services.reach import Reachability
+
+if TYPE_CHECKING:
+    from p2pcompute.node.final_checkpoints import FinalCheckpoints
 
 MAX_TOP_LIMIT = 1000  # leaderboard rows one request may ask for
 MAX_MANIFEST_HEX = 2 * 64 * 1024  # a manifest is at most 64 KiB, sent as hex
@@ -41,7 +44,7 @@ class ControlAPI:
                  announcer: PeerAnnouncer, ledger: LedgerHost, supervisor: TrainingSupervisor | None,
                  pacing: PublishPacing, clock: Callable[[], float], request_stop: Callable[[], None],
                  history: RunHistory | None = None, open_claims: Callable[[], list[dict]] | None = None,
-                 reachability: Callable[[], Reachability] | None = None):
+                 reachability: Callable[[], Reachability] | None = None, finals: "FinalCheckpoints | None" = None):
         self.role = role
         self.open_claims = open_claims  # node.run_credits.RunCredits.open_claims, when this node trains
         self.config = config
@@ -56,6 +59,7 @@ class ControlAPI:
         self.request_stop = request_stop
         self.history = history
         self.reachability = reachability
+        self.finals = finals  # final checkpoints this node keeps and serves, and fetching them from others
 
     def add_routes(self, control: ControlServer) -> None:
         control.route("GET", "status", lambda _args: self.status())
@@ -235,6 +239,11 @@ class ControlAPI:
         if not isinstance(force, bool):
             raise UsageError("force must be true or false")
         manifest = self._manifest_arg(args).with_default_issuer(self.identity.peer_id_b58)
+        if manifest.artifacts():  # the publisher holds every file the run names, and each fits the run
+            from p2pcompute.runs.artifacts import ArtifactStore
+            from p2pcompute.runs.materialize import check_artifacts
+
+            check_artifacts(manifest, ArtifactStore.for_data_dir(self.config.data_dir))
         pacing, throughput = self.pacing.check(manifest, self.announcer.fetch_peers())
         if not pacing.ok and not force:
             raise InvalidManifest(f"{pacing.reason} (or publish with --force)")
@@ -299,34 +308,62 @@ class ControlAPI:
         signed = self._announced_run(args.get("run"))
         with self.shared.held() as dht:
             records = fetch_progress(dht, signed.run_id, timeout=30)
-        return dict(summarize(records).to_json(), run_id=signed.run_id.hex(), name=signed.manifest.name,
-                    max_epochs=signed.manifest.max_epochs, target_batch_size=signed.manifest.target_batch_size)
+        return dict(summarize(records, signed.manifest.data_shape.task).to_json(), run_id=signed.run_id.hex(),
+                    name=signed.manifest.name, max_epochs=signed.manifest.max_epochs,
+                    target_batch_size=signed.manifest.target_batch_size)
 
     def run_checkpoint(self, args: dict) -> dict:
-        """Write the run's current parameters to args["path"]: from our own trainer if we train the run,
-        else downloaded from a peer that does."""
-        from p2pcompute.training.checkpoint import fetch_checkpoint
+        """Write the run's parameters to args["path"] in args["format"] (torch, safetensors or hf): from our own
+        trainer if we train the run, else the final checkpoint this node kept, else downloaded from the swarm (a
+        node that kept the finished run's final checkpoint, or a peer training it)."""
+        from p2pcompute.runs.artifacts import ArtifactStore
+        from p2pcompute.training.checkpoint import EXPORT_FORMATS, export_checkpoint
 
         signed = self._announced_run(args.get("run"))
         path = args.get("path")
         if not isinstance(path, str) or not Path(path).is_absolute():
             raise UsageError("path must be an absolute file path")
+        fmt = args.get("format", "torch")
+        if fmt not in EXPORT_FORMATS:
+            raise UsageError(f"format must be one of {', '.join(EXPORT_FORMATS)}")
+        timeout = args.get("timeout", DEFAULT_CHECKPOINT_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise UsageError("timeout must be a number of seconds in (0, 3600]")
+        import tempfile
+
+        (self.config.data_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"export-{signed.run_id.hex()[:16]}-", suffix=".pt",
+                                    dir=self.config.data_dir / "checkpoints")
+        os.close(fd)
+        staging = Path(name)
+        try:
+            epoch, source = self._checkpoint_to(signed, staging, float(timeout))
+            report = export_checkpoint(staging, signed.manifest, fmt, Path(path),
+                                       ArtifactStore.for_data_dir(self.config.data_dir))
+        finally:
+            staging.unlink(missing_ok=True)
+        return dict(report, epoch=epoch, source=source)
+
+    def _checkpoint_to(self, signed, path: Path, timeout: float) -> tuple[int, str]:
+        """The run's parameters as a p2pc checkpoint at `path`: (epoch, where they came from)."""
+        import shutil
+
+        from p2pcompute.training.checkpoint import fetch_checkpoint, read_checkpoint
+
         sup = self.supervisor
         trainer = sup.trainer_for(signed.run_id) if sup is not None else None
         if trainer is not None:
-            written = trainer.save_checkpoint(path)
-            return {"path": str(written), "epoch": trainer.status().epoch, "source": "this node"}
+            trainer.save_checkpoint(path)
+            return read_checkpoint(path)["epoch"], "this node"
+        if self.finals is not None:
+            kept = self.finals.fetch(signed, path, timeout)
+            if kept is not None:
+                return kept
         final = sup.final_checkpoint(signed.run_id) if sup is not None else None
         if final is not None and final.exists():  # the run ended here: its final parameters are on disk
-            import shutil
-
-            from p2pcompute.training.checkpoint import read_checkpoint
-
             shutil.copyfile(final, path)
-            return {"path": path, "epoch": read_checkpoint(path)["epoch"], "source": "this node's final checkpoint"}
-        timeout = float(args.get("timeout", DEFAULT_CHECKPOINT_TIMEOUT))
-        epoch = fetch_checkpoint(self.shared.dht, signed.manifest, path, timeout=timeout)
-        return {"path": path, "epoch": epoch, "source": "a peer"}
+            return read_checkpoint(path)["epoch"], "this node's final checkpoint"
+        return fetch_checkpoint(self.shared.dht, signed.manifest, path, timeout=timeout), "a peer"
 
 
 def _int_arg(args: dict, name: str, default: int, lo: int, hi: int) -> int:

@@ -17,6 +17,7 @@ from p2pcompute.node.api import ControlAPI
 from p2pcompute.node.control import load_or_create_token, write_private
 from p2pcompute.node.control_server import ControlServer
 from p2pcompute.node.dashboard import Dashboard
+from p2pcompute.node.final_checkpoints import FinalCheckpoints
 from p2pcompute.node.history import RunHistory
 from p2pcompute.node.instance_lock import InstanceLock
 from p2pcompute.node.ledger_host import LedgerHost
@@ -57,6 +58,7 @@ class Node:
         self.credits: RunCredits | None = None
         self.supervisor: TrainingSupervisor | None = None
         self.history: RunHistory | None = None
+        self.finals: FinalCheckpoints | None = None
         self.api: ControlAPI | None = None
         self.control: ControlServer | None = None
         self.reachability: Reachability | None = None  # settled at start (node/reachability.py)
@@ -84,6 +86,8 @@ class Node:
                 self.reach = ReachabilityService(self.ledger.sync.p2p)
                 self.ledger.loop.run(self.reach.start(), timeout=config.startup_timeout)
             self.announcer.start()
+            self.finals = FinalCheckpoints(config, self.identity, self.shared, self.ledger.loop,
+                                           self.ledger.sync.p2p).start()
             if self.role == "node" and config.train:
                 self.credits = RunCredits(self.ledger.loop, self.ledger.sync.p2p, self.ledger.replica, self.identity,
                                           self.ledger.issuer)
@@ -91,14 +95,15 @@ class Node:
                                         round_payload=self.credits.round_payload,
                                         trainer_started=self.credits.trainer_started,
                                         trainer_stopped=self.credits.trainer_stopped)
-                self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks)
+                self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks,
+                                                     finals=self.finals)
                 self.history = RunHistory(self.supervisor, self.shared, clock=self.clock)
             self.api = ControlAPI(role=self.role, config=config, identity=self.identity, hardware=self.hardware,
                                   shared=self.shared, announcer=self.announcer, ledger=self.ledger,
                                   supervisor=self.supervisor, pacing=PublishPacing(self.hardware.device, self.maddrs),
                                   clock=self.clock, request_stop=self.request_stop, history=self.history,
                                   open_claims=self.credits.open_claims if self.credits is not None else None,
-                                  reachability=lambda: self.reachability)
+                                  reachability=lambda: self.reachability, finals=self.finals)
             self.control = ControlServer(config.data_dir, load_or_create_token(config.data_dir), config.control_port,
                                          clock=self.clock)
             self.api.add_routes(self.control)
@@ -134,6 +139,9 @@ class Node:
             except TimeoutError:
                 logger.warning("the reachability service did not stop within %.0f s", REACH_STOP_TIMEOUT)
             self.reach = None
+        if self.finals is not None:
+            self.finals.shutdown()
+            self.finals = None
         self.ledger.shutdown()
         if self.announcer is not None:
             self.announcer.shutdown()  # the "stopped" tombstone, while the DHT is still up

@@ -48,9 +48,9 @@ def choose_run(runs: Sequence["SignedManifest"], device: str, memory_bytes: int,
             return None, f"run {wanted!r} is not announced in the swarm (yet)"
         if len(matches) > 1:
             return None, f"run {wanted!r} is ambiguous: give more of the run id"
-        why_not = matches[0].manifest.hardware.unmet(device, memory_bytes)
+        why_not = matches[0].manifest.unmet(device, memory_bytes)
         return (None, why_not) if why_not else (matches[0], "asked for")
-    fitting = [r for r in candidates if r.manifest.hardware.unmet(device, memory_bytes) is None]
+    fitting = [r for r in candidates if r.manifest.unmet(device, memory_bytes) is None]
     if not fitting:
         if candidates:
             return None, "no announced run fits this node"

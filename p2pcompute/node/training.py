@@ -17,6 +17,7 @@ from p2pcompute.node.selection import choose_run
 from p2pcompute.node.shared_dht import SharedDHT
 
 if TYPE_CHECKING:
+    from p2pcompute.node.final_checkpoints import FinalCheckpoints
     from p2pcompute.runs.manifest import SignedManifest
 
 logger = logging.getLogger(__name__)
@@ -53,12 +54,13 @@ class TrainingSupervisor:
     through `shared`, and tells the node what happens through `hooks`."""
 
     def __init__(self, config: NodeConfig, identity: Identity, shared: SharedDHT, hardware: Hardware,
-                 hooks: SupervisorHooks, period: float = SELECT_PERIOD):
+                 hooks: SupervisorHooks, period: float = SELECT_PERIOD, finals: "FinalCheckpoints | None" = None):
         self.config = config
         self.identity = identity
         self.shared = shared
         self.hardware = hardware
         self.hooks = hooks
+        self.finals = finals  # where a finished run's final checkpoint is kept and served from
         self.period = period
         self._trainer = None
         self._last_rounds: list[dict] = []  # round_json of the last trainer's last rounds, once it stopped
@@ -181,7 +183,10 @@ class TrainingSupervisor:
                 logger.info("run %s %s: %s", signed.manifest.name, status.status, status.reason)
                 self._finished.add(signed.run_id)
                 if status.status == "finished":  # keep the result: nobody serves a finished run's state
-                    self._final_checkpoints[signed.run_id] = self._trainer.save_checkpoint()
+                    path = self._trainer.save_checkpoint()
+                    self._final_checkpoints[signed.run_id] = path
+                    if self.finals is not None:
+                        self.finals.keep(signed, path, status.epoch)
                 self._reason = f"{signed.manifest.name} {status.status} {status.reason}".strip()
                 self._stop_trainer()
                 return
@@ -204,6 +209,7 @@ class TrainingSupervisor:
             self._start_trainer(signed)
 
     def _start_trainer(self, signed: "SignedManifest") -> None:
+        from p2pcompute.runs.artifacts import ArtifactStore
         from p2pcompute.training.idle import IdlePolicy, parse_schedule
         from p2pcompute.training.nvml import IdleWatcher
         from p2pcompute.training.trainer import Trainer, TrainerOptions
@@ -214,6 +220,7 @@ class TrainingSupervisor:
             device=config.device, max_memory_fraction=config.max_memory_fraction,
             data_dir=config.data_dir / "datasets", checkpoint_dir=config.data_dir / "checkpoints",
             round_payload=self.hooks.round_payload(signed), min_peers=config.min_peers,
+            artifacts=ArtifactStore.for_data_dir(config.data_dir),
         )
         self._signed = signed
         self.hooks.state_changed("starting", signed.run_id)

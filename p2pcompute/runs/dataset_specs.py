@@ -46,6 +46,16 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         _features_shape,
     ),
+    "tokens": DatasetSpec(
+        Schema(
+            Param("seq_len", Int(1, 4096), doc="tokens per sequence"),
+            Param("vocab_size", Int(2, 262_144), doc="tokens are drawn uniformly from [0, vocab_size)"),
+            Param("classes", Int(2, 4096)),
+            Param("noise", Dec("0", "10"), "0.1"),
+            Param("seed", Int(0, (1 << 63) - 1), doc="fixes the labelling rule"),
+        ),
+        lambda cfg: DataShape("classification", (cfg["seq_len"],), cfg["classes"], vocab=cfg["vocab_size"]),
+    ),
     "arrays": DatasetSpec(
         Schema(
             Param("task", Choice(("regression", "classification"))),

@@ -1,4 +1,5 @@
-"""The dataset zoo's sources (synthetic, local files checked by hash, the Python stdlib corpus) and reproducible batches."""
+"""The dataset zoo's sources (synthetic, local files checked by hash, the Python stdlib corpus), held-out splits and
+reproducible batches."""
 
 from __future__ import annotations
 
@@ -23,16 +24,34 @@ BATCH_DOMAIN = b"p2pc/batch/v1"
 EVAL_DOMAIN = b"p2pc/eval/v1"
 # A local data file is read whole into memory and hashed; beyond this a volunteer's RAM is at risk.
 MAX_DATA_FILE_BYTES = 4 << 30
+TOKEN_TEACHER_DIM = 16  # width of the random embedding behind the `tokens` dataset's labels
+
+
+SPLITS = ("train", "eval")
 
 
 class Dataset(ABC):
-    """An opened dataset: draws (inputs, targets) for a batch from a seeded torch.Generator."""
+    """An opened dataset: draws (inputs, targets) for a batch from a seeded torch.Generator.
+
+    `split` = "train" or "eval": datasets that hold a fixed pool of samples (files, text) keep their last
+    `holdout` fraction for evaluation (training never draws from it); with holdout 0 both draw from the whole
+    pool. Generated datasets (synthetic) draw fresh samples either way."""
 
     shape: DataShape
 
     @abstractmethod
-    def sample(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, generator: torch.Generator, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         ...
+
+
+def split_range(count: int, holdout: float, split: str, what: str) -> tuple[int, int]:
+    """[lo, hi) of the `count` items a split draws from: the last ceil(holdout * count) are held out for eval."""
+    if holdout <= 0:
+        return 0, count
+    held = max(1, math.ceil(count * holdout))
+    if held >= count:
+        raise DatasetUnavailable(f"{what}: {count} samples are too few to hold out {holdout:.0%} for evaluation")
+    return (0, count - held) if split == "train" else (count - held, count)
 
 
 def batch_seed(run_id: bytes, peer_id: bytes, epoch: int, step: int) -> int:
@@ -51,7 +70,7 @@ def batch_for(dataset: Dataset, run_id: bytes, peer_id: bytes, epoch: int, step:
 def eval_batch(dataset: Dataset, run_id: bytes, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A held-out batch fixed by the run (the same on every machine), for comparing losses."""
     seed = int.from_bytes(crypto.digest(EVAL_DOMAIN + bytes(run_id))[:8], "little") >> 1
-    return dataset.sample(torch.Generator().manual_seed(seed), size)
+    return dataset.sample(torch.Generator().manual_seed(seed), size, "eval")
 
 
 # ---- synthetic ------------------------------------------------------------------------------------
@@ -70,7 +89,7 @@ class SyntheticDataset(Dataset):
         self.w1 = torch.randn(features, hidden, generator=teacher) / math.sqrt(features)
         self.w2 = torch.randn(hidden, self.shape.outputs, generator=teacher) * (2.0 / math.sqrt(hidden))
 
-    def sample(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, generator: torch.Generator, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randn(size, *self.shape.input_shape, generator=generator)
         clean = torch.tanh(x.reshape(size, -1) @ self.w1) @ self.w2
         noisy = clean + self.noise * torch.randn(clean.shape, generator=generator)
@@ -101,8 +120,9 @@ def _read_checked(data_dir: Path | None, name: str, sha256_hex: str, what: str) 
 class ArrayDataset(Dataset):
     """Samples drawn uniformly (with replacement) from .npy arrays the researcher shipped out of band."""
 
-    def __init__(self, cfg: Mapping[str, Any], data_dir: Path | None):
+    def __init__(self, cfg: Mapping[str, Any], data_dir: Path | None, holdout: float = 0.0):
         self.shape = dataset_spec("arrays").data_shape(cfg)
+        self.holdout = holdout
         inputs = self._load(data_dir, cfg["inputs"], cfg["inputs_sha256"], "inputs")
         targets = self._load(data_dir, cfg["targets"], cfg["targets_sha256"], "targets")
         if inputs.ndim == 0 or inputs.shape[1:] != self.shape.input_shape or not np.issubdtype(inputs.dtype, np.floating):
@@ -128,8 +148,9 @@ class ArrayDataset(Dataset):
         except (ValueError, OSError, EOFError) as e:
             raise DatasetUnavailable(f"{name}: not a .npy array ({e})") from None
 
-    def sample(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.randint(len(self.inputs), (size,), generator=generator)
+    def sample(self, generator: torch.Generator, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = split_range(len(self.inputs), self.holdout, split, "dataset arrays")
+        index = torch.randint(lo, hi, (size,), generator=generator)
         return self.inputs[index], self.targets[index]
 
 
@@ -137,19 +158,53 @@ class ArrayDataset(Dataset):
 
 
 class TextDataset(Dataset):
-    """Language modelling on a byte string: each sample is a random window of seq_len + 1 bytes."""
+    """Language modelling on a token sequence (bytes, or a tokenizer's ids): each sample is a random window of
+    seq_len + 1 tokens. The held-out split is the text's tail: no training window reaches into it."""
 
-    def __init__(self, corpus: bytes, seq_len: int, where: str):
-        if len(corpus) < seq_len + 1:
-            raise DatasetUnavailable(f"{where}: the text has {len(corpus)} bytes, fewer than seq_len + 1")
-        self.shape = DataShape("lm", (seq_len,), BYTE_VOCAB)
-        self.tokens = torch.frombuffer(bytearray(corpus), dtype=torch.uint8)
+    def __init__(self, tokens: torch.Tensor, vocab: int, seq_len: int, where: str, holdout: float = 0.0):
+        cut = len(tokens) - (max(1, math.ceil(len(tokens) * holdout)) if holdout > 0 else 0)
+        parts = (tokens[:cut], tokens[cut:]) if holdout > 0 else (tokens,)
+        if any(len(part) < seq_len + 1 for part in parts):
+            raise DatasetUnavailable(f"{where}: the text has {len(tokens)} tokens, fewer than seq_len + 1 "
+                                     f"{'in its training part or its held-out tail' if holdout > 0 else ''}".rstrip())
+        self.shape = DataShape("lm", (seq_len,), vocab)
+        self.tokens = tokens
+        self.cut = cut
         self.seq_len = seq_len
 
-    def sample(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.tokens) - self.seq_len, (size,), generator=generator)
+    @classmethod
+    def of_bytes(cls, corpus: bytes, seq_len: int, where: str, tokenizer=None, holdout: float = 0.0) -> "TextDataset":
+        """Byte tokens, or the ids of `tokenizer` (runs.tokenizer.TextTokenizer) when the run names one."""
+        if tokenizer is None:
+            return cls(torch.frombuffer(bytearray(corpus), dtype=torch.uint8), BYTE_VOCAB, seq_len, where, holdout)
+        return cls(tokenizer.encode_corpus(corpus), tokenizer.vocab_size, seq_len, where, holdout)
+
+    def sample(self, generator: torch.Generator, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = (0, self.cut) if split == "train" or self.cut == len(self.tokens) else (self.cut, len(self.tokens))
+        starts = torch.randint(lo, hi - self.seq_len, (size,), generator=generator)
         windows = torch.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()]).long()
         return windows[:, :-1], windows[:, 1:]
+
+
+# ---- synthetic token sequences --------------------------------------------------------------------
+
+
+class TokenClassDataset(Dataset):
+    """Sequence classification on random tokens: each token has a random embedding fixed by `seed`; a sequence's
+    label is the argmax of its mean embedding times a random matrix, plus Gaussian noise (a learnable rule)."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.shape = dataset_spec("tokens").data_shape(cfg)
+        self.noise = float(cfg["noise"])
+        teacher = torch.Generator().manual_seed(cfg["seed"])
+        self.embedding = torch.randn(cfg["vocab_size"], TOKEN_TEACHER_DIM, generator=teacher)
+        self.readout = torch.randn(TOKEN_TEACHER_DIM, cfg["classes"], generator=teacher)
+
+    def sample(self, generator: torch.Generator, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(self.shape.vocab, (size, *self.shape.input_shape), generator=generator)
+        scores = self.embedding[tokens].mean(dim=1) @ self.readout
+        scores = scores + self.noise * torch.randn(scores.shape, generator=generator)
+        return tokens, scores.argmax(dim=1)
 
 
 def default_stdlib_dir() -> Path:
@@ -177,7 +232,8 @@ def stdlib_corpus(stdlib_dir: Path, packages: tuple[str, ...]) -> bytes:
     return b"\x00".join(path.read_bytes() for _, path in stdlib_files(stdlib_dir, packages))
 
 
-def _open_pystdlib(cfg: Mapping[str, Any], data_dir: Path | None, stdlib_dir: Path | None) -> Dataset:
+def _open_pystdlib(cfg: Mapping[str, Any], data_dir: Path | None, stdlib_dir: Path | None, tokenizer,
+                   holdout: float) -> Dataset:
     stdlib_dir = default_stdlib_dir() if stdlib_dir is None else Path(stdlib_dir)
     try:
         corpus = stdlib_corpus(stdlib_dir, cfg["packages"])
@@ -186,21 +242,26 @@ def _open_pystdlib(cfg: Mapping[str, Any], data_dir: Path | None, stdlib_dir: Pa
     if cfg["sha256"] and crypto.sha256(corpus).hex() != cfg["sha256"]:
         raise DatasetUnavailable(f"this machine's Python standard library ({stdlib_dir}) differs from the run's "
                                  f"corpus (sha256 {cfg['sha256'][:16]}...): another Python version?")
-    return TextDataset(corpus, cfg["seq_len"], "dataset pystdlib")
+    return TextDataset.of_bytes(corpus, cfg["seq_len"], "dataset pystdlib", tokenizer, holdout)
 
 
-_OPENERS: dict[str, Callable[[Mapping[str, Any], Path | None, Path | None], Dataset]] = {
-    "synthetic": lambda cfg, data_dir, stdlib_dir: SyntheticDataset(cfg),
-    "arrays": lambda cfg, data_dir, stdlib_dir: ArrayDataset(cfg, data_dir),
-    "text": lambda cfg, data_dir, stdlib_dir: TextDataset(
-        _read_checked(data_dir, cfg["file"], cfg["sha256"], "text"), cfg["seq_len"], f"dataset file {cfg['file']}"),
+# (config, data_dir, stdlib_dir, tokenizer, holdout) -> Dataset
+_OPENERS: dict[str, Callable[..., Dataset]] = {
+    "synthetic": lambda cfg, data_dir, stdlib_dir, tokenizer, holdout: SyntheticDataset(cfg),
+    "tokens": lambda cfg, data_dir, stdlib_dir, tokenizer, holdout: TokenClassDataset(cfg),
+    "arrays": lambda cfg, data_dir, stdlib_dir, tokenizer, holdout: ArrayDataset(cfg, data_dir, holdout),
+    "text": lambda cfg, data_dir, stdlib_dir, tokenizer, holdout: TextDataset.of_bytes(
+        _read_checked(data_dir, cfg["file"], cfg["sha256"], "text"), cfg["seq_len"], f"dataset file {cfg['file']}",
+        tokenizer, holdout),
     "pystdlib": _open_pystdlib,
 }
 
 
 def open_dataset(name: str, config: Mapping[str, Any], data_dir: Path | None = None,
-                 stdlib_dir: Path | None = None) -> Dataset:
+                 stdlib_dir: Path | None = None, tokenizer=None, holdout: float = 0.0) -> Dataset:
     """Open a dataset on this machine; DatasetUnavailable if its files are missing or do not match.
-    `data_dir` holds the files a researcher shipped out of band; `stdlib_dir` overrides the stdlib location."""
+    `data_dir` holds the files a researcher shipped out of band; `stdlib_dir` overrides the stdlib location;
+    `tokenizer` (runs.tokenizer.TextTokenizer) tokenizes text sources instead of byte tokens; `holdout` is the
+    fraction of a fixed pool kept for evaluation (the run's [eval] section)."""
     dataset_spec(name)
-    return _OPENERS[name](config, data_dir, stdlib_dir)
+    return _OPENERS[name](config, data_dir, stdlib_dir, tokenizer, holdout)

@@ -121,6 +121,19 @@ CREDITS = Schema(
 )
 
 
+EVAL = Schema(
+    Param("every", Int(1, 1 << 20), doc="epochs between evaluations (leave [eval] out for none)"),
+    Param("samples", Int(1, 8192), 256,
+          doc="held-out samples each evaluation uses: a fixed subset, the same on every peer (bounds its cost)"),
+    Param("holdout", Dec("0", "0.5"), "0.05",
+          doc="fraction of a fixed dataset (files, text) kept out of training for evaluation: its tail"),
+)
+
+# Training memory per parameter, fp32: weights, gradients, hivemind's gradient accumulators and Adam's two
+# moments (4 bytes each). Activations come on top; a run's [hardware] min_memory_mb can ask for more.
+TRAINING_BYTES_PER_PARAMETER = 20
+
+
 @dataclasses.dataclass(frozen=True)
 class ZooChoice:
     """A zoo entry named by the manifest and its config (every field, in the entry's schema order)."""
@@ -187,6 +200,13 @@ class CreditPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalPolicy:
+    every: int
+    samples: int
+    holdout: Decimal
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     name: str
     description: str
@@ -199,6 +219,7 @@ class Manifest:
     averaging: Averaging
     hardware: HardwareRequirements
     credits: CreditPolicy
+    eval: EvalPolicy | None = None  # the [eval] section; None: no evaluation, no held-out split
 
     # ---- reading ----------------------------------------------------------------------------------
 
@@ -222,7 +243,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Manifest":
         """Validate a parsed TOML document; every error names the offending field."""
-        sections = ("model", "dataset", "optimizer", "averaging", "hardware", "credits")
+        sections = ("model", "dataset", "optimizer", "averaging", "hardware", "credits", "eval")
         top = TOP.parse(raw, "", ignore=sections)
         model = _zoo_section(raw, "model", lambda n: model_specs.model_spec(n, "model.name").schema)
         dataset = _zoo_section(raw, "dataset", lambda n: dataset_specs.dataset_spec(n, "dataset.name").schema)
@@ -231,8 +252,9 @@ class Manifest:
         hardware = HardwareRequirements(**HARDWARE.parse(raw.get("hardware", {}), "hardware"))
         credit = CREDITS.parse(raw.get("credits", {}), "credits")
         credit["issuers"] = tuple(sorted(credit["issuers"]))
+        evaluation = EvalPolicy(**EVAL.parse(raw["eval"], "eval")) if "eval" in raw else None
         manifest = cls(model=model, dataset=dataset, optimizer=optimizer, averaging=averaging, hardware=hardware,
-                       credits=CreditPolicy(**credit), **top)
+                       credits=CreditPolicy(**credit), eval=evaluation, **top)
         manifest._check_relations()
         return manifest
 
@@ -271,7 +293,8 @@ class Manifest:
     # ---- canonical encoding -----------------------------------------------------------------------
 
     def to_wire(self) -> bytes:
-        return msgpack.packb([
+        """12 fields; a 13th, the [eval] section, only when there is one (manifests without it keep their run id)."""
+        fields = [
             VERSION, self.name, self.description, self.batch_size_per_step, self.target_batch_size, self.max_epochs,
             _encode_zoo(self.model, model_specs.model_spec(self.model.name).schema),
             _encode_zoo(self.dataset, dataset_specs.dataset_spec(self.dataset.name).schema),
@@ -279,14 +302,17 @@ class Manifest:
             AVERAGING.encode(dataclasses.asdict(self.averaging)),
             HARDWARE.encode(dataclasses.asdict(self.hardware)),
             CREDITS.encode(dataclasses.asdict(self.credits)),
-        ], use_bin_type=True)
+        ]
+        if self.eval is not None:
+            fields.append(EVAL.encode(dataclasses.asdict(self.eval)))
+        return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def from_wire(cls, data: bytes) -> "Manifest":
         """Strictly decode untrusted bytes; raises InvalidManifest, never KeyError/TypeError."""
         items = _unpack(data, MAX_MANIFEST_BYTES, "manifest")
-        if not isinstance(items, list) or len(items) != 12:
-            raise InvalidManifest("manifest: expected an array of 12 fields")
+        if not isinstance(items, list) or len(items) not in (12, 13):
+            raise InvalidManifest("manifest: expected an array of 12 fields (13 with [eval])")
         if items[0] != VERSION or isinstance(items[0], bool):
             raise InvalidManifest(f"manifest: unsupported version {items[0]!r} (this node reads version {VERSION})")
         raw: dict[str, Any] = dict(zip(TOP.names, items[1:6]))
@@ -300,6 +326,8 @@ class Manifest:
         for (section, schema), wire in zip((("averaging", AVERAGING), ("hardware", HARDWARE),
                                             ("credits", CREDITS)), items[9:12]):
             raw[section] = schema.from_list(wire, section)
+        if len(items) == 13:
+            raw["eval"] = EVAL.from_list(items[12], "eval")
         manifest = cls.from_dict(raw)
         if manifest.to_wire() != bytes(data):
             raise InvalidManifest("manifest: not in canonical encoding")
@@ -339,11 +367,37 @@ class Manifest:
     def parameter_count(self) -> int:
         return model_specs.model_spec(self.model.name).count_parameters(self.model.as_dict())
 
+    @property
+    def holdout(self) -> float:
+        """The fraction of a fixed dataset held out for evaluation (0 without an [eval] section)."""
+        return float(self.eval.holdout) if self.eval is not None else 0.0
+
+    def artifacts(self) -> dict[str, str]:
+        """Files the run needs, named by sha256: {"init": ..., "tokenizer": ...} as far as the model names them."""
+        if self.model.name != "hf":
+            return {}
+        return {key: self.model[key] for key in ("init", "tokenizer") if self.model[key]}
+
+    def unmet(self, device: str, memory_bytes: int) -> str | None:
+        """Why a machine with this device and memory cannot train the run (its [hardware] needs, or the memory
+        its parameters need for training), or None if it can."""
+        why = self.hardware.unmet(device, memory_bytes)
+        if why is not None:
+            return why
+        needed = self.parameter_count * TRAINING_BYTES_PER_PARAMETER
+        if needed > memory_bytes:
+            return (f"training {self.parameter_count:,} parameters needs ~{needed // 2**20} MiB, this node has "
+                    f"{memory_bytes // 2**20} MiB")
+        return None
+
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly view (decimals as strings) for CLI output."""
         def plain(value: Any) -> Any:
             if isinstance(value, Decimal):
                 return str(value)
+            if isinstance(value, tuple) and value and all(
+                    isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
+                return {k: plain(v) for k, v in value}  # an hf config: (key, value) pairs
             if isinstance(value, tuple):
                 return [plain(v) for v in value]
             return value
@@ -354,6 +408,7 @@ class Manifest:
             out[section] = {"name": choice.name, **{k: plain(v) for k, v in choice.config}}
         for section in ("averaging", "hardware", "credits"):
             out[section] = {k: plain(v) for k, v in dataclasses.asdict(getattr(self, section)).items()}
+        out["eval"] = None if self.eval is None else {k: plain(v) for k, v in dataclasses.asdict(self.eval).items()}
         out["parameters"] = self.parameter_count
         return out
 

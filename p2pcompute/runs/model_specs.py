@@ -7,6 +7,7 @@ import math
 from typing import Any, Callable, Mapping
 
 from p2pcompute.errors import InvalidManifest
+from p2pcompute.runs import hf_specs
 from p2pcompute.runs.schema import Choice, Int, ListOf, Param, Schema, zoo_lookup
 
 # The largest model a manifest may ask for: GPT-2-medium size. In fp32 with Adam that is ~5.6 GB of
@@ -24,11 +25,13 @@ class DataShape:
     regression: inputs float [B, *input_shape], targets float [B, outputs]
     classification: inputs float [B, *input_shape], targets int64 [B] in [0, outputs)
     lm: inputs int64 [B, seq_len] tokens in [0, outputs), targets the same shifted by one
+    `vocab` > 0: the inputs are int64 tokens in [0, vocab) (a classification dataset of token sequences)
     """
 
     task: str
     input_shape: tuple[int, ...]
     outputs: int
+    vocab: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +47,7 @@ def _mlp_count(cfg: Mapping[str, Any]) -> int:
 
 
 def _mlp_check(cfg: Mapping[str, Any], shape: DataShape) -> None:
-    if shape.task == "lm":
+    if shape.task == "lm" or shape.vocab:
         raise ValueError("an MLP cannot train on a language-model dataset; use model 'transformer'")
     if cfg["in_features"] != math.prod(shape.input_shape):
         raise ValueError(f"in_features is {cfg['in_features']} but the dataset's inputs have "
@@ -62,7 +65,7 @@ def _cnn_count(cfg: Mapping[str, Any]) -> int:
 
 def _cnn_check(cfg: Mapping[str, Any], shape: DataShape) -> None:
     expected = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-    if shape.task == "lm":
+    if shape.task == "lm" or shape.vocab:
         raise ValueError("a CNN cannot train on a language-model dataset; use model 'transformer'")
     if cfg["kernel_size"] % 2 == 0:
         raise ValueError(f"kernel_size must be odd, got {cfg['kernel_size']}")
@@ -121,6 +124,8 @@ MODELS: dict[str, ModelSpec] = {
         ),
         _transformer_count, _transformer_check,
     ),
+    # a Hugging Face transformers architecture given by its config (runs/hf_specs.py); needs the `hf` extra
+    "hf": ModelSpec(hf_specs.SCHEMA, hf_specs.count_parameters, hf_specs.check_against),
 }
 
 

@@ -1,4 +1,5 @@
-"""The model zoo's torch modules (MLP, CNN, decoder-only transformer LM), built from checked configs."""
+"""The model zoo's torch modules (MLP, CNN, decoder-only transformer LM), built from checked configs; `hf` models
+through runs/hf_models.py."""
 
 from __future__ import annotations
 
@@ -77,7 +78,14 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
     "cnn": lambda c: CNN(c["in_channels"], c["image_size"], c["channels"], c["kernel_size"], c["num_classes"]),
     "transformer": lambda c: TransformerLM(c["vocab_size"], c["context"], c["d_model"], c["n_layers"],
                                            c["n_heads"], c["ff_mult"]),
+    "hf": lambda c: _build_hf(c["task"], c["config"]),
 }
+
+
+def _build_hf(task: str, config) -> nn.Module:
+    from p2pcompute.runs import hf_models  # lazy: transformers takes seconds to import
+
+    return hf_models.build(task, config)
 
 
 def build_model(name: str, config: Mapping[str, Any], seed: int) -> nn.Module:
@@ -89,11 +97,18 @@ def build_model(name: str, config: Mapping[str, Any], seed: int) -> nn.Module:
         return _BUILDERS[name](config)
 
 
-def loss_function(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def logits_of(output: Any) -> torch.Tensor:
+    """A model's prediction tensor: zoo models return it, transformers models a ModelOutput holding `.logits`."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def loss_function(task: str) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """loss(model output, targets) for a dataset task; the output may be logits or a transformers ModelOutput."""
     if task == "regression":
-        return nn.functional.mse_loss
+        return lambda output, targets: nn.functional.mse_loss(logits_of(output), targets)
     if task == "classification":
-        return nn.functional.cross_entropy
+        return lambda output, targets: nn.functional.cross_entropy(logits_of(output), targets)
     if task == "lm":
-        return lambda logits, targets: nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
+        return lambda output, targets: nn.functional.cross_entropy(logits_of(output).flatten(0, -2),
+                                                                   targets.flatten())
     raise ValueError(f"unknown task {task!r}")

@@ -33,7 +33,8 @@ def measure(manifest: Manifest, device_name: str = "cpu", seconds: float = MEASU
     purpose: on a loaded machine the trainers get what this loop gets."""
     import torch
 
-    from p2pcompute.runs.models import build_model, loss_function
+    from p2pcompute.runs.materialize import run_model
+    from p2pcompute.runs.models import loss_function
     from p2pcompute.runs.optimizers import optimizer_factory
     from p2pcompute.training.device import synchronized_time
 
@@ -41,7 +42,7 @@ def measure(manifest: Manifest, device_name: str = "cpu", seconds: float = MEASU
         raise ValueError(f"{manifest.parameter_count:,} parameters is above the {MAX_PARAMETERS:,} measured here")
     device = torch.device(device_name)
     shape = manifest.data_shape
-    model = build_model(manifest.model.name, manifest.model.as_dict(), manifest.init_seed).to(device)
+    model = run_model(manifest, with_init=False).to(device)  # speed does not depend on the weights
     optimizer = optimizer_factory(manifest.optimizer.name, manifest.optimizer.as_dict())(model.parameters())
     loss_fn = loss_function(shape.task)
     sums = [torch.zeros_like(p) for p in model.parameters()] if manifest.averaging.mode == "gradients" else None
@@ -79,7 +80,10 @@ def random_batch(shape: DataShape, size: int, generator) -> tuple:
     if shape.task == "lm":
         tokens = torch.randint(shape.outputs, (size, *shape.input_shape), generator=generator)
         return tokens, tokens
-    x = torch.randn(size, *shape.input_shape, generator=generator)
+    if shape.vocab:  # token sequences
+        x = torch.randint(shape.vocab, (size, *shape.input_shape), generator=generator)
+    else:
+        x = torch.randn(size, *shape.input_shape, generator=generator)
     if shape.task == "classification":
         return x, torch.randint(shape.outputs, (size,), generator=generator)
     return x, torch.randn(size, shape.outputs, generator=generator)

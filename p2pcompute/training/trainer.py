@@ -13,17 +13,19 @@ import torch
 from hivemind.utils import get_dht_time
 
 from p2pcompute.errors import TrainingError
-from p2pcompute.runs.datasets import batch_for, open_dataset
+from p2pcompute.runs.artifacts import ArtifactStore
+from p2pcompute.runs.datasets import batch_for
 from p2pcompute.runs.manifest import Manifest, SignedManifest
-from p2pcompute.runs.models import build_model, loss_function
+from p2pcompute.runs.materialize import run_dataset, run_model
+from p2pcompute.runs.models import loss_function
 from p2pcompute.runs.optimizers import optimizer_factory
 from p2pcompute.training import device as devices
 from p2pcompute.training.observed import AveragingRound, RoundObserver, SwarmOptimizer
 from p2pcompute.training.checkpoint import checkpoint_name, save_checkpoint
 from p2pcompute.training.compression import compression_for
 from p2pcompute.training.diloco import LocalUpdatesOptimizer
-from p2pcompute.training.local import evaluate_loss
-from p2pcompute.training.progress import ProgressRecord, publish_progress
+from p2pcompute.training.local import EvalResult, evaluate, evaluate_loss
+from p2pcompute.training.progress import MAX_EVALS, EvalPoint, ProgressRecord, publish_progress
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class TrainerOptions:
     mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + loss scaling)
     data_dir: Path | None = None  # where out-of-band dataset files are kept
     stdlib_dir: Path | None = None  # override the Python stdlib location (pystdlib dataset)
+    artifacts: ArtifactStore | None = None  # where files the run names by sha256 are found (weights, tokenizer)
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 0  # save a checkpoint every this many epochs; 0: never
     max_epochs: int | None = None  # stop at this epoch; None: the manifest's max_epochs (0 = no end)
@@ -119,6 +122,7 @@ class Trainer:
         self._samples_done = 0
         self._contributions: dict[int, int] = {}
         self._loss_ema: float | None = None
+        self._evals: list[EvalPoint] = []  # the run's [eval] results on this peer, newest last (at most MAX_EVALS)
         self._rate_mark = (0.0, 0)  # (clock, samples_done) at the last throughput measurement
         self._samples_per_second = 0.0
         self._compute_seconds = self._step_seconds = 0.0  # forward+backward / opt.step() (see TrainerStatus)
@@ -137,14 +141,16 @@ class Trainer:
         devices.limit_memory(self.device, self.options.max_memory_fraction)
         self._amp_dtype = devices.autocast_dtype(self.device) if self.options.mixed_precision else None
         self._scaler = devices.grad_scaler(self.device, self._amp_dtype)
-        self.dataset = open_dataset(m.dataset.name, m.dataset.as_dict(), self.options.data_dir,
-                                    self.options.stdlib_dir)
-        self.model = build_model(m.model.name, m.model.as_dict(), m.init_seed).to(self.device)
+        self.dataset = run_dataset(m, self.options.data_dir, self.options.stdlib_dir, self.options.artifacts)
+        self.model = run_model(m, self.options.artifacts).to(self.device)
         self._loss_fn = loss_function(self.dataset.shape.task)
         self._rate_mark = (self._clock(), 0)
         if self.options.min_peers > 1:
             self._peers_deadline = self._clock() + self.options.min_peers_timeout
         self._join()
+        if m.eval is not None and self._epoch == 0:  # the initial model's held-out loss: the baseline of the run
+            with self._lock:
+                self._evaluate_epoch(0)
         self._thread = threading.Thread(target=self._run, name=f"trainer-{m.run_id_hex[:8]}", daemon=True)
         self._thread.start()
         return self
@@ -224,6 +230,23 @@ class Trainer:
         with self._lock, devices.autocast(self.device, self._amp_dtype):
             return evaluate_loss(self.model, self.dataset, self.manifest.run_id, size, self.device)
 
+    def evaluations(self) -> list[EvalPoint]:
+        """The run's [eval] results on this peer so far (the newest MAX_EVALS), oldest first."""
+        with self._lock:
+            return list(self._evals)
+
+    def _evaluate_epoch(self, epoch: int) -> None:
+        """The run's evaluation at the start of `epoch` (the model after `epoch` updates), in chunks of
+        batch_size_per_step, recorded with the training loss of that moment and published with our progress."""
+        policy = self.manifest.eval
+        with devices.autocast(self.device, self._amp_dtype):
+            result: EvalResult = evaluate(self.model, self.dataset, self.manifest.run_id, policy.samples, self.device,
+                                          chunk=self.manifest.batch_size_per_step)
+        self._evals.append(EvalPoint.make(epoch, self._loss_ema, result.loss, result.accuracy))
+        del self._evals[:-MAX_EVALS]
+        logger.info("eval at epoch %d: loss %.4f%s", epoch, result.loss,
+                    "" if result.accuracy is None else f", accuracy {result.accuracy:.3f}")
+
     # ---- the training thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -302,6 +325,10 @@ class Trainer:
         while len(self._contributions) > MAX_CONTRIBUTIONS:
             del self._contributions[min(self._contributions)]
         self._epoch, self._step_in_epoch, self._samples_in_epoch = epoch, 0, 0
+        policy = self.manifest.eval
+        if policy is not None and epoch > 0 and epoch % policy.every == 0 and (
+                not self._evals or self._evals[-1].epoch != epoch):
+            self._evaluate_epoch(epoch)
         every = self.options.checkpoint_every
         if every and self.options.checkpoint_dir is not None and epoch % every == 0:
             self.save_checkpoint()
@@ -414,6 +441,7 @@ class Trainer:
         record = ProgressRecord.make(
             epoch=self._epoch, samples_done=self._samples_done, loss=self._loss_ema,
             samples_per_second=self._samples_per_second if status == "training" else 0.0,
-            status=status, reason=self._reason, now=self._wall_clock(), device=str(self.device))
+            status=status, reason=self._reason, now=self._wall_clock(), device=str(self.device),
+            evals=tuple(self._evals))
         publish_progress(self.dht, self.manifest.run_id, self.identity.peer_id, record,
                          get_dht_time() + self.options.progress_ttl)

@@ -2,9 +2,11 @@
 
     python -m p2pcompute.training.worker --manifest SPEC.toml|RUN.manifest --data-dir DIR \\
         [--initial-peers MADDR ...] [--listen MADDR] [--ready-file F] [--status-file F] \\
-        [--max-epochs N] [--max-seconds S] [--checkpoint-every N] [--final-checkpoint F] [--eval-size N]
+        [--max-epochs N] [--max-seconds S] [--checkpoint-every N] [--final-checkpoint F] [--eval-size N] \\
+        [--artifact-dir D ...]
 
-The node identity is DIR/identity.key (created if missing). The ready file gets the node's
+The node identity is DIR/identity.key (created if missing); files the run names by sha256 (initial weights,
+tokenizer) are looked up in DIR/artifacts and the --artifact-dir directories. The ready file gets the node's
 multiaddrs, one per line, once the DHT is up (the same format `p2pc node` writes). The status file
 (JSON, rewritten atomically every STATUS_PERIOD and at exit) holds the trainer status, per-epoch
 contributions, the averaging rounds seen and, at exit, the eval loss. SIGTERM/SIGINT stop it cleanly;
@@ -14,6 +16,7 @@ exit status 0 when training finished or was stopped, the error's exit code other
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -36,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest", type=Path, required=True, help="TOML run spec or signed manifest file")
     parser.add_argument("--data-dir", type=Path, required=True, help="identity key, checkpoints")
     parser.add_argument("--dataset-dir", type=Path, default=None, help="out-of-band dataset files")
+    parser.add_argument("--artifact-dir", type=Path, nargs="*", default=[],
+                        help="directories of files named by their sha256 (initial weights, tokenizers)")
     parser.add_argument("--initial-peers", nargs="*", default=[], help="bootstrap multiaddrs (…/p2p/<peer id>)")
     parser.add_argument("--listen", nargs="*", default=["/ip4/127.0.0.1/tcp/0"])
     parser.add_argument("--public", action="store_true", help="NAT port mapping, AutoNAT, relays")
@@ -69,7 +74,7 @@ def status_json(trainer, extra: dict | None = None) -> str:
               for r in trainer.rounds()[-MAX_ROUNDS_IN_STATUS:]]
     data = {"peer_id": trainer.identity.peer_id.to_base58(), **trainer.status().to_json(),
             "contributions": {str(k): v for k, v in sorted(trainer.contributions().items())}, "rounds": rounds,
-            **(extra or {})}
+            "evals": [dataclasses.asdict(e) for e in trainer.evaluations()], **(extra or {})}
     return json.dumps(data, default=str)
 
 
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     from p2pcompute.identity import Identity
+    from p2pcompute.runs.artifacts import ArtifactStore
     from p2pcompute.runs.manifest import load_signed_or_spec
     from p2pcompute.swarm.dht import start_dht
     from p2pcompute.training.trainer import Trainer, TrainerOptions
@@ -107,7 +113,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
             write_atomic(args.ready_file, "".join(f"{m}\n" for m in dht.get_visible_maddrs()))
         options = TrainerOptions(device=args.device, data_dir=args.dataset_dir, max_epochs=args.max_epochs,
                                  checkpoint_dir=args.data_dir / "checkpoints", checkpoint_every=args.checkpoint_every,
-                                 min_peers=args.min_peers)
+                                 min_peers=args.min_peers,
+                                 artifacts=ArtifactStore.for_data_dir(args.data_dir, tuple(args.artifact_dir)))
         trainer = Trainer(dht, run, identity, options).start()
         deadline = time.monotonic() + args.max_seconds if args.max_seconds else float("inf")
         while not trainer.wait(STATUS_PERIOD) and not stop.is_set() and time.monotonic() < deadline:
