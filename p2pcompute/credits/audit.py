@@ -48,12 +48,16 @@ MAX_SPOT_STEPS = 64
 # Default checks per audited claim (scripts/bench_cheat.py): 8 checks catch a claim with 25% of its steps faked with
 # 90%, and cost 8 forward/backward passes, ~0.1-0.4% of a demo peer's epoch (docs/benchmarks.md).
 SPOT_STEPS = 8
-# Relative distance (ppm) above which a step sketch does not match its recomputation. Measured on CPU
-# (scripts/bench_audit_tolerance.py, docs/credits.md "Audits"): honest recomputations in another process with another
-# thread count differ by at most ~1 ppm, bf16 autocast (a GPU's mixed precision) by ~3,000-6,000 ppm; the closest
-# fabrication (a gradient on 15/16 of the batch) is ~70,000 ppm away, the others 300,000 ppm or more. 2% leaves a
-# margin of 3x over bf16 and 3.5x under the closest fabrication.
-TOLERANCE_PPM = 20_000
+# Relative distance (ppm) above which a step sketch does not match its fp32 recomputation, by the precision the claimant
+# computed in. Measured (scripts/bench_audit_tolerance.py, docs/credits.md "Audits", demo MLP and a CNN, 64 steps each):
+# honest fp32 recomputations in another process with another thread count differ by 0-1 ppm; bf16 autocast (a GPU's
+# mixed precision, emulated on the CPU) by 5,000-77,000 ppm; the closest fabrication, a gradient on 15/16 of the batch,
+# by 88,000 ppm and more (median 250,000), a gradient on half the batch by 310,000 and more, another peer's batch, a
+# stale gradient, a random one or zeros by 570,000 and more. fp32: 1,000 ppm is 1,000x the honest drift and 88x below
+# the closest fabrication. Mixed precision: 250,000 ppm is 3x the bf16 drift and still below every fabrication but the
+# 15/16 batch (mixed-precision peers can shave a few percent of a batch; they cannot fake a step).
+PRECISIONS = ("fp32", "bf16", "fp16")
+TOLERANCE_PPM = {"fp32": 1_000, "bf16": 250_000, "fp16": 250_000}
 PPM = 10**6
 VERDICTS = ("pass", "fail", "inconclusive")
 MAX_REASON = 200
@@ -65,7 +69,8 @@ MAX_REVEAL_SIZE = SKETCH_BYTES + MAX_PROOF * (crypto.DIGEST_SIZE + 2) + 64
 @dataclass(frozen=True)
 class WorkCommitment(canonical.WireRecord):
     """What one peer commits to for one epoch: `steps` steps of `batch_size` samples computed at the start state
-    whose digest is `state_digest`, their gradient sketches summed up in `root` (Merkle root of the step leaves)."""
+    whose digest is `state_digest`, in `precision` (PRECISIONS: fp32, or a GPU's bf16/fp16 autocast), their gradient
+    sketches summed up in `root` (Merkle root of the step leaves)."""
 
     run_id: bytes
     peer: bytes
@@ -74,6 +79,7 @@ class WorkCommitment(canonical.WireRecord):
     batch_size: int
     state_digest: bytes
     root: bytes
+    precision: str = "fp32"
 
     WIRE_NAME: ClassVar[str] = "work commitment"
     MAX_WIRE_SIZE: ClassVar[int] = 256
@@ -86,14 +92,16 @@ class WorkCommitment(canonical.WireRecord):
         canonical.uint(self.batch_size, 1, MAX_BATCH_SIZE, "commitment batch_size")
         canonical.fixed_bytes(self.state_digest, crypto.DIGEST_SIZE, "commitment state_digest")
         canonical.fixed_bytes(self.root, crypto.DIGEST_SIZE, "commitment root")
+        if self.precision not in PRECISIONS:
+            raise InvalidMessage(f"commitment precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     def to_obj(self) -> list:
         return [COMMITMENT_VERSION, self.run_id, self.peer, self.epoch, self.steps, self.batch_size,
-                self.state_digest, self.root]
+                self.state_digest, self.root, self.precision]
 
     @classmethod
     def from_obj(cls, obj: Any) -> "WorkCommitment":
-        version, *fields = canonical.array(obj, 8, "work commitment")
+        version, *fields = canonical.array(obj, 9, "work commitment")
         if type(version) is not int or version != COMMITMENT_VERSION:
             raise InvalidMessage(f"unknown work commitment version {version!r}")
         return cls(*fields)
@@ -101,6 +109,11 @@ class WorkCommitment(canonical.WireRecord):
     @property
     def samples(self) -> int:
         return self.steps * self.batch_size
+
+    @property
+    def tolerance_ppm(self) -> int:
+        """The least tolerance an audit of this commitment may use."""
+        return TOLERANCE_PPM[self.precision]
 
     @cached_property
     def digest(self) -> bytes:
@@ -246,7 +259,7 @@ def spot_steps(ticket: bytes, steps: int, count: int) -> tuple[int, ...]:
 
 
 def judge(commitment: WorkCommitment, claimed_samples: int, reveals: Sequence[StepReveal],
-          recomputed: Sequence[bytes], tolerance_ppm: int = TOLERANCE_PPM) -> tuple[str, str]:
+          recomputed: Sequence[bytes], tolerance_ppm: int) -> tuple[str, str]:
     """(verdict, reason) for a claim whose revealed step sketches are compared with the auditor's recomputation of the
     same steps (both in the order of `reveals`). The reveals must already be checked (`StepReveal.check`): a revealed
     sketch is the claimant's own commitment, so a mismatch is the claimant's fault, never the auditor's.
@@ -340,6 +353,9 @@ class AuditReport(canonical.WireRecord):
         Raises InvalidMessage (InvalidSignature for the ticket) naming the first problem."""
         if self.commitment.digest != work_digest:
             raise InvalidMessage("the commitment is not the one the claim's work_digest names")
+        if self.tolerance_ppm < self.commitment.tolerance_ppm:
+            raise InvalidMessage(f"tolerance {self.tolerance_ppm} ppm is below the {self.commitment.precision} rule's "
+                                 f"{self.commitment.tolerance_ppm}")
         verify_ticket(self.auditor, self.subject, self.commitment.epoch, self.ticket)
         if not is_selected(self.ticket, self.rate_ppm):
             raise InvalidMessage(f"the ticket does not select this claim at rate {self.rate_ppm} ppm")
@@ -360,7 +376,7 @@ class AuditReport(canonical.WireRecord):
     def to_json(self) -> dict[str, Any]:
         c = self.commitment
         return {"run_id": c.run_id.hex(), "peer": c.peer.hex(), "epoch": c.epoch, "steps": c.steps,
-                "batch_size": c.batch_size, "claimed_samples": self.claimed_samples, "state_digest": c.state_digest.hex(),
+                "batch_size": c.batch_size, "precision": c.precision, "claimed_samples": self.claimed_samples, "state_digest": c.state_digest.hex(),
                 "subject": self.subject.hex(), "auditor": self.auditor.hex(), "rate_ppm": self.rate_ppm,
                 "tolerance_ppm": self.tolerance_ppm, "checked_steps": list(self.steps),
                 "distances_ppm": list(self.distances_ppm()), "verdict": self.verdict, "reason": self.reason}

@@ -32,20 +32,21 @@ def sketch_seed(run_id: bytes, epoch: int, state_digest: bytes) -> int:
 class SketchBasis:
     """A CountSketch with buckets by position: element i of the flattened gradient goes, with a random sign, to bucket
     i mod k. Linear (the sketch of a sum is the sum of the sketches), O(N) per sketch, preserves squared norms in
-    expectation for any fixed vector. Memory: two float32 buffers of the model's size (signs and the flattened
-    gradient), allocated once per epoch.
+    expectation for any fixed vector. Memory: three float32 buffers of the model's size (signs, the flattened
+    gradient, their product) on `device` (where the gradients are: no copy to the host per step), allocated once per epoch.
 
     Not secret: knowing the signs does not help anyone produce the sketch of a gradient without computing that
     gradient (it is k directional derivatives of the loss; forward-mode costs k forward passes)."""
 
-    def __init__(self, seed: int, numel: int, size: int = SKETCH_SIZE):
+    def __init__(self, seed: int, numel: int, size: int = SKETCH_SIZE, device: torch.device | str = "cpu"):
         self.numel, self.size = numel, size
         rows = math.ceil(numel / size)
         generator = torch.Generator().manual_seed(seed)
         signs = torch.randint(0, 2, (rows * size,), generator=generator).to(torch.float32).mul_(2).sub_(1)
         signs[numel:] = 0  # padding contributes nothing
-        self._signs = signs.view(rows, size)
-        self._flat = torch.zeros(rows * size, dtype=torch.float32)
+        self._signs = signs.view(rows, size).to(device)  # drawn on the CPU: the same signs on every machine
+        self._flat = torch.zeros(rows * size, dtype=torch.float32, device=device)
+        self._product = torch.empty_like(self._signs)
 
     def sketch(self, tensors: Sequence[torch.Tensor]) -> bytes:
         """The sketch of the tensors flattened and concatenated in order, as SKETCH_BYTES little-endian float32s."""
@@ -53,21 +54,24 @@ class SketchBasis:
 
     def sketch_grads(self, params: Sequence[torch.Tensor]) -> bytes:
         """The sketch of the parameters' gradients, in order (zeros where a parameter has none)."""
-        return self._load([p.grad.detach() if p.grad is not None else torch.zeros(p.shape) for p in params])
+        return self._load([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params])
 
     @torch.no_grad()
     def _load(self, tensors: Sequence[torch.Tensor]) -> bytes:
-        offset = 0
-        for tensor in tensors:
-            n = tensor.numel()
-            if offset + n > self.numel:
-                raise ValueError(f"the tensors hold more than the basis's {self.numel} elements")
-            self._flat[offset:offset + n].copy_(tensor.reshape(-1))  # from any device and dtype
-            offset += n
-        if offset != self.numel:
-            raise ValueError(f"the tensors hold {offset} elements, the basis {self.numel}")
-        sums = (self._flat.view_as(self._signs) * self._signs).sum(0, dtype=torch.float64)
-        return sums.to(torch.float32).numpy().astype("<f4").tobytes()
+        total = sum(t.numel() for t in tensors)
+        if total != self.numel:
+            raise ValueError(f"the tensors hold {total} elements, the basis {self.numel}")
+        flat = [t.reshape(-1) for t in tensors]
+        if all(t.dtype == torch.float32 and t.device == self._flat.device for t in flat):
+            torch.cat(flat, out=self._flat[:total])  # one call: this runs after every training step
+        else:
+            offset = 0
+            for t in flat:
+                self._flat[offset:offset + t.numel()].copy_(t)
+                offset += t.numel()
+        torch.mul(self._flat.view_as(self._signs), self._signs, out=self._product)
+        sums = self._product.sum(0, dtype=torch.float64)
+        return sums.to("cpu", torch.float32).numpy().astype("<f4").tobytes()
 
 
 def unpack_sketch(data: bytes) -> tuple[float, ...]:

@@ -7,11 +7,12 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from hivemind.utils import get_dht_time
 
+from p2pcompute.credits.audit import StepReveal, WorkCommitment
 from p2pcompute.errors import TrainingError
 from p2pcompute.runs.datasets import batch_for, open_dataset
 from p2pcompute.runs.manifest import Manifest, SignedManifest
@@ -24,6 +25,7 @@ from p2pcompute.training.compression import compression_for
 from p2pcompute.training.diloco import LocalUpdatesOptimizer
 from p2pcompute.training.local import evaluate_loss
 from p2pcompute.training.progress import ProgressRecord, publish_progress
+from p2pcompute.training.work import KEEP_EPOCHS, WorkRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class TrainerOptions:
     progress_ttl: float = PROGRESS_TTL
     # claims hook: (round kind) -> data sent to group mates in each averaging round; None: [epoch, samples]
     round_payload: Callable[[str], Any] | None = None
+    # audits (training/work.py): epochs of step sketches kept to answer audits; 0: record no work (no commitments)
+    work_history: int = KEEP_EPOCHS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,7 @@ class Trainer:
         self._samples_in_epoch = 0
         self._samples_done = 0
         self._contributions: dict[int, int] = {}
+        self._work: WorkRecorder | None = None  # step sketches and start states (gradients mode), see start()
         self._loss_ema: float | None = None
         self._rate_mark = (0.0, 0)  # (clock, samples_done) at the last throughput measurement
         self._samples_per_second = 0.0
@@ -141,6 +146,12 @@ class Trainer:
                                     self.options.stdlib_dir)
         self.model = build_model(m.model.name, m.model.as_dict(), m.init_seed).to(self.device)
         self._loss_fn = loss_function(self.dataset.shape.task)
+        # Work is recomputable (and recorded) in gradients mode, where every step of an epoch is taken at its start
+        # state; not with delay_state_averaging, where a background round may move the parameters mid-epoch.
+        if self.options.work_history and m.averaging.mode == "gradients" and not m.averaging.delay_state_averaging:
+            precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self._amp_dtype]
+            self._work = WorkRecorder(m.run_id, self.identity.public_key, m.batch_size_per_step,
+                                      keep_epochs=self.options.work_history, precision=precision)
         self._rate_mark = (self._clock(), 0)
         if self.options.min_peers > 1:
             self._peers_deadline = self._clock() + self.options.min_peers_timeout
@@ -210,6 +221,21 @@ class Trainer:
         with self._lock:
             return dict(self._contributions)
 
+    def work_commitment(self, epoch: int) -> WorkCommitment | None:
+        """What this peer commits to for a completed epoch (its digest is the claim's work_digest), if recorded."""
+        with self._lock:
+            return self._work.commitment(epoch) if self._work is not None else None
+
+    def reveal(self, epoch: int, steps: Sequence[int]) -> list[StepReveal] | None:
+        """The answer to an audit of `steps` of `epoch`: the committed step sketches with their Merkle paths."""
+        with self._lock:
+            return self._work.reveal(epoch, steps) if self._work is not None else None
+
+    def start_state(self, epoch: int) -> tuple[bytes, list[torch.Tensor]] | None:
+        """(digest, parameters) at the start of a recent epoch, to audit others against (None if not kept)."""
+        with self._lock:
+            return self._work.start_states.get(epoch) if self._work is not None else None
+
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write the current parameters (between steps); default path: checkpoint_dir/<run>-epochN.pt."""
         with self._lock:
@@ -257,6 +283,9 @@ class Trainer:
                 self._new_epoch(epoch, completed=False)
             x, y = batch_for(self.dataset, m.run_id, self.identity.peer_id.to_bytes(), epoch, self._step_in_epoch,
                              m.batch_size_per_step)
+            params = list(self.model.parameters())
+            if self._work is not None and self._work.epoch != epoch:
+                self._work.begin_epoch(epoch, params)  # the first step of the epoch: the parameters are its start
             started = time.perf_counter()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with devices.autocast(self.device, self._amp_dtype):
@@ -264,11 +293,15 @@ class Trainer:
             if self._scaler is not None:
                 self._scaler.scale(loss).backward()
                 computed = devices.synchronized_time(self.device)
+                if self._work is not None:
+                    self._work.record_step(epoch, self._step_in_epoch, params, 1.0 / float(self._scaler.get_scale()))
                 self._scaler.step(opt)
                 self._scaler.update()
             else:
                 loss.backward()
                 computed = devices.synchronized_time(self.device)
+                if self._work is not None:
+                    self._work.record_step(epoch, self._step_in_epoch, params)
                 opt.step()
             opt.zero_grad()
             stepped = devices.synchronized_time(self.device)
@@ -299,6 +332,8 @@ class Trainer:
     def _new_epoch(self, epoch: int, completed: bool) -> None:
         """Bookkeeping at an epoch change: what we contributed, batch counters, periodic checkpoints."""
         self._contributions[self._epoch] = self._samples_in_epoch if completed else 0
+        if self._work is not None:
+            self._work.end_epoch(self._epoch, completed)
         while len(self._contributions) > MAX_CONTRIBUTIONS:
             del self._contributions[min(self._contributions)]
         self._epoch, self._step_in_epoch, self._samples_in_epoch = epoch, 0, 0

@@ -1,0 +1,280 @@
+"""Reproducible work for audits: step gradients at an epoch's start state, the trainer's record of them (start states, step sketches, commitments) and the auditor's recomputation.
+
+In gradients mode a peer's contribution to epoch E is the mean of its step gradients, every one taken at the same
+parameters, E's start state theta_E (hivemind.Optimizer accumulates `.grad` after each backward pass and sends
+accumulated / steps with weight = samples; the parameters change only at the epoch's end). Step s of peer P uses the
+batch `batch_for(dataset, run, P, E, s, batch_size_per_step)`. So one step is recomputable by anyone holding the
+manifest and theta_E, independently of every other step: an audit recomputes a few random steps, not the epoch.
+
+Not covered (docs/credits.md, "Audits"): local (DiLoCo) mode, whose step s is taken at the peer's own trajectory
+theta_E,s with its inner optimizer's private state; and gradients-mode runs with `delay_state_averaging`, where a
+background state-averaging result may land mid-epoch and move the parameters under later steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from p2pcompute import canonical, crypto
+from p2pcompute.credits.audit import (SPOT_STEPS, TOLERANCE_PPM, AuditReport, StepReveal, WorkCommitment, audit_ticket,
+                                      is_selected, judge, merkle_proofs, merkle_root, spot_steps)
+from p2pcompute.credits.sketch import SketchBasis, sketch_seed
+from p2pcompute.crypto import Signer
+from p2pcompute.errors import InvalidMessage
+from p2pcompute.identity import peer_id_bytes
+from p2pcompute.runs.datasets import Dataset, batch_for, open_dataset
+from p2pcompute.runs.manifest import Manifest
+from p2pcompute.runs.models import build_model, loss_function
+
+logger = logging.getLogger(__name__)
+
+STATE_DOMAIN = b"p2pcompute/training/start-state/v1\x00"
+# Epochs whose step sketches a peer keeps to answer audits: an issuer audits when it pays, a few epochs after the
+# claim (witnessing takes the next round or two). 8 epochs of a demo peer (~2,000 steps each) are ~2 MB.
+KEEP_EPOCHS = 8
+# Start states kept (parameters, float32, CPU), newest first: what this peer can audit others against. 4 epochs of a
+# 100M-parameter model are 1.6 GB, so the count is also capped by bytes (MAX_START_STATE_BYTES).
+KEEP_START_STATES = 4
+MAX_START_STATE_BYTES = 1 << 30
+
+
+def state_digest(tensors: Iterable[torch.Tensor]) -> bytes:
+    """The digest of a start state: every tensor's shape, then its values as little-endian float32, in order."""
+    tensors = [t.detach().to("cpu", torch.float32).contiguous() for t in tensors]
+    layout = canonical.pack([list(t.shape) for t in tensors])
+    return crypto.digest_chunks([STATE_DOMAIN, layout, *(memoryview(t.numpy().astype("<f4", copy=False)).cast("B")
+                                                       for t in tensors)])
+
+
+class StartStates:
+    """The parameters at the start of the last few epochs (CPU float32 copies), capped by count and bytes: the states
+    this peer can recompute others' steps at. Memory: min(count, max_bytes / model bytes) x the model's float32 size."""
+
+    def __init__(self, keep: int = KEEP_START_STATES, max_bytes: int = MAX_START_STATE_BYTES):
+        self.keep, self.max_bytes = keep, max_bytes
+        self._states: collections.OrderedDict[int, tuple[bytes, list[torch.Tensor]]] = collections.OrderedDict()
+
+    def put(self, epoch: int, params: Iterable[torch.Tensor]) -> bytes:
+        """Keep a copy of `params` as the start of `epoch`; returns its digest."""
+        copies = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+        digest = state_digest(copies)
+        size = sum(t.numel() * 4 for t in copies)
+        fits = max(0, min(self.keep, self.max_bytes // max(1, size)))
+        self._states.pop(epoch, None)
+        if fits:
+            self._states[epoch] = (digest, copies)
+        while len(self._states) > fits:
+            self._states.popitem(last=False)
+        return digest
+
+    def get(self, epoch: int) -> tuple[bytes, list[torch.Tensor]] | None:
+        """(digest, tensors) of the start of `epoch`, if kept."""
+        return self._states.get(epoch)
+
+    def epochs(self) -> list[int]:
+        return list(self._states)
+
+
+class _EpochWork:
+    def __init__(self, epoch: int, digest: bytes, basis: SketchBasis):
+        self.epoch, self.digest, self.basis = epoch, digest, basis
+        self.sketches: list[bytes] = []
+        self.broken = False  # a step came out of order: no commitment for this epoch
+
+
+class WorkRecorder:
+    """The trainer's record of its work, for audits (gradients mode). The trainer calls `begin_epoch` when an epoch
+    starts (parameters = its start state), `record_step` after each backward pass (the step's gradient is in `.grad`),
+    `end_epoch` when the epoch ends (a commitment if it completed). Costs per step: one copy of the gradient and one
+    multiply-add pass (SketchBasis); per epoch: a copy of the parameters and their hash, and a new sketch basis."""
+
+    def __init__(self, run_id: bytes, peer: bytes, batch_size: int, keep_epochs: int = KEEP_EPOCHS,
+                 start_states: StartStates | None = None, precision: str = "fp32"):
+        self.run_id, self.peer, self.batch_size, self.precision = bytes(run_id), bytes(peer), batch_size, precision
+        self.keep_epochs = keep_epochs
+        self.start_states = start_states if start_states is not None else StartStates()
+        self._current: _EpochWork | None = None
+        self._done: collections.OrderedDict[int, tuple[WorkCommitment, list[bytes]]] = collections.OrderedDict()
+
+    @property
+    def epoch(self) -> int | None:
+        return self._current.epoch if self._current is not None else None
+
+    def begin_epoch(self, epoch: int, params: Sequence[torch.Tensor]) -> None:
+        digest = self.start_states.put(epoch, params)
+        numel = sum(p.numel() for p in params)
+        basis = (self._current.basis if self._current is not None and self._current.digest == digest
+                 and self._current.epoch == epoch
+                 else SketchBasis(sketch_seed(self.run_id, epoch, digest), numel, device=params[0].device))
+        self._current = _EpochWork(epoch, digest, basis)
+
+    def record_step(self, epoch: int, step: int, params: Sequence[torch.Tensor], grad_scale: float = 1.0) -> None:
+        """The sketch of step `step`'s gradient (in the parameters' .grad, multiplied by `grad_scale` if a loss scaler
+        scaled the loss). Steps must come in order from 0; anything else leaves the epoch without a commitment."""
+        work = self._current
+        if work is None or work.epoch != epoch or work.broken:
+            return
+        if step != len(work.sketches):
+            logger.info("epoch %d: step %d recorded after %d steps; no work commitment for this epoch", epoch, step,
+                        len(work.sketches))
+            work.broken = True
+            return
+        sketch = work.basis.sketch_grads(params)
+        if grad_scale != 1.0:
+            values = torch.frombuffer(bytearray(sketch), dtype=torch.float32) / grad_scale
+            sketch = values.numpy().astype("<f4").tobytes()
+        work.sketches.append(sketch)
+
+    def end_epoch(self, epoch: int, completed: bool) -> WorkCommitment | None:
+        """Close `epoch`: its commitment if it completed with every step recorded, else None."""
+        work = self._current
+        if work is None or work.epoch != epoch:
+            return None
+        self._current = None
+        if not completed or work.broken or not work.sketches:
+            return None
+        commitment = WorkCommitment(self.run_id, self.peer, epoch, len(work.sketches), self.batch_size, work.digest,
+                                    merkle_root(work.sketches), self.precision)
+        self._done[epoch] = (commitment, work.sketches)
+        while len(self._done) > self.keep_epochs:
+            self._done.popitem(last=False)
+        return commitment
+
+    def commitment(self, epoch: int) -> WorkCommitment | None:
+        done = self._done.get(epoch)
+        return done[0] if done is not None else None
+
+    def reveal(self, epoch: int, steps: Sequence[int]) -> list[StepReveal] | None:
+        """The claimant's answer to an audit of `steps` of `epoch` (None if the epoch is no longer kept)."""
+        done = self._done.get(epoch)
+        if done is None:
+            return None
+        commitment, sketches = done
+        if any(not 0 <= s < commitment.steps for s in steps):
+            raise InvalidMessage(f"epoch {epoch} has {commitment.steps} steps")
+        return [StepReveal(s, sketches[s], proof) for s, proof in zip(steps, merkle_proofs(sketches, steps))]
+
+
+# ---- the auditor's side --------------------------------------------------------------------------------------
+
+
+class Recomputer:
+    """Recomputes step gradients of a run on this machine (CPU, float32, the zoo's model and dataset), from a start
+    state given as tensors. Deterministic up to float summation order (thread count, kernels)."""
+
+    def __init__(self, manifest: Manifest, dataset: Dataset | None = None, data_dir: Path | None = None,
+                 stdlib_dir: Path | None = None):
+        self.manifest = manifest
+        self.dataset = dataset or open_dataset(manifest.dataset.name, manifest.dataset.as_dict(), data_dir, stdlib_dir)
+        self.model = build_model(manifest.model.name, manifest.model.as_dict(), manifest.init_seed)
+        self.params = list(self.model.parameters())
+        self.loss_fn = loss_function(self.dataset.shape.task)
+        self._basis: tuple[int, SketchBasis] | None = None
+
+    @torch.no_grad()
+    def load(self, state: Sequence[torch.Tensor]) -> bytes:
+        """Set the model to `state`; returns its digest."""
+        if len(state) != len(self.params) or any(s.shape != p.shape for s, p in zip(state, self.params)):
+            raise InvalidMessage("the start state does not fit the run's model")
+        for param, value in zip(self.params, state):
+            param.copy_(value)
+        return state_digest(self.params)
+
+    def step_gradient(self, peer: bytes, epoch: int, step: int) -> list[torch.Tensor]:
+        """The gradient of step `step` of `peer` (its public key; batches are seeded by its PeerID) in `epoch` at the
+        loaded state (what the trainer's .grad held)."""
+        x, y = batch_for(self.dataset, self.manifest.run_id, peer_id_bytes(peer), epoch, step,
+                         self.manifest.batch_size_per_step)
+        self.model.zero_grad(set_to_none=False)
+        self.loss_fn(self.model(x), y).backward()
+        return [p.grad.detach().clone() for p in self.params]
+
+    def contribution(self, peer: bytes, epoch: int, steps: int) -> list[torch.Tensor]:
+        """The peer's whole contribution to `epoch` at the loaded state: the mean of its first `steps` step gradients
+        (what hivemind's GradientAverager sends, with weight steps x batch_size)."""
+        total = [torch.zeros_like(p) for p in self.params]
+        for step in range(steps):
+            for acc, grad in zip(total, self.step_gradient(peer, epoch, step)):
+                acc.add_(grad)
+        return [t / steps for t in total]
+
+    def step_sketches(self, commitment: WorkCommitment, steps: Sequence[int]) -> list[bytes]:
+        """Sketches of the given steps of the commitment's peer and epoch, at the loaded state, in the commitment's
+        sketch basis."""
+        seed = sketch_seed(commitment.run_id, commitment.epoch, commitment.state_digest)
+        if self._basis is None or self._basis[0] != seed:
+            self._basis = (seed, SketchBasis(seed, sum(p.numel() for p in self.params)))
+        basis = self._basis[1]
+        sketches = []
+        for step in steps:
+            self.step_gradient(commitment.peer, commitment.epoch, step)
+            sketches.append(basis.sketch_grads(self.params))
+        return sketches
+
+
+Reveal = Callable[[WorkCommitment, Sequence[int]], "Sequence[StepReveal] | None"]
+
+
+def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | None, commitment: WorkCommitment,
+                claimed_samples: int, subject: bytes, auditor: Signer, rate_ppm: int, reveal: Reveal,
+                spot: int = SPOT_STEPS, tolerance_ppm: int | None = None) -> AuditReport | None:
+    """The auditor's whole job for one claim whose commitment it has (the claim's work_digest must be
+    `commitment.digest`: the caller checks). None if the ticket does not select it, or if the claimant did not answer
+    with its committed sketches (`reveal` returned None or wrong leaves: not provable to others; the issuer does not pay
+    such a claim). Otherwise a report: "inconclusive" when `start_state` (the auditor's own state for the epoch) is
+    missing or not the one the claimant committed to."""
+    if commitment.run_id != recomputer.manifest.run_id:
+        raise InvalidMessage("the commitment is for another run")
+    ticket = audit_ticket(auditor, subject, commitment.epoch)
+    if not is_selected(ticket, rate_ppm):
+        return None
+    tolerance_ppm = commitment.tolerance_ppm if tolerance_ppm is None else max(tolerance_ppm, commitment.tolerance_ppm)
+
+    def report(reveals=(), recomputed=(), verdict="inconclusive", reason="") -> AuditReport:
+        return AuditReport(commitment, claimed_samples, subject, auditor.public_key, ticket, rate_ppm, tolerance_ppm,
+                           tuple(reveals), tuple(recomputed), verdict, reason)
+
+    if claimed_samples != commitment.samples:
+        return report(verdict="fail", reason=judge(commitment, claimed_samples, (), (), tolerance_ppm)[1])
+    if start_state is None or state_digest(start_state) != commitment.state_digest:
+        return report(reason="no start state with the committed digest here")
+    steps = spot_steps(ticket, commitment.steps, spot)
+    reveals = reveal(commitment, steps)
+    if reveals is None:
+        return None
+    reveals = tuple(reveals)
+    if tuple(r.step for r in reveals) != steps:
+        logger.info("the claimant answered steps %s, not %s", [r.step for r in reveals][:8], list(steps)[:8])
+        return None
+    try:
+        for r in reveals:
+            r.check(commitment)
+    except InvalidMessage as e:
+        logger.info("the claimant's reveal is not its commitment: %s", e)
+        return None
+    recomputer.load(start_state)
+    recomputed = recomputer.step_sketches(commitment, steps)
+    verdict, reason = judge(commitment, claimed_samples, reveals, recomputed, tolerance_ppm)
+    return report(reveals, recomputed, verdict, reason)
+
+
+def recheck_report(recomputer: Recomputer, start_state: Sequence[torch.Tensor], report: AuditReport,
+                   work_digest: bytes, tolerance_ppm: int = TOLERANCE_PPM["fp32"]) -> None:
+    """Re-check an audit offline, recomputation included: `report.check` (signatures, selection, Merkle paths, verdict
+    from the sketches), then the steps recomputed here from `start_state` (which must have the committed digest) must
+    be within `tolerance_ppm` (fp32's: both sides recompute in fp32) of the auditor's recomputed sketches. Raises InvalidMessage naming the first problem."""
+    report.check(work_digest)
+    if not report.reveals:
+        return
+    if recomputer.load(start_state) != report.commitment.state_digest:
+        raise InvalidMessage("this start state is not the one the claim committed to")
+    mine = recomputer.step_sketches(report.commitment, report.steps)
+    theirs = [StepReveal(s, sketch, ()) for s, sketch in zip(report.steps, report.recomputed)]
+    verdict, reason = judge(report.commitment, report.commitment.samples, theirs, mine, tolerance_ppm)
+    if verdict != "pass":
+        raise InvalidMessage(f"the auditor's recomputation does not match this one: {reason}")

@@ -1,0 +1,237 @@
+"""Audits by recomputation: a real trainer's work is recomputable from (manifest, peer, epoch, steps, start state), an
+honest recomputation in another process with another thread count passes, every kind of fabrication fails, selection
+is verifiable, and reports are re-checkable offline (tampering is named)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2pcompute import crypto
+from p2pcompute.credits.audit import (MAX_SPOT_STEPS, TOLERANCE_PPM, AuditReport, StepReveal, WorkCommitment,
+                                      audit_ticket, is_selected, judge, spot_steps, verify_ticket)
+from p2pcompute.errors import InvalidMessage, InvalidSignature
+from p2pcompute.identity import Identity, peer_id_bytes
+from p2pcompute.runs.datasets import batch_for
+from p2pcompute.runs.manifest import Manifest
+from p2pcompute.runs.specs import mlp_synthetic_spec
+from p2pcompute.swarm.dht import start_dht
+from p2pcompute.training.trainer import Trainer, TrainerOptions
+from p2pcompute.training.work import Recomputer, WorkRecorder, audit_claim, recheck_report, state_digest
+
+WORKER = Path(__file__).resolve().parent / "audit_worker.py"
+CHECKOUT = Path(__file__).resolve().parent.parent
+LR = "0.05"
+EPOCHS = 4
+STEPS_PER_EPOCH = 12
+ALWAYS = 10**6  # audit rate in ppm: every claim
+DEADLINE = 120.0  # seconds for the training run and for the worker process on a loaded 2-core machine
+
+
+@dataclasses.dataclass
+class Run:
+    manifest: Manifest
+    trainer: Trainer
+    peer: bytes
+    auditor: Identity
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A lone peer's real training run (gradients mode, plain SGD so that each update is exactly -lr x the averaged
+    gradient), finished; its trainer still answers for its recorded work."""
+    root = tmp_path_factory.mktemp("audit")
+    manifest = Manifest.from_toml(mlp_synthetic_spec(
+        "audit-test", batch_size_per_step=16, target_batch_size=16 * STEPS_PER_EPOCH, in_features=6, hidden=[16],
+        out_features=2, seed=5, optimizer="sgd", lr=LR, max_epochs=EPOCHS))
+    identity = Identity.load_or_create(root / "node" / "identity.key")
+    dht = start_dht(identity, listen=["/ip4/127.0.0.1/tcp/0"])
+    trainer = Trainer(dht, manifest, identity, TrainerOptions(device="cpu"))
+    try:
+        with trainer:
+            assert trainer.wait(DEADLINE)
+    finally:
+        dht.shutdown()
+    assert trainer.status().status == "finished"
+    yield Run(manifest, trainer, identity.public_key, Identity.load_or_create(root / "auditor" / "identity.key"))
+
+
+def subject_of(commitment: WorkCommitment) -> bytes:
+    return crypto.digest(b"test claim" + commitment.digest)  # stands for the payout / claim id
+
+
+def audit(run: Run, commitment: WorkCommitment, reveal, samples: int | None = None, spot: int = 8) -> AuditReport:
+    state = run.trainer.start_state(commitment.epoch)[1]
+    report = audit_claim(Recomputer(run.manifest), state, commitment,
+                         commitment.samples if samples is None else samples, subject_of(commitment), run.auditor,
+                         ALWAYS, reveal, spot=spot)
+    report = AuditReport.from_wire(report.to_wire())
+    report.check(commitment.digest)  # whatever the verdict, anyone can re-check it
+    recheck_report(Recomputer(run.manifest), state, report, commitment.digest)
+    return report
+
+
+def test_recomputation_matches_what_the_trainer_accumulated(run):
+    """theta_{E+1} = theta_E - lr x (mean of the step gradients recomputed from (manifest, peer, E, steps, theta_E)):
+    the recomputation is what hivemind accumulated and applied, and the commitment counts the trainer's samples."""
+    recomputer = Recomputer(run.manifest)
+    contributions = run.trainer.contributions()
+    checked = 0
+    for epoch in range(1, EPOCHS - 1):
+        commitment = run.trainer.work_commitment(epoch)
+        digest, start = run.trainer.start_state(epoch)
+        _, after = run.trainer.start_state(epoch + 1)
+        assert commitment.samples == contributions[epoch] == run.manifest.target_batch_size
+        assert commitment.state_digest == digest == recomputer.load(start)
+        grads = recomputer.contribution(run.peer, epoch, commitment.steps)
+        for before, new, grad in zip(start, after, grads):
+            torch.testing.assert_close(new, before - float(LR) * grad, rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked == EPOCHS - 2
+
+
+def test_honest_work_passes_an_audit_recomputed_elsewhere(run, tmp_path):
+    """The trainer's own commitment (threads: this process uses 1) against a recomputation in another process with
+    2 threads: within the fp32 tolerance, and the full audit passes and re-checks."""
+    torch.set_num_threads(1)
+    epoch = 2
+    commitment = run.trainer.work_commitment(epoch)
+    steps = list(range(commitment.steps))
+    (tmp_path / "manifest").write_bytes(run.manifest.to_wire())
+    torch.save(run.trainer.start_state(epoch)[1], tmp_path / "state.pt")
+    subprocess.run([sys.executable, str(WORKER), str(tmp_path / "manifest"), str(tmp_path / "state.pt"),
+                    commitment.to_wire().hex(), ",".join(map(str, steps)), "2", str(tmp_path / "out")],
+                   check=True, timeout=DEADLINE, env={"PYTHONPATH": str(CHECKOUT)})
+    data = (tmp_path / "out").read_bytes()
+    elsewhere = [data[i:i + 128] for i in range(0, len(data), 128)]
+    reveals = run.trainer.reveal(epoch, steps)
+    for r in reveals:
+        r.check(commitment)
+    verdict, reason = judge(commitment, commitment.samples, reveals, elsewhere, TOLERANCE_PPM["fp32"])
+    assert verdict == "pass", reason
+
+    report = audit(run, commitment, lambda c, s: run.trainer.reveal(c.epoch, s))
+    assert report.verdict == "pass" and len(report.steps) == 8 and max(report.distances_ppm()) <= 10
+    assert report.to_json()["verdict"] == "pass"
+
+
+def fabricate(run: Run, kind: str) -> tuple[WorkCommitment, WorkRecorder]:
+    """A cheater's commitment for epoch 2 (real recorder, real sketches of fabricated gradients)."""
+    epoch, m = 2, run.manifest
+    _, start = run.trainer.start_state(epoch)
+    _, stale_state = run.trainer.start_state(epoch - 1)
+    recorder = WorkRecorder(m.run_id, run.peer, m.batch_size_per_step)
+    recorder.begin_epoch(epoch, start)
+    worker = Recomputer(m)
+    worker.load(stale_state if kind == "stale" else start)
+    generator = torch.Generator().manual_seed(1)
+    steps = STEPS_PER_EPOCH * (2 if kind == "padded" else 1)
+    for step in range(steps):
+        if kind in ("random", "zeros"):
+            for p in worker.params:
+                p.grad = torch.randn(p.shape, generator=generator) * 0.1 if kind == "random" else torch.zeros_like(p)
+        elif kind == "stale":
+            worker.step_gradient(run.peer, epoch - 1, step)
+        elif kind == "other-peer":
+            worker.step_gradient(b"\x07" * 32, epoch, step)
+        elif kind == "fewer-samples":
+            x, y = batch_for(worker.dataset, m.run_id, peer_id_bytes(run.peer), epoch, step, m.batch_size_per_step)
+            worker.model.zero_grad()
+            worker.loss_fn(worker.model(x[:12]), y[:12]).backward()  # 12 of the 16 samples claimed
+        elif kind == "padded":  # the real steps, then as many again copied from step 0 (an inflated count)
+            worker.step_gradient(run.peer, epoch, step if step < STEPS_PER_EPOCH else 0)
+        recorder.record_step(epoch, step, worker.params)
+    return recorder.end_epoch(epoch, completed=True), recorder
+
+
+@pytest.mark.parametrize("kind", ["random", "zeros", "stale", "other-peer", "fewer-samples", "padded"])
+def test_each_fabrication_fails(run, kind):
+    commitment, recorder = fabricate(run, kind)
+    report = audit(run, commitment, lambda c, s: recorder.reveal(c.epoch, s), spot=MAX_SPOT_STEPS)
+    assert report.verdict == "fail", (kind, report.reason, report.distances_ppm())
+    if kind == "padded":  # only the copied steps are off
+        failing = [s for s, d in zip(report.steps, report.distances_ppm()) if d > TOLERANCE_PPM["fp32"]]
+        assert failing and min(failing) >= STEPS_PER_EPOCH
+    else:
+        assert min(report.distances_ppm()) > 20 * TOLERANCE_PPM["fp32"]
+
+
+def test_inflated_count_fails_without_recomputing(run):
+    commitment = run.trainer.work_commitment(2)
+    report = audit(run, commitment, lambda c, s: pytest.fail("no reveal needed"), samples=commitment.samples + 16)
+    assert report.verdict == "fail" and "samples" in report.reason and report.reveals == ()
+
+
+def test_unanswered_or_false_reveals_give_no_report_and_other_states_no_verdict(run):
+    commitment = run.trainer.work_commitment(2)
+    state = run.trainer.start_state(2)[1]
+    args = (commitment, commitment.samples, subject_of(commitment), run.auditor, ALWAYS)
+    assert audit_claim(Recomputer(run.manifest), state, *args, reveal=lambda c, s: None) is None
+
+    def lying(c, steps):  # another epoch's (honest) sketches presented as this epoch's
+        return [StepReveal(r.step, r.sketch, r.proof) for r in run.trainer.reveal(1, steps)]
+    assert audit_claim(Recomputer(run.manifest), state, *args, reveal=lying) is None
+    other = audit_claim(Recomputer(run.manifest), run.trainer.start_state(1)[1], *args,
+                        reveal=lambda c, s: run.trainer.reveal(c.epoch, s))
+    assert other.verdict == "inconclusive" and other.reveals == ()
+    other.check(commitment.digest)
+
+
+def test_selection_is_verifiable_unpredictable_and_at_the_rate():
+    auditor, other = crypto.SigningKey(bytes(32)), crypto.SigningKey(bytes([1]) * 32)
+    subjects = [crypto.digest(i.to_bytes(4, "big")) for i in range(3000)]
+    tickets = [audit_ticket(auditor, s, 7) for s in subjects]
+    assert tickets == [audit_ticket(auditor, s, 7) for s in subjects]  # one ticket per claim and auditor
+    selected = sum(is_selected(t, 100_000) for t in tickets)
+    assert 240 <= selected <= 360  # 10% of 3000, within ~4 standard deviations
+    assert all(is_selected(t, ALWAYS) for t in tickets) and not any(is_selected(t, 0) for t in tickets)
+    verify_ticket(auditor.public_key, subjects[0], 7, tickets[0])
+    with pytest.raises(InvalidSignature):
+        verify_ticket(other.public_key, subjects[0], 7, tickets[0])
+    with pytest.raises(InvalidSignature):
+        verify_ticket(auditor.public_key, subjects[0], 8, tickets[0])
+    steps = spot_steps(tickets[0], 1000, 8)
+    assert len(set(steps)) == 8 and list(steps) == sorted(steps) and all(0 <= s < 1000 for s in steps)
+    assert spot_steps(tickets[0], 5, 8) == (0, 1, 2, 3, 4)
+    assert spot_steps(tickets[1], 1000, 8) != steps
+
+
+def test_tampered_reports_are_named(run):
+    commitment, recorder = fabricate(run, "random")
+    report = audit(run, commitment, lambda c, s: recorder.reveal(c.epoch, s))
+    honest = run.trainer.work_commitment(2)
+    flipped = dataclasses.replace(report, verdict="pass")
+    altered = dataclasses.replace(report, reveals=(dataclasses.replace(report.reveals[0],
+                                                                       sketch=report.recomputed[0]),) + report.reveals[1:])
+    strict = dataclasses.replace(report, tolerance_ppm=0)
+    unselected = dataclasses.replace(report, rate_ppm=0)
+    cases = {flipped: "the sketches say", altered: "not the one committed", strict: "below the fp32 rule",
+             unselected: "does not select"}
+    for tampered, reason in cases.items():
+        with pytest.raises(InvalidMessage, match=reason):
+            tampered.check(commitment.digest)
+    with pytest.raises(InvalidMessage, match="work_digest"):
+        report.check(honest.digest)
+    # an auditor that reports different recomputed sketches is caught by anyone recomputing
+    framed = dataclasses.replace(report, recomputed=tuple(r.sketch for r in report.reveals), verdict="pass")
+    with pytest.raises(InvalidMessage, match="does not match"):
+        recheck_report(Recomputer(run.manifest), run.trainer.start_state(2)[1], framed, commitment.digest)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x90", bytes(300), b"\x9c" + b"\xc0" * 12])
+def test_records_decode_strictly(data):
+    for record in (WorkCommitment, StepReveal, AuditReport):
+        with pytest.raises(InvalidMessage):
+            record.from_wire(data)
+
+
+def test_state_digest_names_values_and_layout():
+    a = [torch.ones(2, 3), torch.zeros(4)]
+    assert state_digest(a) == state_digest([t.clone() for t in a])
+    assert state_digest(a) != state_digest([torch.ones(3, 2), torch.zeros(4)])
+    assert state_digest(a) != state_digest([torch.ones(2, 3), torch.tensor([0.0, 0.0, 0.0, 1e-30])])
