@@ -235,3 +235,25 @@ def test_state_digest_names_values_and_layout():
     assert state_digest(a) == state_digest([t.clone() for t in a])
     assert state_digest(a) != state_digest([torch.ones(3, 2), torch.zeros(4)])
     assert state_digest(a) != state_digest([torch.ones(2, 3), torch.tensor([0.0, 0.0, 0.0, 1e-30])])
+
+
+def test_recorder_commits_only_to_whole_recomputable_epochs():
+    params = [torch.nn.Parameter(torch.zeros(3, 5)), torch.nn.Parameter(torch.zeros(5))]
+    recorder = WorkRecorder(bytes(32), bytes(32), 4)
+
+    def epoch(number: int, grads) -> WorkCommitment | None:
+        recorder.begin_epoch(number, params)
+        for step, grad in grads:
+            params[0].grad, params[1].grad = torch.full((3, 5), grad), torch.full((5,), grad)
+            recorder.record_step(number, step, params)
+        return recorder.end_epoch(number, completed=True)
+
+    whole = epoch(0, [(0, 1.0), (1, 2.0)])
+    assert whole.steps == 2 and whole.samples == 8 and recorder.commitment(0) == whole
+    assert epoch(1, [(0, 1.0), (2, 2.0)]) is None  # a step missing
+    assert epoch(2, [(0, 1.0), (1, float("inf"))]) is None  # an fp16 overflow: the scaler skipped that step
+    recorder.begin_epoch(3, params)
+    assert recorder.end_epoch(3, completed=False) is None
+    assert [r.step for r in recorder.reveal(0, [1])] == [1] and recorder.reveal(1, [0]) is None
+    with pytest.raises(InvalidMessage):
+        recorder.reveal(0, [2])

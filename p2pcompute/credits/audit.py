@@ -101,10 +101,7 @@ class WorkCommitment(canonical.WireRecord):
 
     @classmethod
     def from_obj(cls, obj: Any) -> "WorkCommitment":
-        version, *fields = canonical.array(obj, 9, "work commitment")
-        if type(version) is not int or version != COMMITMENT_VERSION:
-            raise InvalidMessage(f"unknown work commitment version {version!r}")
-        return cls(*fields)
+        return cls(*canonical.versioned(obj, 9, COMMITMENT_VERSION, "work commitment"))
 
     @property
     def samples(self) -> int:
@@ -330,10 +327,8 @@ class AuditReport(canonical.WireRecord):
 
     @classmethod
     def from_obj(cls, obj: Any) -> "AuditReport":
-        version, commitment, samples, subject, auditor, ticket, rate, tolerance, reveals, recomputed, verdict, reason = (
-            canonical.array(obj, 12, "audit report"))
-        if type(version) is not int or version != REPORT_VERSION:
-            raise InvalidMessage(f"unknown audit report version {version!r}")
+        commitment, samples, subject, auditor, ticket, rate, tolerance, reveals, recomputed, verdict, reason = (
+            canonical.versioned(obj, 12, REPORT_VERSION, "audit report"))
         reveals = tuple(StepReveal.from_obj(r) for r in canonical.sequence(reveals, MAX_SPOT_STEPS, "audit reveals"))
         recomputed = tuple(canonical.sequence(recomputed, MAX_SPOT_STEPS, "audit recomputed"))
         return cls(WorkCommitment.from_obj(commitment), samples, subject, auditor, ticket, rate, tolerance, reveals,

@@ -114,8 +114,9 @@ class WorkRecorder:
         self._current = _EpochWork(epoch, digest, basis)
 
     def record_step(self, epoch: int, step: int, params: Sequence[torch.Tensor], grad_scale: float = 1.0) -> None:
-        """The sketch of step `step`'s gradient (in the parameters' .grad, multiplied by `grad_scale` if a loss scaler
-        scaled the loss). Steps must come in order from 0; anything else leaves the epoch without a commitment."""
+        """The sketch of step `step`'s gradient (in the parameters' .grad, multiplied by `grad_scale`: 1 / the loss
+        scale if a loss scaler scaled the loss). Steps must come in order from 0 and have finite gradients; anything else
+        leaves the epoch without a commitment."""
         work = self._current
         if work is None or work.epoch != epoch or work.broken:
             return
@@ -125,9 +126,15 @@ class WorkRecorder:
             work.broken = True
             return
         sketch = work.basis.sketch_grads(params)
+        values = torch.frombuffer(bytearray(sketch), dtype=torch.float32)
+        if not torch.isfinite(values).all():
+            # fp16 loss scaling overflowed: the scaler skips this step (hivemind never sees it) while the trainer
+            # counts it; a commitment would hold a step nobody can recompute, so this epoch has none
+            logger.info("epoch %d: step %d has a non-finite gradient; no work commitment for this epoch", epoch, step)
+            work.broken = True
+            return
         if grad_scale != 1.0:
-            values = torch.frombuffer(bytearray(sketch), dtype=torch.float32) / grad_scale
-            sketch = values.numpy().astype("<f4").tobytes()
+            sketch = (values * grad_scale).numpy().astype("<f4").tobytes()
         work.sketches.append(sketch)
 
     def end_epoch(self, epoch: int, completed: bool) -> WorkCommitment | None:
