@@ -30,11 +30,13 @@ import torch
 from p2pcompute import crypto
 from p2pcompute.cli.demo import demo_spec
 from p2pcompute.credits.audit import PPM
+from p2pcompute.credits.claims import Claim
 from p2pcompute.runs.manifest import Manifest
 from p2pcompute.runs.optimizers import optimizer_factory
 from p2pcompute.training.work import Recomputer, WorkRecorder, audit_claim
 
 GOAL_EPOCHS, GOAL_PROBABILITY, GOAL_OVERHEAD = 100, 0.99, 0.05  # issue 10, "Done means"
+PUBLISHER = bytes(32)  # the run's publisher key, as claims name it
 CREDITS_PER_SAMPLE = 1000 / 10**6  # the demo's credit policy: rate 1000 micro-credits per sample
 
 
@@ -44,7 +46,7 @@ def key(label: str, i: int) -> crypto.SigningKey:
 
 def train_swarm(args, manifest: Manifest):
     """Run the swarm; return (claims [(epoch, peer index, commitment, samples, faked)], start states, recorders,
-    training CPU seconds)."""
+    training CPU seconds, of which recording step sketches)."""
     peers = [key("peer", i).public_key for i in range(args.peers)]
     cheater = args.peers - 1
     recorders = [WorkRecorder(manifest.run_id, p, manifest.batch_size_per_step, keep_epochs=args.epochs) for p in peers]
@@ -53,6 +55,7 @@ def train_swarm(args, manifest: Manifest):
     worker = Recomputer(manifest, dataset=swarm.dataset)
     chance = random.Random(args.seed)
     claims, states, cpu = [], {}, 0.0
+    recording = 0.0  # CPU seconds of WorkRecorder.record_step in honest epochs (the trainer's cost of being auditable)
     for epoch in range(args.epochs):
         start = [p.detach().clone() for p in swarm.params]
         states[epoch] = start
@@ -76,7 +79,9 @@ def train_swarm(args, manifest: Manifest):
                 for step in range(steps):
                     for acc, grad in zip(contribution, worker.step_gradient(peer, epoch, step)):
                         acc.add_(grad)
+                    marked = time.process_time()
                     recorder.record_step(epoch, step, worker.params)
+                    recording += time.process_time() - marked
                 contribution = [c / steps for c in contribution]
             commitment = recorder.end_epoch(epoch, completed=True)
             samples = steps * manifest.batch_size_per_step
@@ -92,7 +97,7 @@ def train_swarm(args, manifest: Manifest):
             p.grad = acc / weight
         optimizer.step()
         cpu += time.process_time() - began
-    return claims, states, recorders, cpu
+    return claims, states, recorders, cpu, recording
 
 
 def audit_run(manifest, claims, states, recorders, rate_ppm: int, spot: int, trial: int, cheater: int,
@@ -108,8 +113,9 @@ def audit_run(manifest, claims, states, recorders, rate_ppm: int, spot: int, tri
             continue
         recorder = recorders[index]
         began = time.process_time()
-        report = audit_claim(recomputer, states[epoch], commitment, samples, crypto.digest(b"payout" + commitment.digest),
-                             auditor, rate_ppm, lambda c, steps: recorder.reveal(c.epoch, steps), spot=spot)
+        claim = Claim(manifest.run_id, PUBLISHER, epoch, commitment.peer, samples, b"", commitment.digest)
+        report = audit_claim(recomputer, states[epoch], claim, commitment, crypto.digest(claim.wire), auditor, rate_ppm,
+                             lambda c, steps: recorder.reveal(c.epoch, steps), spot=spot)
         cpu += time.process_time() - began
         if report is None:
             continue
@@ -144,9 +150,10 @@ def main() -> None:
           f"{manifest.batch_size_per_step}; {args.peers} peers (1 cheater faking {args.fake:.0%} of its epochs, claims "
           f"x{args.inflate} steps), {args.steps} steps per peer-epoch, {args.epochs} epochs, {args.spot} spot steps per "
           f"audit; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    claims, states, recorders, train_cpu = train_swarm(args, manifest)
+    claims, states, recorders, train_cpu, recording = train_swarm(args, manifest)
     faked = [c for c in claims if c[4]]
-    print(f"training: {train_cpu:.1f} s CPU; cheater faked {len(faked)} of {args.epochs} epochs")
+    print(f"training: {train_cpu:.1f} s CPU, of which {recording / train_cpu:.1%} recording step sketches; cheater "
+          f"faked {len(faked)} of {args.epochs} epochs")
     recomputer = Recomputer(manifest)
     # whole-epoch recomputation, for comparison: a few honest claims recomputed in full
     sample = [c for c in claims if not c[4]][:5]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from p2pcompute import crypto
+from p2pcompute.credits.claims import Claim
 from p2pcompute.credits.audit import (MAX_SPOT_STEPS, TOLERANCE_PPM, AuditReport, StepReveal, WorkCommitment,
                                       audit_ticket, is_selected, judge, spot_steps, verify_ticket)
 from p2pcompute.errors import InvalidMessage, InvalidSignature
@@ -30,6 +31,7 @@ LR = "0.05"
 EPOCHS = 4
 STEPS_PER_EPOCH = 12
 ALWAYS = 10**6  # audit rate in ppm: every claim
+PUBLISHER = bytes(range(32))
 DEADLINE = 120.0  # seconds for the training run and for the worker process on a loaded 2-core machine
 
 
@@ -65,14 +67,19 @@ def subject_of(commitment: WorkCommitment) -> bytes:
     return crypto.digest(b"test claim" + commitment.digest)  # stands for the payout / claim id
 
 
+def claim_for(run: Run, commitment: WorkCommitment, samples: int | None = None) -> Claim:
+    return Claim(run.manifest.run_id, PUBLISHER, commitment.epoch, commitment.peer,
+                 commitment.samples if samples is None else samples, b"", commitment.digest)
+
+
 def audit(run: Run, commitment: WorkCommitment, reveal, samples: int | None = None, spot: int = 8) -> AuditReport:
     state = run.trainer.start_state(commitment.epoch)[1]
-    report = audit_claim(Recomputer(run.manifest), state, commitment,
-                         commitment.samples if samples is None else samples, subject_of(commitment), run.auditor,
+    claim = claim_for(run, commitment, samples)
+    report = audit_claim(Recomputer(run.manifest), state, claim, commitment, subject_of(commitment), run.auditor,
                          ALWAYS, reveal, spot=spot)
     report = AuditReport.from_wire(report.to_wire())
-    report.check(commitment.digest)  # whatever the verdict, anyone can re-check it
-    recheck_report(Recomputer(run.manifest), state, report, commitment.digest)
+    report.check(claim)  # whatever the verdict, anyone can re-check it
+    recheck_report(Recomputer(run.manifest), state, report, claim)
     return report
 
 
@@ -170,8 +177,12 @@ def test_inflated_count_fails_without_recomputing(run):
 def test_unanswered_or_false_reveals_give_no_report_and_other_states_no_verdict(run):
     commitment = run.trainer.work_commitment(2)
     state = run.trainer.start_state(2)[1]
-    args = (commitment, commitment.samples, subject_of(commitment), run.auditor, ALWAYS)
+    args = (claim_for(run, commitment), commitment, subject_of(commitment), run.auditor, ALWAYS)
     assert audit_claim(Recomputer(run.manifest), state, *args, reveal=lambda c, s: None) is None
+    # a claim carrying another peer's (honest) work digest: the commitment is not the claimant's
+    thief = dataclasses.replace(claim_for(run, commitment), peer=run.auditor.public_key)
+    assert audit_claim(Recomputer(run.manifest), state, thief, *args[1:],
+                       reveal=lambda c, s: run.trainer.reveal(c.epoch, s)) is None
 
     def lying(c, steps):  # another epoch's (honest) sketches presented as this epoch's
         return [StepReveal(r.step, r.sketch, r.proof) for r in run.trainer.reveal(1, steps)]
@@ -179,7 +190,7 @@ def test_unanswered_or_false_reveals_give_no_report_and_other_states_no_verdict(
     other = audit_claim(Recomputer(run.manifest), run.trainer.start_state(1)[1], *args,
                         reveal=lambda c, s: run.trainer.reveal(c.epoch, s))
     assert other.verdict == "inconclusive" and other.reveals == ()
-    other.check(commitment.digest)
+    other.check(claim_for(run, commitment))
 
 
 def test_selection_is_verifiable_unpredictable_and_at_the_rate():
@@ -212,15 +223,18 @@ def test_tampered_reports_are_named(run):
     unselected = dataclasses.replace(report, rate_ppm=0)
     cases = {flipped: "the sketches say", altered: "not the one committed", strict: "below the fp32 rule",
              unselected: "does not select"}
+    claim = claim_for(run, commitment)
     for tampered, reason in cases.items():
         with pytest.raises(InvalidMessage, match=reason):
-            tampered.check(commitment.digest)
+            tampered.check(claim)
     with pytest.raises(InvalidMessage, match="work_digest"):
-        report.check(honest.digest)
+        report.check(claim_for(run, honest))
+    with pytest.raises(InvalidMessage, match="samples"):
+        report.check(claim_for(run, commitment, samples=commitment.samples + 1))
     # an auditor that reports different recomputed sketches is caught by anyone recomputing
     framed = dataclasses.replace(report, recomputed=tuple(r.sketch for r in report.reveals), verdict="pass")
     with pytest.raises(InvalidMessage, match="does not match"):
-        recheck_report(Recomputer(run.manifest), run.trainer.start_state(2)[1], framed, commitment.digest)
+        recheck_report(Recomputer(run.manifest), run.trainer.start_state(2)[1], framed, claim)
 
 
 @pytest.mark.parametrize("data", [b"", b"\x90", bytes(300), b"\x9c" + b"\xc0" * 12])

@@ -24,6 +24,7 @@ from functools import cached_property
 from typing import Any, ClassVar, Sequence
 
 from p2pcompute import canonical, crypto
+from p2pcompute.credits.claims import Claim
 from p2pcompute.credits.sketch import SKETCH_BYTES, distance_ppm, unpack_sketch
 from p2pcompute.crypto import Signer
 from p2pcompute.errors import InvalidMessage
@@ -252,6 +253,15 @@ def spot_steps(ticket: bytes, steps: int, count: int) -> tuple[int, ...]:
     return tuple(sorted(chosen))
 
 
+def check_claim_commitment(claim: Claim, commitment: WorkCommitment) -> None:
+    """Raise InvalidMessage unless `commitment` is the one `claim` names: its digest is the claim's work_digest and it
+    is the claimant's own work (run, peer key, epoch). A peer copying another's work_digest into its claim fails here."""
+    if commitment.digest != claim.work_digest:
+        raise InvalidMessage("the commitment is not the one the claim's work_digest names")
+    if (commitment.run_id, commitment.peer, commitment.epoch) != (claim.run_id, claim.peer, claim.epoch):
+        raise InvalidMessage("the commitment is for another run, peer or epoch than the claim")
+
+
 # ---- the verdict -----------------------------------------------------------------------------------------------
 
 
@@ -341,13 +351,14 @@ class AuditReport(canonical.WireRecord):
     def distances_ppm(self) -> tuple[int, ...]:
         return tuple(distance_ppm(r.sketch, mine) for r, mine in zip(self.reveals, self.recomputed))
 
-    def check(self, work_digest: bytes) -> None:
-        """Everything but the recomputation, as any replica can check it: the commitment is the claim's (`work_digest`
-        from the signed claim), the ticket is the auditor's and selects this claim at `rate_ppm`, the revealed steps are
+    def check(self, claim: Claim) -> None:
+        """Everything but the recomputation, as any replica can check it: the commitment and sample count are the
+        signed claim's (`claim` is the audited claim, as the ledger holds it), the ticket is the auditor's and selects this claim at `rate_ppm`, the revealed steps are
         the ones the ticket draws and are the claimant's committed leaves, and the verdict follows from the sketches.
         Raises InvalidMessage (InvalidSignature for the ticket) naming the first problem."""
-        if self.commitment.digest != work_digest:
-            raise InvalidMessage("the commitment is not the one the claim's work_digest names")
+        check_claim_commitment(claim, self.commitment)
+        if self.claimed_samples != claim.samples:
+            raise InvalidMessage(f"the report says {self.claimed_samples} samples, the claim {claim.samples}")
         if self.tolerance_ppm < self.commitment.tolerance_ppm:
             raise InvalidMessage(f"tolerance {self.tolerance_ppm} ppm is below the {self.commitment.precision} rule's "
                                  f"{self.commitment.tolerance_ppm}")

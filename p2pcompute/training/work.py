@@ -22,7 +22,9 @@ import torch
 
 from p2pcompute import canonical, crypto
 from p2pcompute.credits.audit import (SPOT_STEPS, TOLERANCE_PPM, AuditReport, StepReveal, WorkCommitment, audit_ticket,
-                                      is_selected, judge, merkle_proofs, merkle_root, spot_steps)
+                                      check_claim_commitment, is_selected, judge, merkle_proofs, merkle_root,
+                                      spot_steps)
+from p2pcompute.credits.claims import Claim
 from p2pcompute.credits.sketch import SketchBasis, sketch_seed
 from p2pcompute.crypto import Signer
 from p2pcompute.errors import InvalidMessage
@@ -227,27 +229,33 @@ class Recomputer:
 Reveal = Callable[[WorkCommitment, Sequence[int]], "Sequence[StepReveal] | None"]
 
 
-def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | None, commitment: WorkCommitment,
-                claimed_samples: int, subject: bytes, auditor: Signer, rate_ppm: int, reveal: Reveal,
+def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | None, claim: Claim,
+                commitment: WorkCommitment, subject: bytes, auditor: Signer, rate_ppm: int, reveal: Reveal,
                 spot: int = SPOT_STEPS, tolerance_ppm: int | None = None) -> AuditReport | None:
-    """The auditor's whole job for one claim whose commitment it has (the claim's work_digest must be
-    `commitment.digest`: the caller checks). None if the ticket does not select it, or if the claimant did not answer
-    with its committed sketches (`reveal` returned None or wrong leaves: not provable to others; the issuer does not pay
-    such a claim). Otherwise a report: "inconclusive" when `start_state` (the auditor's own state for the epoch) is
-    missing or not the one the claimant committed to."""
-    if commitment.run_id != recomputer.manifest.run_id:
-        raise InvalidMessage("the commitment is for another run")
+    """The auditor's whole job for one claim, given the commitment the claimant sent for it. `subject`: the id the
+    ticket signs (the claim's digest, or its payout entry's id). None if the ticket does not select the claim, or if
+    the claimant did not answer with its committed work (a commitment that is not the claim's, no reveal, or sketches
+    that are not its committed leaves: not provable to others; the issuer does not pay such a claim). Otherwise a
+    report: "inconclusive" when `start_state` (the auditor's own state for the epoch) is missing or not the one the
+    claimant committed to."""
+    if claim.run_id != recomputer.manifest.run_id:
+        raise InvalidMessage("the claim is for another run")
+    try:
+        check_claim_commitment(claim, commitment)
+    except InvalidMessage as e:
+        logger.info("epoch %d: %s", claim.epoch, e)
+        return None
     ticket = audit_ticket(auditor, subject, commitment.epoch)
     if not is_selected(ticket, rate_ppm):
         return None
     tolerance_ppm = commitment.tolerance_ppm if tolerance_ppm is None else max(tolerance_ppm, commitment.tolerance_ppm)
 
     def report(reveals=(), recomputed=(), verdict="inconclusive", reason="") -> AuditReport:
-        return AuditReport(commitment, claimed_samples, subject, auditor.public_key, ticket, rate_ppm, tolerance_ppm,
+        return AuditReport(commitment, claim.samples, subject, auditor.public_key, ticket, rate_ppm, tolerance_ppm,
                            tuple(reveals), tuple(recomputed), verdict, reason)
 
-    if claimed_samples != commitment.samples:
-        return report(verdict="fail", reason=judge(commitment, claimed_samples, (), (), tolerance_ppm)[1])
+    if claim.samples != commitment.samples:
+        return report(verdict="fail", reason=judge(commitment, claim.samples, (), (), tolerance_ppm)[1])
     if start_state is None or state_digest(start_state) != commitment.state_digest:
         return report(reason="no start state with the committed digest here")
     steps = spot_steps(ticket, commitment.steps, spot)
@@ -266,16 +274,17 @@ def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | No
         return None
     recomputer.load(start_state)
     recomputed = recomputer.step_sketches(commitment, steps)
-    verdict, reason = judge(commitment, claimed_samples, reveals, recomputed, tolerance_ppm)
+    verdict, reason = judge(commitment, claim.samples, reveals, recomputed, tolerance_ppm)
     return report(reveals, recomputed, verdict, reason)
 
 
 def recheck_report(recomputer: Recomputer, start_state: Sequence[torch.Tensor], report: AuditReport,
-                   work_digest: bytes, tolerance_ppm: int = TOLERANCE_PPM["fp32"]) -> None:
+                   claim: Claim, tolerance_ppm: int = TOLERANCE_PPM["fp32"]) -> None:
     """Re-check an audit offline, recomputation included: `report.check` (signatures, selection, Merkle paths, verdict
     from the sketches), then the steps recomputed here from `start_state` (which must have the committed digest) must
-    be within `tolerance_ppm` (fp32's: both sides recompute in fp32) of the auditor's recomputed sketches. Raises InvalidMessage naming the first problem."""
-    report.check(work_digest)
+    be within `tolerance_ppm` (fp32's: both sides recompute in fp32) of the auditor's recomputed sketches. Raises
+    InvalidMessage naming the first problem."""
+    report.check(claim)
     if not report.reveals:
         return
     if recomputer.load(start_state) != report.commitment.state_digest:
