@@ -1,12 +1,12 @@
 """How far is an honest recomputation of a step's gradient sketch from the claimant's, against fabricated ones?
 
-For each model (the demo's MLP, the CNN example's shape, a wider MLP), at a start state after some training: the claimant's step
-sketches (this process, 1 torch thread), an honest recomputation in another process with 2 threads, the same under
-bf16 autocast (what a GPU's mixed precision does to a gradient), and fabrications: a random gradient of the same norm,
-zeros, a stale gradient (same step, previous epoch's batch and state), a gradient on fewer samples than the batch
-(1/2, 15/16), another peer's batch. Distances: relative L2 distance of the sketches (credits/sketch.py), in ppm, over
-STEPS steps (min / median / max). The epoch-level rows compare whole-epoch contributions (mean of the step gradients)
-with a lazy one (90% of the steps), to show why commitments are per step.
+For each model (the demo's MLP, the CNN example's shape, a wider MLP), at a start state after some training:
+the claimant's step sketches (this process, 1 torch thread), an honest recomputation in another process with 2
+threads, the same under bf16 autocast (what a GPU's mixed precision does to a gradient), and fabrications: a random
+gradient of the same norm, zeros, a stale gradient (same step, previous epoch's batch and state), a gradient on fewer
+samples than the batch (1/2, 15/16), another peer's batch. Distances: relative L2 distance of the sketches
+(credits/sketch.py), in ppm, over --steps steps (min / median / max). The epoch-level rows compare whole-epoch
+contributions (mean of the step gradients) with a lazy one (90% of the steps), to show why commitments are per step.
 
     PYTHONPATH=. python scripts/bench_audit_tolerance.py [--steps 64]
 """
@@ -132,8 +132,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "state.pt")
             started = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--worker", "--model", name, "--state", str(Path(tmp) / "state.pt"),
-                            "--out", str(Path(tmp) / "out"), "--seed", str(seed), "--steps", str(n), "--threads", "2"],
+            subprocess.run([sys.executable, __file__, "--worker", "--model", name,
+                            "--state", str(Path(tmp) / "state.pt"), "--out", str(Path(tmp) / "out"),
+                            "--seed", str(seed), "--steps", str(n), "--threads", "2"],
                            check=True, timeout=600)
             data = (Path(tmp) / "out").read_bytes()
             other_process = [data[i:i + 128] for i in range(0, len(data), 128)]

@@ -148,8 +148,8 @@ def main() -> None:
     cheater = args.peers - 1
     print(f"demo MLP ({sum(p.numel() for p in Recomputer(manifest).params):,} parameters), batch "
           f"{manifest.batch_size_per_step}; {args.peers} peers (1 cheater faking {args.fake:.0%} of its epochs, claims "
-          f"x{args.inflate} steps), {args.steps} steps per peer-epoch, {args.epochs} epochs, {args.spot} spot steps per "
-          f"audit; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+          f"x{args.inflate} steps), {args.steps} steps per peer-epoch, {args.epochs} epochs, {args.spot} spot steps "
+          f"per audit; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     claims, states, recorders, train_cpu, recording = train_swarm(args, manifest)
     faked = [c for c in claims if c[4]]
     print(f"training: {train_cpu:.1f} s CPU, of which {recording / train_cpu:.1%} recording step sketches; cheater "
@@ -186,8 +186,8 @@ def main() -> None:
         earned = epochs_before * ((1 - args.fake) * honest_samples + args.fake * fake_samples) * CREDITS_PER_SAMPLE
         overhead = audit_cpu / train_cpu
         whole = rate * whole_cpu / per_claim_train
-        print(f"{rate:>5.2f} {audited:>8} {fp:>6} {f'{caught}/{faked_audited}':>12} {measured:>18.3f} {realized:>12.3f} "
-              f"{nominal:>14.3f} {earned:>18,.1f} {overhead:>9.2%} {whole:>12.1%}")
+        print(f"{rate:>5.2f} {audited:>8} {fp:>6} {f'{caught}/{faked_audited}':>12} {measured:>18.3f} "
+              f"{realized:>12.3f} {nominal:>14.3f} {earned:>18,.1f} {overhead:>9.2%} {whole:>12.1%}")
     need = (1 - (1 - GOAL_PROBABILITY) ** (1 / GOAL_EPOCHS)) / args.fake
     print(f"\ngoal: caught within {GOAL_EPOCHS} epochs with p >= {GOAL_PROBABILITY} needs r >= {need:.3f} (per-audit "
           f"detection 1); overhead at that rate: spot checks ~{need * args.spot / args.steps:.2%} of training here "

@@ -217,8 +217,8 @@ def test_tampered_reports_are_named(run):
     report = audit(run, commitment, lambda c, s: recorder.reveal(c.epoch, s))
     honest = run.trainer.work_commitment(2)
     flipped = dataclasses.replace(report, verdict="pass")
-    altered = dataclasses.replace(report, reveals=(dataclasses.replace(report.reveals[0],
-                                                                       sketch=report.recomputed[0]),) + report.reveals[1:])
+    first = dataclasses.replace(report.reveals[0], sketch=report.recomputed[0])
+    altered = dataclasses.replace(report, reveals=(first,) + report.reveals[1:])
     strict = dataclasses.replace(report, tolerance_ppm=0)
     unselected = dataclasses.replace(report, rate_ppm=0)
     cases = {flipped: "the sketches say", altered: "not the one committed", strict: "below the fp32 rule",

@@ -240,7 +240,7 @@ def is_selected(ticket: bytes, rate_ppm: int) -> bool:
 
 
 def spot_steps(ticket: bytes, steps: int, count: int) -> tuple[int, ...]:
-    """The steps to recompute (distinct, increasing): `count` of `steps` drawn from the ticket; all if count >= steps."""
+    """The steps to recompute, distinct and increasing: `count` of `steps` drawn from the ticket (all if fewer)."""
     canonical.uint(count, 1, MAX_SPOT_STEPS, "spot steps")
     canonical.uint(steps, 1, MAX_STEPS, "steps")
     if count >= steps:
@@ -255,7 +255,7 @@ def spot_steps(ticket: bytes, steps: int, count: int) -> tuple[int, ...]:
 
 def check_claim_commitment(claim: Claim, commitment: WorkCommitment) -> None:
     """Raise InvalidMessage unless `commitment` is the one `claim` names: its digest is the claim's work_digest and it
-    is the claimant's own work (run, peer key, epoch). A peer copying another's work_digest into its claim fails here."""
+    is the claimant's own work (run, peer key, epoch): a peer that copies another's work_digest into its claim fails."""
     if commitment.digest != claim.work_digest:
         raise InvalidMessage("the commitment is not the one the claim's work_digest names")
     if (commitment.run_id, commitment.peer, commitment.epoch) != (claim.run_id, claim.peer, claim.epoch):
@@ -282,7 +282,7 @@ def judge(commitment: WorkCommitment, claimed_samples: int, reveals: Sequence[St
             return "inconclusive", f"step {reveal.step}: the recomputation is not finite"
         distance = distance_ppm(reveal.sketch, mine)
         if distance > tolerance_ppm:
-            return "fail", f"step {reveal.step}: sketch {distance} ppm from its recomputation (tolerance {tolerance_ppm})"
+            return "fail", f"step {reveal.step}: {distance} ppm from the recomputation (tolerance {tolerance_ppm})"
     return "pass", f"{len(reveals)} steps within {tolerance_ppm} ppm"
 
 
@@ -353,7 +353,8 @@ class AuditReport(canonical.WireRecord):
 
     def check(self, claim: Claim) -> None:
         """Everything but the recomputation, as any replica can check it: the commitment and sample count are the
-        signed claim's (`claim` is the audited claim, as the ledger holds it), the ticket is the auditor's and selects this claim at `rate_ppm`, the revealed steps are
+        signed claim's (`claim` is the audited claim, as the ledger holds it), the ticket is the auditor's and selects
+        this claim at `rate_ppm`, the revealed steps are
         the ones the ticket draws and are the claimant's committed leaves, and the verdict follows from the sketches.
         Raises InvalidMessage (InvalidSignature for the ticket) naming the first problem."""
         check_claim_commitment(claim, self.commitment)
@@ -382,7 +383,8 @@ class AuditReport(canonical.WireRecord):
     def to_json(self) -> dict[str, Any]:
         c = self.commitment
         return {"run_id": c.run_id.hex(), "peer": c.peer.hex(), "epoch": c.epoch, "steps": c.steps,
-                "batch_size": c.batch_size, "precision": c.precision, "claimed_samples": self.claimed_samples, "state_digest": c.state_digest.hex(),
+                "batch_size": c.batch_size, "precision": c.precision, "claimed_samples": self.claimed_samples,
+                "state_digest": c.state_digest.hex(),
                 "subject": self.subject.hex(), "auditor": self.auditor.hex(), "rate_ppm": self.rate_ppm,
                 "tolerance_ppm": self.tolerance_ppm, "checked_steps": list(self.steps),
                 "distances_ppm": list(self.distances_ppm()), "verdict": self.verdict, "reason": self.reason}

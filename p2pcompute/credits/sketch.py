@@ -33,7 +33,7 @@ class SketchBasis:
     """A CountSketch with buckets by position: element i of the flattened gradient goes, with a random sign, to bucket
     i mod k. Linear (the sketch of a sum is the sum of the sketches), O(N) per sketch, preserves squared norms in
     expectation for any fixed vector. Memory: three float32 buffers of the model's size (signs, the flattened
-    gradient, their product) on `device` (where the gradients are: no copy to the host per step), allocated once per epoch.
+    gradient, their product) on `device` (where the gradients are: no copy to the host per step), made once per epoch.
 
     Not secret: knowing the signs does not help anyone produce the sketch of a gradient without computing that
     gradient (it is k directional derivatives of the loss; forward-mode costs k forward passes)."""

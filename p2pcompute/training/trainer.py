@@ -292,16 +292,16 @@ class Trainer:
                 loss = self._loss_fn(self.model(x), y)
             if self._scaler is not None:
                 self._scaler.scale(loss).backward()
-                computed = devices.synchronized_time(self.device)
                 if self._work is not None:
                     self._work.record_step(epoch, self._step_in_epoch, params, 1.0 / float(self._scaler.get_scale()))
+                computed = devices.synchronized_time(self.device)
                 self._scaler.step(opt)
                 self._scaler.update()
             else:
                 loss.backward()
-                computed = devices.synchronized_time(self.device)
                 if self._work is not None:
                     self._work.record_step(epoch, self._step_in_epoch, params)
+                computed = devices.synchronized_time(self.device)
                 opt.step()
             opt.zero_grad()
             stepped = devices.synchronized_time(self.device)

@@ -117,8 +117,8 @@ class WorkRecorder:
 
     def record_step(self, epoch: int, step: int, params: Sequence[torch.Tensor], grad_scale: float = 1.0) -> None:
         """The sketch of step `step`'s gradient (in the parameters' .grad, multiplied by `grad_scale`: 1 / the loss
-        scale if a loss scaler scaled the loss). Steps must come in order from 0 and have finite gradients; anything else
-        leaves the epoch without a commitment."""
+        scale if a loss scaler scaled the loss). Steps must come in order from 0 and have finite gradients; anything
+        else leaves the epoch without a commitment."""
         work = self._current
         if work is None or work.epoch != epoch or work.broken:
             return
