@@ -23,7 +23,8 @@ from p2pcompute.runs.manifest import Manifest
 from p2pcompute.runs.specs import mlp_synthetic_spec
 from p2pcompute.swarm.dht import start_dht
 from p2pcompute.training.trainer import Trainer, TrainerOptions
-from p2pcompute.training.work import Recomputer, WorkRecorder, audit_claim, recheck_report, state_digest
+from p2pcompute.training.work import (Recomputer, StartStates, WorkRecorder, audit_claim, recheck_report,
+                                     state_digest)
 
 WORKER = Path(__file__).resolve().parent / "audit_worker.py"
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -271,3 +272,18 @@ def test_recorder_commits_only_to_whole_recomputable_epochs():
     assert [r.step for r in recorder.reveal(0, [1])] == [1] and recorder.reveal(1, [0]) is None
     with pytest.raises(InvalidMessage):
         recorder.reveal(0, [2])
+
+
+def test_start_states_are_capped_by_count_and_bytes():
+    states = StartStates(keep=3, max_bytes=1000)
+    small = [torch.zeros(10)]  # 40 bytes
+    for epoch in range(5):
+        states.put(epoch, [t + epoch for t in small])
+    assert states.epochs() == [2, 3, 4] and torch.equal(states.get(4)[1][0], torch.full((10,), 4.0))
+    assert states.get(4)[0] == state_digest([torch.full((10,), 4.0)]) and states.get(1) is None
+    big = [torch.zeros(100)]  # 400 bytes: two fit in 1000
+    states.put(5, big)
+    states.put(6, big)
+    assert states.epochs() == [5, 6]
+    states.put(7, [torch.zeros(300)])  # 1200 bytes: none fits, none is kept
+    assert states.epochs() == []
