@@ -62,7 +62,8 @@ def train_swarm(args, manifest: Manifest):
         total, weight = [torch.zeros_like(p) for p in start], 0
         for index, (peer, recorder) in enumerate(zip(peers, recorders)):
             began = time.process_time()
-            recorder.begin_epoch(epoch, start)
+            worker.load(start)
+            recorder.begin_epoch(epoch, worker.params)
             faked = index == cheater and chance.random() < args.fake
             if faked:  # no work: random sketches for an inflated step count, a random gradient for the swarm
                 steps = int(args.steps * args.inflate)
@@ -73,7 +74,6 @@ def train_swarm(args, manifest: Manifest):
                     recorder.record_step(epoch, step, worker.params)
                 contribution = [torch.randn(p.shape, generator=generator) * 0.01 for p in worker.params]
             else:
-                worker.load(start)
                 steps = args.steps
                 contribution = [torch.zeros_like(p) for p in start]
                 for step in range(steps):

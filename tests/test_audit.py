@@ -134,25 +134,29 @@ def fabricate(run: Run, kind: str) -> tuple[WorkCommitment, WorkRecorder]:
     _, start = run.trainer.start_state(epoch)
     _, stale_state = run.trainer.start_state(epoch - 1)
     recorder = WorkRecorder(m.run_id, run.peer, m.batch_size_per_step)
-    recorder.begin_epoch(epoch, start)
-    worker = Recomputer(m)
-    worker.load(stale_state if kind == "stale" else start)
+    worker, source = Recomputer(m), Recomputer(m)  # the cheater's model, and where its fabricated gradients come from
+    worker.load(start)
+    recorder.begin_epoch(epoch, worker.params)
+    source.load(stale_state if kind == "stale" else start)
     generator = torch.Generator().manual_seed(1)
     steps = STEPS_PER_EPOCH * (2 if kind == "padded" else 1)
     for step in range(steps):
         if kind in ("random", "zeros"):
-            for p in worker.params:
-                p.grad = torch.randn(p.shape, generator=generator) * 0.1 if kind == "random" else torch.zeros_like(p)
+            grads = [torch.randn(p.shape, generator=generator) * 0.1 if kind == "random" else torch.zeros_like(p)
+                     for p in worker.params]
         elif kind == "stale":
-            worker.step_gradient(run.peer, epoch - 1, step)
+            grads = source.step_gradient(run.peer, epoch - 1, step)
         elif kind == "other-peer":
-            worker.step_gradient(b"\x07" * 32, epoch, step)
+            grads = source.step_gradient(b"\x07" * 32, epoch, step)
         elif kind == "fewer-samples":
-            x, y = batch_for(worker.dataset, m.run_id, peer_id_bytes(run.peer), epoch, step, m.batch_size_per_step)
-            worker.model.zero_grad()
-            worker.loss_fn(worker.model(x[:12]), y[:12]).backward()  # 12 of the 16 samples claimed
-        elif kind == "padded":  # the real steps, then as many again copied from step 0 (an inflated count)
-            worker.step_gradient(run.peer, epoch, step if step < STEPS_PER_EPOCH else 0)
+            x, y = batch_for(source.dataset, m.run_id, peer_id_bytes(run.peer), epoch, step, m.batch_size_per_step)
+            source.model.zero_grad()
+            source.loss_fn(source.model(x[:12]), y[:12]).backward()  # 12 of the 16 samples claimed
+            grads = [p.grad for p in source.params]
+        else:  # padded: the real steps, then as many again copied from step 0 (an inflated count)
+            grads = source.step_gradient(run.peer, epoch, step if step < STEPS_PER_EPOCH else 0)
+        for p, grad in zip(worker.params, grads):
+            p.grad = grad
         recorder.record_step(epoch, step, worker.params)
     return recorder.end_epoch(epoch, completed=True), recorder
 
@@ -267,6 +271,13 @@ def test_recorder_commits_only_to_whole_recomputable_epochs():
     assert whole.steps == 2 and whole.samples == 8 and recorder.commitment(0) == whole
     assert epoch(1, [(0, 1.0), (2, 2.0)]) is None  # a step missing
     assert epoch(2, [(0, 1.0), (1, float("inf"))]) is None  # an fp16 overflow: the scaler skipped that step
+    recorder.begin_epoch(4, params)
+    params[0].grad = params[1].grad = None
+    recorder.record_step(4, 0, params)
+    with torch.no_grad():
+        params[1].add_(1.0)  # a state download landing mid-epoch
+    recorder.record_step(4, 1, params)
+    assert recorder.end_epoch(4, completed=True) is None
     recorder.begin_epoch(3, params)
     assert recorder.end_epoch(3, completed=False) is None
     assert [r.step for r in recorder.reveal(0, [1])] == [1] and recorder.reveal(1, [0]) is None

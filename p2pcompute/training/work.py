@@ -86,8 +86,8 @@ class StartStates:
 
 
 class _EpochWork:
-    def __init__(self, epoch: int, digest: bytes, basis: SketchBasis):
-        self.epoch, self.digest, self.basis = epoch, digest, basis
+    def __init__(self, epoch: int, digest: bytes, basis: SketchBasis, versions: list[int]):
+        self.epoch, self.digest, self.basis, self.versions = epoch, digest, basis, versions
         self.sketches: list[bytes] = []
         self.pending = basis.rows(max(1, PENDING_BYTES // (4 * basis.width)))  # step gradients not sketched yet
         self.waiting = 0
@@ -111,9 +111,17 @@ class _EpochWork:
         self.waiting = 0
 
 
+def _versions(params: Sequence[torch.Tensor]) -> list[int]:
+    """torch's in-place modification counters of the parameters (`Tensor._version`, what autograd checks saved tensors
+    with): a parameter written during an epoch (a state download or averaging result landing mid-epoch) changes its
+    counter, and the steps after it are no longer at the epoch's start state."""
+    return [p._version for p in params]
+
+
 class WorkRecorder:
     """The trainer's record of its work, for audits (gradients mode). The trainer calls `begin_epoch` when an epoch
-    starts (parameters = its start state), `record_step` after each backward pass (the step's gradient is in `.grad`),
+    starts (with the parameters it trains, now at the epoch's start state), `record_step` after each backward pass (the
+    same parameters; the step's gradient is in their `.grad`),
     `end_epoch` when the epoch ends (a commitment if it completed). Costs: per step one copy of the gradient into a
     buffer (PENDING_BYTES), sketched in one pass when it is full; per epoch a copy of the parameters, their hash and a
     new sketch basis (one random sign per parameter)."""
@@ -136,18 +144,23 @@ class WorkRecorder:
         basis = (self._current.basis if self._current is not None and self._current.digest == digest
                  and self._current.epoch == epoch
                  else SketchBasis(sketch_seed(self.run_id, epoch, digest), numel, device=params[0].device))
-        self._current = _EpochWork(epoch, digest, basis)
+        self._current = _EpochWork(epoch, digest, basis, _versions(params))
 
     def record_step(self, epoch: int, step: int, params: Sequence[torch.Tensor], grad_scale: float = 1.0) -> None:
         """Record step `step`'s gradient (in the parameters' .grad, multiplied by `grad_scale`: 1 / the loss scale if
-        a loss scaler scaled the loss). Steps must come in order from 0 and have finite gradients; anything else leaves
-        the epoch without a commitment."""
+        a loss scaler scaled the loss). Steps must come in order from 0, at the parameters the epoch began with, and
+        have finite gradients; anything else leaves the epoch without a commitment."""
         work = self._current
         if work is None or work.epoch != epoch or work.broken:
             return
         if step != len(work.sketches) + work.waiting:
             logger.info("epoch %d: step %d recorded after %d steps; no work commitment for this epoch", epoch, step,
                         len(work.sketches) + work.waiting)
+            work.broken = True
+            return
+        if _versions(params) != work.versions:
+            logger.info("epoch %d: the parameters changed before step %d; no work commitment for this epoch", epoch,
+                        step)
             work.broken = True
             return
         row = work.pending[work.waiting]
