@@ -179,7 +179,7 @@ def test_inflated_count_fails_without_recomputing(run):
     assert report.verdict == "fail" and "samples" in report.reason and report.reveals == ()
 
 
-def test_unanswered_or_false_reveals_give_no_report_and_other_states_no_verdict(run):
+def test_unanswered_false_or_stolen_work_gives_no_report_and_other_states_are_fetched(run):
     commitment = run.trainer.work_commitment(2)
     state = run.trainer.start_state(2)[1]
     args = (claim_for(run, commitment), commitment, subject_of(commitment), run.auditor, ALWAYS)
@@ -192,10 +192,18 @@ def test_unanswered_or_false_reveals_give_no_report_and_other_states_no_verdict(
     def lying(c, steps):  # another epoch's (honest) sketches presented as this epoch's
         return [StepReveal(r.step, r.sketch, r.proof) for r in run.trainer.reveal(1, steps)]
     assert audit_claim(Recomputer(run.manifest), state, *args, reveal=lying) is None
-    other = audit_claim(Recomputer(run.manifest), run.trainer.start_state(1)[1], *args,
-                        reveal=lambda c, s: run.trainer.reveal(c.epoch, s))
+    def reveal(c, steps):
+        return run.trainer.reveal(c.epoch, steps)
+
+    other = audit_claim(Recomputer(run.manifest), run.trainer.start_state(1)[1], *args, reveal=reveal,
+                        state_of=lambda c: run.trainer.start_state(1)[1])  # not the committed state either
     assert other.verdict == "inconclusive" and other.reveals == ()
     other.check(claim_for(run, commitment))
+    # an auditor on other parameters recomputes at the claimant's own state, checked by its digest
+    served = audit_claim(Recomputer(run.manifest), run.trainer.start_state(1)[1], *args, reveal=reveal,
+                         state_of=lambda c: run.trainer.start_state(c.epoch)[1])
+    assert served.verdict == "pass"
+    served.check(claim_for(run, commitment))
 
 
 def test_selection_is_verifiable_unpredictable_and_at_the_rate():

@@ -260,17 +260,23 @@ class Recomputer:
 
 
 Reveal = Callable[[WorkCommitment, Sequence[int]], "Sequence[StepReveal] | None"]
+StateOf = Callable[[WorkCommitment], "Sequence[torch.Tensor] | None"]
 
 
 def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | None, claim: Claim,
                 commitment: WorkCommitment, subject: bytes, auditor: Signer, rate_ppm: int, reveal: Reveal,
-                spot: int = SPOT_STEPS, tolerance_ppm: int | None = None) -> AuditReport | None:
+                state_of: StateOf | None = None, spot: int = SPOT_STEPS,
+                tolerance_ppm: int | None = None) -> AuditReport | None:
     """The auditor's whole job for one claim, given the commitment the claimant sent for it. `subject`: the id the
     ticket signs (the claim's digest, or its payout entry's id). None if the ticket does not select the claim, or if
     the claimant did not answer with its committed work (a commitment that is not the claim's, no reveal, or sketches
     that are not its committed leaves: not provable to others; the issuer does not pay such a claim). Otherwise a
-    report: "inconclusive" when `start_state` (the auditor's own state for the epoch) is missing or not the one the
-    claimant committed to."""
+    report. When `start_state` (the auditor's own state for the epoch) is missing or is not the one the claimant
+    committed to (an honest peer that missed a round trains on other parameters until the next state averaging), the
+    auditor asks `state_of` (the claimant's state for that epoch, e.g. `Trainer.start_state` over the network) and
+    recomputes at it if its digest is the committed one: work at any parameters costs the same, so what is checked is
+    that it was done; keep that state, it is the report's evidence. With no such state the report is "inconclusive"
+    (nobody blamed, nothing verified: do not pay)."""
     if claim.run_id != recomputer.manifest.run_id:
         raise InvalidMessage("the claim is for another run")
     try:
@@ -290,7 +296,9 @@ def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | No
     if claim.samples != commitment.samples:
         return report(verdict="fail", reason=judge(commitment, claim.samples, (), (), tolerance_ppm)[1])
     if start_state is None or state_digest(start_state) != commitment.state_digest:
-        return report(reason="no start state with the committed digest here")
+        start_state = state_of(commitment) if state_of is not None else None
+        if start_state is None or state_digest(start_state) != commitment.state_digest:
+            return report(reason="no start state with the committed digest")
     steps = spot_steps(ticket, commitment.steps, spot)
     reveals = reveal(commitment, steps)
     if reveals is None:
