@@ -23,8 +23,9 @@ from p2pcompute.runs.manifest import Manifest
 from p2pcompute.runs.specs import mlp_synthetic_spec
 from p2pcompute.swarm.dht import start_dht
 from p2pcompute.training.trainer import Trainer, TrainerOptions
-from p2pcompute.training.work import (Recomputer, StartStates, WorkRecorder, audit_claim, recheck_report,
-                                     state_digest)
+from p2pcompute.runs.optimizers import optimizer_factory
+from p2pcompute.training.work import (LocalWorkRecorder, Recomputer, StartStates, WorkRecorder, audit_claim,
+                                     recheck_report, state_digest)
 
 WORKER = Path(__file__).resolve().parent / "audit_worker.py"
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -306,3 +307,83 @@ def test_start_states_are_capped_by_count_and_bytes():
     assert states.epochs() == [5, 6]
     states.put(7, [torch.zeros(300)])  # 1200 bytes: none fits, none is kept
     assert states.epochs() == []
+
+
+SEGMENT = 4
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """A lone peer's real training run in local (DiLoCo) mode: Adam inner steps, outer step with lr 1 and no momentum
+    (the new phi is the trained theta), segments of SEGMENT steps."""
+    root = tmp_path_factory.mktemp("audit-local")
+    manifest = Manifest.from_toml(mlp_synthetic_spec(
+        "audit-local-test", batch_size_per_step=16, target_batch_size=16 * STEPS_PER_EPOCH, in_features=6,
+        hidden=[16], out_features=2, seed=5, optimizer="adam", lr="0.01", max_epochs=EPOCHS, mode="local",
+        averaging={"outer_lr": "1", "outer_momentum": "0"}))
+    identity = Identity.load_or_create(root / "node" / "identity.key")
+    dht = start_dht(identity, listen=["/ip4/127.0.0.1/tcp/0"])
+    trainer = Trainer(dht, manifest, identity, TrainerOptions(device="cpu", work_segment=SEGMENT))
+    try:
+        with trainer:
+            assert trainer.wait(DEADLINE)
+    finally:
+        dht.shutdown()
+    assert trainer.status().status == "finished"
+    yield Run(manifest, trainer, identity.public_key, Identity.load_or_create(root / "auditor" / "identity.key"))
+
+
+def local_audit(run: Run, commitment: WorkCommitment, reveal, segment_state) -> AuditReport:
+    claim = claim_for(run, commitment)
+    report = audit_claim(Recomputer(run.manifest), None, claim, commitment, subject_of(commitment), run.auditor,
+                         ALWAYS, reveal, segment_state=segment_state, spot=MAX_SPOT_STEPS)
+    report = AuditReport.from_wire(report.to_wire())
+    report.check(claim)
+    recheck_report(Recomputer(run.manifest), None, report, claim,
+                   segment_state=lambda leaf: segment_state(commitment, leaf))
+    return report
+
+
+def test_local_mode_segments_replay_to_the_next_epoch_and_pass(local_run):
+    run, epoch = local_run, 1
+    commitment = run.trainer.work_commitment(epoch)
+    assert commitment.segment == SEGMENT and commitment.leaves == STEPS_PER_EPOCH // SEGMENT
+    assert commitment.samples == run.trainer.contributions()[epoch]
+    # the segments, replayed one after another from the first one's state, end where the next epoch starts
+    recomputer = Recomputer(run.manifest)
+    state = run.trainer.segment_state(epoch, 0)
+    assert state_digest(state.params) == commitment.state_digest == run.trainer.start_state(epoch)[0]
+    for leaf in range(commitment.leaves):
+        end = recomputer.replay(run.peer, epoch, commitment.leaf_steps(leaf), state)
+        if leaf + 1 < commitment.leaves:
+            state = run.trainer.segment_state(epoch, leaf + 1)
+            for got, want in zip(end, state.params):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for got, want in zip(end, run.trainer.start_state(epoch + 1)[1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    report = local_audit(run, commitment, lambda c, leaves: run.trainer.reveal(c.epoch, leaves),
+                         lambda c, leaf: run.trainer.segment_state(c.epoch, leaf))
+    assert report.verdict == "pass" and report.steps == (0, 1, 2), report.reason
+
+
+def test_local_mode_fabricated_segments_fail(local_run):
+    """A cheater that moves its parameters at random (no gradient computed) and commits to that trajectory."""
+    run, epoch, m = local_run, 1, local_run.manifest
+    worker = Recomputer(m)
+    start = run.trainer.segment_state(epoch, 0)
+    worker.load(start.params)
+    optimizer = optimizer_factory(m.optimizer.name, m.optimizer.as_dict(), with_state=True)(worker.params)
+    optimizer.load_state_dict({"state": start.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
+    recorder = LocalWorkRecorder(m.run_id, run.peer, m.batch_size_per_step, segment=SEGMENT)
+    recorder.begin_epoch(epoch, worker.params, optimizer)
+    generator = torch.Generator().manual_seed(2)
+    for step in range(STEPS_PER_EPOCH):
+        with torch.no_grad():
+            for p in worker.params:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.01)
+        recorder.after_step(worker.params, optimizer, last=step == STEPS_PER_EPOCH - 1)
+    commitment = recorder.end_epoch(epoch, completed=True)
+    report = local_audit(run, commitment, lambda c, leaves: recorder.reveal(c.epoch, leaves),
+                         lambda c, leaf: recorder.segment_state(c.epoch, leaf))
+    assert report.verdict == "fail" and min(report.distances_ppm()) > 20 * TOLERANCE_PPM["fp32"], report.reason

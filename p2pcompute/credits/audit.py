@@ -64,14 +64,18 @@ VERDICTS = ("pass", "fail", "inconclusive")
 MAX_REASON = 200
 # A report with MAX_SPOT_STEPS reveals: 64 x (2 x 128 sketch bytes + 24 x 32 proof bytes) ~ 66 KiB, plus the rest.
 MAX_REPORT_SIZE = 80 * 1024
-MAX_REVEAL_SIZE = SKETCH_BYTES + MAX_PROOF * (crypto.DIGEST_SIZE + 2) + 64
+MAX_REVEAL_SIZE = SKETCH_BYTES + (MAX_PROOF + 1) * (crypto.DIGEST_SIZE + 2) + 64
 
 
 @dataclass(frozen=True)
 class WorkCommitment(canonical.WireRecord):
-    """What one peer commits to for one epoch: `steps` steps of `batch_size` samples computed at the start state
-    whose digest is `state_digest`, in `precision` (PRECISIONS: fp32, or a GPU's bf16/fp16 autocast), their gradient
-    sketches summed up in `root` (Merkle root of the step leaves)."""
+    """What one peer commits to for one epoch: `steps` steps of `batch_size` samples from the start state whose digest
+    is `state_digest`, in `precision` (PRECISIONS: fp32, or a GPU's bf16/fp16 autocast), summed up in `root` (a
+    Merkle root over the leaves).
+
+    segment 0 (gradients mode): one leaf per step, the sketch of its gradient, every step at the start state.
+    segment K (local mode): one leaf per K steps (the last one may be shorter), the digest of the full training state
+    (parameters and inner optimizer) where the segment starts and the sketch of the parameters' change over it."""
 
     run_id: bytes
     peer: bytes
@@ -81,6 +85,7 @@ class WorkCommitment(canonical.WireRecord):
     state_digest: bytes
     root: bytes
     precision: str = "fp32"
+    segment: int = 0
 
     WIRE_NAME: ClassVar[str] = "work commitment"
     MAX_WIRE_SIZE: ClassVar[int] = 256
@@ -95,18 +100,30 @@ class WorkCommitment(canonical.WireRecord):
         canonical.fixed_bytes(self.root, crypto.DIGEST_SIZE, "commitment root")
         if self.precision not in PRECISIONS:
             raise InvalidMessage(f"commitment precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        canonical.uint(self.segment, 0, MAX_STEPS, "commitment segment")
 
     def to_obj(self) -> list:
         return [COMMITMENT_VERSION, self.run_id, self.peer, self.epoch, self.steps, self.batch_size,
-                self.state_digest, self.root, self.precision]
+                self.state_digest, self.root, self.precision, self.segment]
 
     @classmethod
     def from_obj(cls, obj: Any) -> "WorkCommitment":
-        return cls(*canonical.versioned(obj, 9, COMMITMENT_VERSION, "work commitment"))
+        return cls(*canonical.versioned(obj, 10, COMMITMENT_VERSION, "work commitment"))
 
     @property
     def samples(self) -> int:
         return self.steps * self.batch_size
+
+    @property
+    def leaves(self) -> int:
+        """Leaves under the root: one per step, or one per segment."""
+        return self.steps if not self.segment else -(-self.steps // self.segment)
+
+    def leaf_steps(self, leaf: int) -> range:
+        """The steps leaf `leaf` covers."""
+        if not self.segment:
+            return range(leaf, leaf + 1)
+        return range(leaf * self.segment, min(self.steps, (leaf + 1) * self.segment))
 
     @property
     def tolerance_ppm(self) -> int:
@@ -122,9 +139,10 @@ class WorkCommitment(canonical.WireRecord):
 # ---- Merkle tree over the step leaves -----------------------------------------------------------------------
 
 
-def leaf_hash(step: int, sketch: bytes) -> bytes:
-    canonical.fixed_bytes(sketch, SKETCH_BYTES, "step sketch")
-    return crypto.digest(LEAF_DOMAIN + canonical.pack([step, sketch]))
+def leaf_hash(index: int, sketch: bytes, start: bytes = b"") -> bytes:
+    """Leaf `index`: its sketch and, for a segment, the digest of the state it starts from (b"" for a step)."""
+    canonical.fixed_bytes(sketch, SKETCH_BYTES, "leaf sketch")
+    return crypto.digest(LEAF_DOMAIN + canonical.pack([index, sketch, start]))
 
 
 def _node(left: bytes, right: bytes) -> bytes:
@@ -141,16 +159,23 @@ def _levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
     return levels
 
 
-def merkle_root(sketches: Sequence[bytes]) -> bytes:
-    """The root over step sketches 0..n-1 (n >= 1)."""
+def _leaf_hashes(sketches: Sequence[bytes], starts: Sequence[bytes]) -> list[bytes]:
+    if starts and len(starts) != len(sketches):
+        raise ValueError("one start digest per segment")
+    return [leaf_hash(i, s, starts[i] if starts else b"") for i, s in enumerate(sketches)]
+
+
+def merkle_root(sketches: Sequence[bytes], starts: Sequence[bytes] = ()) -> bytes:
+    """The root over leaves 0..n-1 (n >= 1): step sketches, or segment sketches with their start digests."""
     if not sketches:
         raise ValueError("no steps to commit to")
-    return _levels([leaf_hash(step, s) for step, s in enumerate(sketches)])[-1][0]
+    return _levels(_leaf_hashes(sketches, starts))[-1][0]
 
 
-def merkle_proofs(sketches: Sequence[bytes], steps: Sequence[int]) -> list[tuple[bytes, ...]]:
-    """The Merkle path of each of `steps` (sibling hashes from the leaf up; none where a node is carried up)."""
-    levels = _levels([leaf_hash(step, s) for step, s in enumerate(sketches)])
+def merkle_proofs(sketches: Sequence[bytes], steps: Sequence[int], starts: Sequence[bytes] = ()
+                  ) -> list[tuple[bytes, ...]]:
+    """The Merkle path of each of leaves `steps` (sibling hashes from the leaf up; none where a node is carried up)."""
+    levels = _levels(_leaf_hashes(sketches, starts))
     proofs = []
     for index in steps:
         path = []
@@ -163,9 +188,9 @@ def merkle_proofs(sketches: Sequence[bytes], steps: Sequence[int]) -> list[tuple
     return proofs
 
 
-def proof_root(count: int, step: int, sketch: bytes, proof: Sequence[bytes]) -> bytes | None:
+def proof_root(count: int, step: int, sketch: bytes, proof: Sequence[bytes], start: bytes = b"") -> bytes | None:
     """The root that `proof` leads to from leaf `step` of `count` leaves; None if its length does not fit the tree."""
-    node, index, width, used = leaf_hash(step, sketch), step, count, 0
+    node, index, width, used = leaf_hash(step, sketch, start), step, count, 0
     while width > 1:
         if index ^ 1 < width:
             if used == len(proof):
@@ -179,11 +204,13 @@ def proof_root(count: int, step: int, sketch: bytes, proof: Sequence[bytes]) -> 
 
 @dataclass(frozen=True)
 class StepReveal(canonical.WireRecord):
-    """The claimant's answer for one audited step: its committed sketch and Merkle path."""
+    """The claimant's answer for one audited leaf (a step, or a segment): its committed sketch, Merkle path and, for a
+    segment, the digest of the state it starts from."""
 
     step: int
     sketch: bytes
     proof: tuple[bytes, ...]
+    start: bytes = b""
 
     WIRE_NAME: ClassVar[str] = "step reveal"
     MAX_WIRE_SIZE: ClassVar[int] = MAX_REVEAL_SIZE
@@ -195,20 +222,24 @@ class StepReveal(canonical.WireRecord):
             raise InvalidMessage(f"reveal proof must be a tuple of at most {MAX_PROOF} hashes")
         for h in self.proof:
             canonical.fixed_bytes(h, crypto.DIGEST_SIZE, "reveal proof hash")
+        if self.start:
+            canonical.fixed_bytes(self.start, crypto.DIGEST_SIZE, "reveal start")
 
     def to_obj(self) -> list:
-        return [self.step, self.sketch, list(self.proof)]
+        return [self.step, self.sketch, list(self.proof), self.start]
 
     @classmethod
     def from_obj(cls, obj: Any) -> "StepReveal":
-        step, sketch, proof = canonical.array(obj, 3, "step reveal")
-        return cls(step, sketch, tuple(canonical.sequence(proof, MAX_PROOF, "reveal proof")))
+        step, sketch, proof, start = canonical.array(obj, 4, "step reveal")
+        return cls(step, sketch, tuple(canonical.sequence(proof, MAX_PROOF, "reveal proof")), start)
 
     def check(self, commitment: WorkCommitment) -> None:
         """Raise InvalidMessage unless this is leaf `step` of the commitment (the claimant's own signed work)."""
-        if self.step >= commitment.steps or proof_root(commitment.steps, self.step, self.sketch,
-                                                       self.proof) != commitment.root:
-            raise InvalidMessage(f"step {self.step}: the revealed sketch is not the one committed to")
+        if bool(self.start) != bool(commitment.segment):
+            raise InvalidMessage(f"leaf {self.step}: a start digest goes with segments, and only with them")
+        if self.step >= commitment.leaves or proof_root(commitment.leaves, self.step, self.sketch, self.proof,
+                                                        self.start) != commitment.root:
+            raise InvalidMessage(f"leaf {self.step}: the revealed sketch is not the one committed to")
 
 
 # ---- which claims and which steps ------------------------------------------------------------------------------
@@ -371,7 +402,7 @@ class AuditReport(canonical.WireRecord):
             if self.verdict != ("fail" if count_fails else "inconclusive"):
                 raise InvalidMessage(f"the verdict is {self.verdict!r} with no step compared")
             return
-        wanted = spot_steps(self.ticket, self.commitment.steps, len(self.reveals))
+        wanted = spot_steps(self.ticket, self.commitment.leaves, len(self.reveals))
         if self.steps != wanted:
             raise InvalidMessage(f"revealed steps {list(self.steps)[:8]} are not the ticket's {list(wanted)[:8]}")
         for reveal in self.reveals:
@@ -382,7 +413,7 @@ class AuditReport(canonical.WireRecord):
 
     def to_json(self) -> dict[str, Any]:
         c = self.commitment
-        return {"run_id": c.run_id.hex(), "peer": c.peer.hex(), "epoch": c.epoch, "steps": c.steps,
+        return {"run_id": c.run_id.hex(), "peer": c.peer.hex(), "epoch": c.epoch, "steps": c.steps, "segment": c.segment,
                 "batch_size": c.batch_size, "precision": c.precision, "claimed_samples": self.claimed_samples,
                 "state_digest": c.state_digest.hex(),
                 "subject": self.subject.hex(), "auditor": self.auditor.hex(), "rate_ppm": self.rate_ppm,

@@ -6,15 +6,22 @@ accumulated / steps with weight = samples; the parameters change only at the epo
 batch `batch_for(dataset, run, P, E, s, batch_size_per_step)`. So one step is recomputable by anyone holding the
 manifest and theta_E, independently of every other step: an audit recomputes a few random steps, not the epoch.
 
-Not covered (docs/credits.md, "Audits"): local (DiLoCo) mode, whose step s is taken at the peer's own trajectory
-theta_E,s with its inner optimizer's private state; and gradients-mode runs with `delay_state_averaging`, where a
+In local (DiLoCo) mode step s is taken at the peer's own trajectory with its inner optimizer's private state, so steps
+are recomputable only from a revealed state: the peer keeps the full training state (parameters and inner optimizer)
+every SEGMENT_STEPS steps, commits per segment the digest of the state it starts from and the sketch of the
+parameters' change over it (`LocalWorkRecorder`), and an audit replays whole segments from their revealed, digest-
+checked start (Proof-of-Learning style). Not covered: gradients-mode runs with `delay_state_averaging`, where a
 background state-averaging result may land mid-epoch and move the parameters under later steps.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
+import functools
 import logging
+import math
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -25,13 +32,14 @@ from p2pcompute.credits.audit import (SPOT_STEPS, TOLERANCE_PPM, AuditReport, St
                                       check_claim_commitment, is_selected, judge, merkle_proofs, merkle_root,
                                       spot_steps)
 from p2pcompute.credits.claims import Claim
-from p2pcompute.credits.sketch import SketchBasis, sketch_seed, to_bytes
+from p2pcompute.credits.sketch import SketchBasis, sketch_seed, to_bytes, unpack_sketch
 from p2pcompute.crypto import Signer
 from p2pcompute.errors import InvalidMessage
 from p2pcompute.identity import peer_id_bytes
 from p2pcompute.runs.datasets import Dataset, batch_for, open_dataset
 from p2pcompute.runs.manifest import Manifest
 from p2pcompute.runs.models import build_model, loss_function
+from p2pcompute.runs.optimizers import optimizer_factory
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,10 @@ MAX_START_STATE_BYTES = 1 << 30
 # Step gradients waiting to be sketched together (at least one): batching makes the per-step cost one copy. 4 MiB is
 # ~190 steps of the demo MLP and one step of a 1M-parameter model (where a step costs far more than its sketch).
 PENDING_BYTES = 4 << 20
+# Local mode: steps per committed segment. Honest replays drift with the steps replayed (DESIGN.md: after 50 steps 1e-6,
+# after 500 up to 0.1 with SGD momentum), and an audit replays one segment: 32 keeps drift negligible and an audit
+# cheap, at one kept training state (3x the model with Adam) per 32 steps.
+SEGMENT_STEPS = 32
 
 
 def state_digest(tensors: Iterable[torch.Tensor]) -> bytes:
@@ -202,6 +214,114 @@ class WorkRecorder:
         return [StepReveal(s, sketches[s], proof) for s, proof in zip(steps, merkle_proofs(sketches, steps))]
 
 
+# ---- local (DiLoCo) mode ---------------------------------------------------------------------------------------
+
+
+def optimizer_tensors(state: dict) -> list[torch.Tensor]:
+    """An optimizer's `state_dict()["state"]` as float32 tensors in a fixed order (parameter index, then key), for its
+    digest. Hyperparameters are not in it: they come from the manifest."""
+    return [torch.as_tensor(per_param[key], dtype=torch.float32).reshape(-1)
+            for index in sorted(state) for per_param in [state[index]] for key in sorted(per_param)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentState:
+    """The full training state where a local-mode segment starts: parameters (CPU float32 copies) and the inner
+    optimizer's per-parameter state (`state_dict()["state"]`, CPU copies)."""
+
+    params: tuple[torch.Tensor, ...]
+    optimizer: dict
+
+    @classmethod
+    def capture(cls, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> "SegmentState":
+        state = copy.deepcopy({i: {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                               for i, s in optimizer.state_dict()["state"].items()})
+        return cls(tuple(p.detach().to("cpu", torch.float32, copy=True) for p in params), state)
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        return state_digest([*self.params, *optimizer_tensors(self.optimizer)])
+
+
+class LocalWorkRecorder:
+    """The trainer's record of its work in local mode. `begin_epoch` at the epoch's first step (parameters and inner
+    optimizer as the epoch starts), `after_step` after each inner optimizer step (`last`: the epoch ends with it, before
+    the outer step moves the parameters), `end_epoch` when the epoch ends. Keeps a SegmentState every `segment` steps
+    (memory: epochs kept x steps / segment x the model and its optimizer state)."""
+
+    def __init__(self, run_id: bytes, peer: bytes, batch_size: int, segment: int = SEGMENT_STEPS,
+                 keep_epochs: int = KEEP_EPOCHS, start_states: StartStates | None = None, precision: str = "fp32"):
+        self.run_id, self.peer, self.batch_size, self.segment = bytes(run_id), bytes(peer), batch_size, segment
+        self.keep_epochs, self.precision = keep_epochs, precision
+        self.start_states = start_states if start_states is not None else StartStates()
+        self._epoch: int | None = None
+        self._done: collections.OrderedDict[int, tuple[WorkCommitment, list[bytes], list[SegmentState]]] = (
+            collections.OrderedDict())
+
+    @property
+    def epoch(self) -> int | None:
+        return self._epoch
+
+    def begin_epoch(self, epoch: int, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        self._epoch, self._steps, self._broken, self._closed = epoch, 0, False, False
+        self._digest = self.start_states.put(epoch, params)
+        self._basis = SketchBasis(sketch_seed(self.run_id, epoch, self._digest), sum(p.numel() for p in params),
+                                  device=params[0].device)
+        self._starts = [SegmentState.capture(params, optimizer)]
+        self._sketches: list[bytes] = []
+
+    def after_step(self, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, last: bool) -> None:
+        if self._epoch is None or self._broken or self._closed:
+            return
+        self._steps += 1
+        if self._steps % self.segment and not last:
+            return
+        start = self._starts[-1].params
+        sketch = self._basis.sketch([p.detach().float().cpu() - s for p, s in zip(params, start)])
+        if not all(map(math.isfinite, unpack_sketch(sketch))):
+            logger.info("epoch %d: a non-finite update; no work commitment for this epoch", self._epoch)
+            self._broken = True
+            return
+        self._sketches.append(sketch)
+        if last:
+            self._closed = True  # the outer step follows: nothing after it belongs to this epoch
+        else:
+            self._starts.append(SegmentState.capture(params, optimizer))
+
+    def end_epoch(self, epoch: int, completed: bool) -> WorkCommitment | None:
+        if self._epoch != epoch:
+            return None
+        self._epoch = None
+        if not completed or self._broken or not self._closed:
+            return None
+        starts = [s.digest for s in self._starts]
+        commitment = WorkCommitment(self.run_id, self.peer, epoch, self._steps, self.batch_size, self._digest,
+                                    merkle_root(self._sketches, starts), self.precision, self.segment)
+        self._done[epoch] = (commitment, self._sketches, self._starts)
+        while len(self._done) > self.keep_epochs:
+            self._done.popitem(last=False)
+        return commitment
+
+    def commitment(self, epoch: int) -> WorkCommitment | None:
+        done = self._done.get(epoch)
+        return done[0] if done is not None else None
+
+    def reveal(self, epoch: int, leaves: Sequence[int]) -> list[StepReveal] | None:
+        done = self._done.get(epoch)
+        if done is None:
+            return None
+        commitment, sketches, starts = done
+        if any(not 0 <= i < commitment.leaves for i in leaves):
+            raise InvalidMessage(f"epoch {epoch} has {commitment.leaves} segments")
+        digests = [s.digest for s in starts]
+        return [StepReveal(i, sketches[i], proof, digests[i])
+                for i, proof in zip(leaves, merkle_proofs(sketches, leaves, digests))]
+
+    def segment_state(self, epoch: int, leaf: int) -> SegmentState | None:
+        done = self._done.get(epoch)
+        return done[2][leaf] if done is not None and 0 <= leaf < len(done[2]) else None
+
+
 # ---- the auditor's side --------------------------------------------------------------------------------------
 
 
@@ -245,13 +365,37 @@ class Recomputer:
                 acc.add_(grad)
         return [t / steps for t in total]
 
-    def step_sketches(self, commitment: WorkCommitment, steps: Sequence[int]) -> list[bytes]:
-        """Sketches of the given steps of the commitment's peer and epoch, at the loaded state, in the commitment's
-        sketch basis."""
+    def replay(self, peer: bytes, epoch: int, steps: range, start: SegmentState) -> list[torch.Tensor]:
+        """Local mode: the parameters after inner optimizer steps `steps` of `peer` in `epoch`, from `start`."""
+        self.load(start.params)
+        optimizer = optimizer_factory(self.manifest.optimizer.name, self.manifest.optimizer.as_dict())(self.params)
+        optimizer.load_state_dict({"state": copy.deepcopy(start.optimizer),
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
+        for step in steps:
+            self.step_gradient(peer, epoch, step)
+            optimizer.step()
+        return [p.detach().clone() for p in self.params]
+
+    def segment_sketches(self, commitment: WorkCommitment, leaves: Sequence[int],
+                         starts: Sequence[SegmentState]) -> list[bytes]:
+        """Local mode: sketches of the parameters' change over the given segments, replayed from their starts."""
+        basis = self._basis_for(commitment)
+        sketches = []
+        for leaf, start in zip(leaves, starts):
+            end = self.replay(commitment.peer, commitment.epoch, commitment.leaf_steps(leaf), start)
+            sketches.append(basis.sketch([e - s for e, s in zip(end, start.params)]))
+        return sketches
+
+    def _basis_for(self, commitment: WorkCommitment) -> SketchBasis:
         seed = sketch_seed(commitment.run_id, commitment.epoch, commitment.state_digest)
         if self._basis is None or self._basis[0] != seed:
             self._basis = (seed, SketchBasis(seed, sum(p.numel() for p in self.params)))
-        basis = self._basis[1]
+        return self._basis[1]
+
+    def step_sketches(self, commitment: WorkCommitment, steps: Sequence[int]) -> list[bytes]:
+        """Sketches of the given steps of the commitment's peer and epoch, at the loaded state, in the commitment's
+        sketch basis."""
+        basis = self._basis_for(commitment)
         sketches = []
         for step in steps:
             self.step_gradient(commitment.peer, commitment.epoch, step)
@@ -261,22 +405,27 @@ class Recomputer:
 
 Reveal = Callable[[WorkCommitment, Sequence[int]], "Sequence[StepReveal] | None"]
 StateOf = Callable[[WorkCommitment], "Sequence[torch.Tensor] | None"]
+SegmentStateOf = Callable[[WorkCommitment, int], "SegmentState | None"]
 
 
 def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | None, claim: Claim,
                 commitment: WorkCommitment, subject: bytes, auditor: Signer, rate_ppm: int, reveal: Reveal,
-                state_of: StateOf | None = None, spot: int = SPOT_STEPS,
+                state_of: StateOf | None = None, segment_state: SegmentStateOf | None = None, spot: int = SPOT_STEPS,
                 tolerance_ppm: int | None = None) -> AuditReport | None:
     """The auditor's whole job for one claim, given the commitment the claimant sent for it. `subject`: the id the
     ticket signs (the claim's digest, or its payout entry's id). None if the ticket does not select the claim, or if
-    the claimant did not answer with its committed work (a commitment that is not the claim's, no reveal, or sketches
-    that are not its committed leaves: not provable to others; the issuer does not pay such a claim). Otherwise a
-    report. When `start_state` (the auditor's own state for the epoch) is missing or is not the one the claimant
-    committed to (an honest peer that missed a round trains on other parameters until the next state averaging), the
-    auditor asks `state_of` (the claimant's state for that epoch, e.g. `Trainer.start_state` over the network) and
-    recomputes at it if its digest is the committed one: work at any parameters costs the same, so what is checked is
-    that it was done; keep that state, it is the report's evidence. With no such state the report is "inconclusive"
-    (nobody blamed, nothing verified: do not pay)."""
+    the claimant did not answer with its committed work (a commitment that is not the claim's, no reveal, sketches that
+    are not its committed leaves, segment states that are not the committed ones: not provable to others; the issuer
+    does not pay such a claim). Otherwise a report.
+
+    Gradients mode: when `start_state` (the auditor's own state for the epoch) is missing or is not the one the
+    claimant committed to (an honest peer that missed a round trains on other parameters until the next state
+    averaging), the auditor asks `state_of` (the claimant's state for that epoch, e.g. `Trainer.start_state` over the
+    network) and recomputes at it if its digest is the committed one: work at any parameters costs the same, so what is
+    checked is that it was done; keep that state, it is the report's evidence. With no such state the report is
+    "inconclusive" (nobody blamed, nothing verified: do not pay). Local mode: the drawn segments are replayed from the
+    states `segment_state` returns (the claimant's `LocalWorkRecorder.segment_state`), checked against the committed
+    digests; keep them, they are the evidence."""
     if claim.run_id != recomputer.manifest.run_id:
         raise InvalidMessage("the claim is for another run")
     try:
@@ -295,17 +444,37 @@ def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | No
 
     if claim.samples != commitment.samples:
         return report(verdict="fail", reason=judge(commitment, claim.samples, (), (), tolerance_ppm)[1])
-    if start_state is None or state_digest(start_state) != commitment.state_digest:
+    if not commitment.segment and (start_state is None or state_digest(start_state) != commitment.state_digest):
         start_state = state_of(commitment) if state_of is not None else None
         if start_state is None or state_digest(start_state) != commitment.state_digest:
             return report(reason="no start state with the committed digest")
-    steps = spot_steps(ticket, commitment.steps, spot)
-    reveals = reveal(commitment, steps)
+    leaves = spot_steps(ticket, commitment.leaves, spot)
+    reveals = _answer(commitment, leaves, reveal(commitment, leaves))
+    if reveals is None:
+        return None
+    if commitment.segment:
+        states = [segment_state(commitment, leaf) if segment_state is not None else None for leaf in leaves]
+        if any(st is None or st.digest != r.start for st, r in zip(states, reveals)):
+            logger.info("epoch %d: the claimant's segment states are not the committed ones", commitment.epoch)
+            return None
+        if leaves[0] == 0 and state_digest(states[0].params) != commitment.state_digest:
+            logger.info("epoch %d: the claimant's segment 0 does not start at its committed start", commitment.epoch)
+            return None
+        recomputed = recomputer.segment_sketches(commitment, leaves, states)
+    else:
+        recomputer.load(start_state)
+        recomputed = recomputer.step_sketches(commitment, leaves)
+    verdict, reason = judge(commitment, claim.samples, reveals, recomputed, tolerance_ppm)
+    return report(reveals, recomputed, verdict, reason)
+
+
+def _answer(commitment: WorkCommitment, leaves: tuple[int, ...], reveals) -> tuple[StepReveal, ...] | None:
+    """The claimant's reveals if they are exactly the asked leaves, as committed; else None (logged)."""
     if reveals is None:
         return None
     reveals = tuple(reveals)
-    if tuple(r.step for r in reveals) != steps:
-        logger.info("the claimant answered steps %s, not %s", [r.step for r in reveals][:8], list(steps)[:8])
+    if tuple(r.step for r in reveals) != leaves:
+        logger.info("the claimant answered leaves %s, not %s", [r.step for r in reveals][:8], list(leaves)[:8])
         return None
     try:
         for r in reveals:
@@ -313,25 +482,31 @@ def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | No
     except InvalidMessage as e:
         logger.info("the claimant's reveal is not its commitment: %s", e)
         return None
-    recomputer.load(start_state)
-    recomputed = recomputer.step_sketches(commitment, steps)
-    verdict, reason = judge(commitment, claim.samples, reveals, recomputed, tolerance_ppm)
-    return report(reveals, recomputed, verdict, reason)
+    return reveals
 
 
-def recheck_report(recomputer: Recomputer, start_state: Sequence[torch.Tensor], report: AuditReport,
-                   claim: Claim, tolerance_ppm: int = TOLERANCE_PPM["fp32"]) -> None:
+def recheck_report(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | None, report: AuditReport,
+                   claim: Claim, segment_state: Callable[[int], "SegmentState | None"] | None = None,
+                   tolerance_ppm: int = TOLERANCE_PPM["fp32"]) -> None:
     """Re-check an audit offline, recomputation included: `report.check` (signatures, selection, Merkle paths, verdict
-    from the sketches), then the steps recomputed here from `start_state` (which must have the committed digest) must
-    be within `tolerance_ppm` (fp32's: both sides recompute in fp32) of the auditor's recomputed sketches. Raises
-    InvalidMessage naming the first problem."""
+    from the sketches), then the leaves recomputed here must be within `tolerance_ppm` (fp32's: both sides recompute in
+    fp32) of the auditor's recomputed sketches: steps from `start_state` (gradients mode; it must have the committed
+    digest), segments from the states `segment_state(leaf)` gives (local mode; each must have the revealed digest).
+    Raises InvalidMessage naming the first problem."""
     report.check(claim)
     if not report.reveals:
         return
-    if recomputer.load(start_state) != report.commitment.state_digest:
-        raise InvalidMessage("this start state is not the one the claim committed to")
-    mine = recomputer.step_sketches(report.commitment, report.steps)
+    commitment = report.commitment
+    if commitment.segment:
+        states = [segment_state(r.step) if segment_state is not None else None for r in report.reveals]
+        if any(st is None or st.digest != r.start for st, r in zip(states, report.reveals)):
+            raise InvalidMessage("these segment states are not the ones the claim committed to")
+        mine = recomputer.segment_sketches(commitment, report.steps, states)
+    else:
+        if start_state is None or recomputer.load(start_state) != commitment.state_digest:
+            raise InvalidMessage("this start state is not the one the claim committed to")
+        mine = recomputer.step_sketches(commitment, report.steps)
     theirs = [StepReveal(s, sketch, ()) for s, sketch in zip(report.steps, report.recomputed)]
-    verdict, reason = judge(report.commitment, report.commitment.samples, theirs, mine, tolerance_ppm)
+    verdict, reason = judge(commitment, commitment.samples, theirs, mine, tolerance_ppm)
     if verdict != "pass":
         raise InvalidMessage(f"the auditor's recomputation does not match this one: {reason}")
