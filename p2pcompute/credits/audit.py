@@ -413,7 +413,8 @@ class AuditReport(canonical.WireRecord):
 
     def to_json(self) -> dict[str, Any]:
         c = self.commitment
-        return {"run_id": c.run_id.hex(), "peer": c.peer.hex(), "epoch": c.epoch, "steps": c.steps, "segment": c.segment,
+        return {"run_id": c.run_id.hex(), "peer": c.peer.hex(), "epoch": c.epoch, "steps": c.steps,
+                "segment": c.segment,
                 "batch_size": c.batch_size, "precision": c.precision, "claimed_samples": self.claimed_samples,
                 "state_digest": c.state_digest.hex(),
                 "subject": self.subject.hex(), "auditor": self.auditor.hex(), "rate_ppm": self.rate_ppm,

@@ -69,7 +69,7 @@ class TrainerOptions:
     round_payload: Callable[[str], Any] | None = None
     # audits (training/work.py): epochs of step sketches kept to answer audits; 0: record no work (no commitments)
     work_history: int = KEEP_EPOCHS
-    work_segment: int = SEGMENT_STEPS  # local mode: steps per committed segment (a full training state kept per segment)
+    work_segment: int = SEGMENT_STEPS  # local mode: steps per committed segment (a training state kept per segment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,7 +438,7 @@ class Trainer:
         """Shut hivemind's optimizer down (goodbye to the tracker, pending rounds cancelled or finished
         with zero weight, averagers stopped), keeping the model and optimizer state for a later resume."""
         opt, self._opt = self._opt, None
-        if isinstance(self._work, LocalWorkRecorder):  # a round applied while leaving may move the parameters mid-segment
+        if isinstance(self._work, LocalWorkRecorder):  # a round applied while leaving may move the parameters
             self._work.end_epoch(self._epoch, completed=False)
         self._saved_opt_state = opt.state_dict()
         opt.shutdown()
