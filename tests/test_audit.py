@@ -53,16 +53,20 @@ def run(tmp_path_factory):
     manifest = Manifest.from_toml(mlp_synthetic_spec(
         "audit-test", batch_size_per_step=16, target_batch_size=16 * STEPS_PER_EPOCH, in_features=6, hidden=[16],
         out_features=2, seed=5, optimizer="sgd", lr=LR, max_epochs=EPOCHS))
+    yield finished_run(root, manifest, TrainerOptions(device="cpu"))
+
+
+def finished_run(root: Path, manifest: Manifest, options: TrainerOptions) -> Run:
     identity = Identity.load_or_create(root / "node" / "identity.key")
     dht = start_dht(identity, listen=["/ip4/127.0.0.1/tcp/0"])
-    trainer = Trainer(dht, manifest, identity, TrainerOptions(device="cpu"))
+    trainer = Trainer(dht, manifest, identity, options)
     try:
         with trainer:
             assert trainer.wait(DEADLINE)
     finally:
         dht.shutdown()
     assert trainer.status().status == "finished"
-    yield Run(manifest, trainer, identity.public_key, Identity.load_or_create(root / "auditor" / "identity.key"))
+    return Run(manifest, trainer, identity.public_key, Identity.load_or_create(root / "auditor" / "identity.key"))
 
 
 def subject_of(commitment: WorkCommitment) -> bytes:
@@ -95,7 +99,8 @@ def test_recomputation_matches_what_the_trainer_accumulated(run):
         commitment = run.trainer.work_commitment(epoch)
         digest, start = run.trainer.start_state(epoch)
         _, after = run.trainer.start_state(epoch + 1)
-        assert commitment.samples == contributions[epoch] == run.manifest.target_batch_size
+        # (at least the target: a loaded machine may let the peer take a few steps more before its epoch ends)
+        assert commitment.samples == contributions[epoch] >= run.manifest.target_batch_size
         assert commitment.state_digest == digest == recomputer.load(start)
         grads = recomputer.contribution(run.peer, epoch, commitment.steps)
         for before, new, grad in zip(start, after, grads):
@@ -321,16 +326,7 @@ def local_run(tmp_path_factory):
         "audit-local-test", batch_size_per_step=16, target_batch_size=16 * STEPS_PER_EPOCH, in_features=6,
         hidden=[16], out_features=2, seed=5, optimizer="adam", lr="0.01", max_epochs=EPOCHS, mode="local",
         averaging={"outer_lr": "1", "outer_momentum": "0"}))
-    identity = Identity.load_or_create(root / "node" / "identity.key")
-    dht = start_dht(identity, listen=["/ip4/127.0.0.1/tcp/0"])
-    trainer = Trainer(dht, manifest, identity, TrainerOptions(device="cpu", work_segment=SEGMENT))
-    try:
-        with trainer:
-            assert trainer.wait(DEADLINE)
-    finally:
-        dht.shutdown()
-    assert trainer.status().status == "finished"
-    yield Run(manifest, trainer, identity.public_key, Identity.load_or_create(root / "auditor" / "identity.key"))
+    yield finished_run(root, manifest, TrainerOptions(device="cpu", work_segment=SEGMENT))
 
 
 def local_audit(run: Run, commitment: WorkCommitment, reveal, segment_state) -> AuditReport:
@@ -347,7 +343,9 @@ def local_audit(run: Run, commitment: WorkCommitment, reveal, segment_state) -> 
 def test_local_mode_segments_replay_to_the_next_epoch_and_pass(local_run):
     run, epoch = local_run, 1
     commitment = run.trainer.work_commitment(epoch)
-    assert commitment.segment == SEGMENT and commitment.leaves == STEPS_PER_EPOCH // SEGMENT
+    # (a lone local-mode peer may take a step or two past the target before its tracker ends the epoch)
+    assert commitment.segment == SEGMENT and commitment.steps >= STEPS_PER_EPOCH
+    assert commitment.leaves == -(-commitment.steps // SEGMENT) >= 3
     assert commitment.samples == run.trainer.contributions()[epoch]
     # the segments, replayed one after another from the first one's state, end where the next epoch starts
     recomputer = Recomputer(run.manifest)
@@ -364,7 +362,7 @@ def test_local_mode_segments_replay_to_the_next_epoch_and_pass(local_run):
 
     report = local_audit(run, commitment, lambda c, leaves: run.trainer.reveal(c.epoch, leaves),
                          lambda c, leaf: run.trainer.segment_state(c.epoch, leaf))
-    assert report.verdict == "pass" and report.steps == (0, 1, 2), report.reason
+    assert report.verdict == "pass" and report.steps == tuple(range(commitment.leaves)), report.reason
 
 
 def test_local_mode_fabricated_segments_fail(local_run):

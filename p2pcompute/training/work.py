@@ -123,6 +123,24 @@ class _EpochWork:
         self.waiting = 0
 
 
+class _Recorded:
+    """What a recorder keeps of its last `keep_epochs` committed epochs: epoch -> (commitment, *what reveals need)."""
+
+    def __init__(self, keep_epochs: int):
+        self.keep_epochs = keep_epochs
+        self._done: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+
+    def _remember(self, epoch: int, commitment: WorkCommitment, *kept) -> WorkCommitment:
+        self._done[epoch] = (commitment, *kept)
+        while len(self._done) > self.keep_epochs:
+            self._done.popitem(last=False)
+        return commitment
+
+    def commitment(self, epoch: int) -> WorkCommitment | None:
+        done = self._done.get(epoch)
+        return done[0] if done is not None else None
+
+
 def _versions(params: Sequence[torch.Tensor]) -> list[int]:
     """torch's in-place modification counters of the parameters (`Tensor._version`, what autograd checks saved tensors
     with): a parameter written during an epoch (a state download or averaging result landing mid-epoch) changes its
@@ -130,7 +148,7 @@ def _versions(params: Sequence[torch.Tensor]) -> list[int]:
     return [p._version for p in params]
 
 
-class WorkRecorder:
+class WorkRecorder(_Recorded):
     """The trainer's record of its work, for audits (gradients mode). The trainer calls `begin_epoch` when an epoch
     starts (with the parameters it trains, now at the epoch's start state), `record_step` after each backward pass (the
     same parameters; the step's gradient is in their `.grad`),
@@ -140,11 +158,10 @@ class WorkRecorder:
 
     def __init__(self, run_id: bytes, peer: bytes, batch_size: int, keep_epochs: int = KEEP_EPOCHS,
                  start_states: StartStates | None = None, precision: str = "fp32"):
+        super().__init__(keep_epochs)
         self.run_id, self.peer, self.batch_size, self.precision = bytes(run_id), bytes(peer), batch_size, precision
-        self.keep_epochs = keep_epochs
         self.start_states = start_states if start_states is not None else StartStates()
         self._current: _EpochWork | None = None
-        self._done: collections.OrderedDict[int, tuple[WorkCommitment, list[bytes]]] = collections.OrderedDict()
 
     @property
     def epoch(self) -> int | None:
@@ -194,14 +211,7 @@ class WorkRecorder:
             return None
         commitment = WorkCommitment(self.run_id, self.peer, epoch, len(work.sketches), self.batch_size, work.digest,
                                     merkle_root(work.sketches), self.precision)
-        self._done[epoch] = (commitment, work.sketches)
-        while len(self._done) > self.keep_epochs:
-            self._done.popitem(last=False)
-        return commitment
-
-    def commitment(self, epoch: int) -> WorkCommitment | None:
-        done = self._done.get(epoch)
-        return done[0] if done is not None else None
+        return self._remember(epoch, commitment, work.sketches)
 
     def reveal(self, epoch: int, steps: Sequence[int]) -> list[StepReveal] | None:
         """The claimant's answer to an audit of `steps` of `epoch` (None if the epoch is no longer kept)."""
@@ -243,7 +253,7 @@ class SegmentState:
         return state_digest([*self.params, *optimizer_tensors(self.optimizer)])
 
 
-class LocalWorkRecorder:
+class LocalWorkRecorder(_Recorded):
     """The trainer's record of its work in local mode. `begin_epoch` at the epoch's first step (parameters and inner
     optimizer as the epoch starts), `after_step` after each inner optimizer step (`last`: the epoch ends with it, before
     the outer step moves the parameters), `end_epoch` when the epoch ends. Keeps a SegmentState every `segment` steps
@@ -251,12 +261,11 @@ class LocalWorkRecorder:
 
     def __init__(self, run_id: bytes, peer: bytes, batch_size: int, segment: int = SEGMENT_STEPS,
                  keep_epochs: int = KEEP_EPOCHS, start_states: StartStates | None = None, precision: str = "fp32"):
+        super().__init__(keep_epochs)
         self.run_id, self.peer, self.batch_size, self.segment = bytes(run_id), bytes(peer), batch_size, segment
-        self.keep_epochs, self.precision = keep_epochs, precision
+        self.precision = precision
         self.start_states = start_states if start_states is not None else StartStates()
         self._epoch: int | None = None
-        self._done: collections.OrderedDict[int, tuple[WorkCommitment, list[bytes], list[SegmentState]]] = (
-            collections.OrderedDict())
 
     @property
     def epoch(self) -> int | None:
@@ -297,14 +306,7 @@ class LocalWorkRecorder:
         starts = [s.digest for s in self._starts]
         commitment = WorkCommitment(self.run_id, self.peer, epoch, self._steps, self.batch_size, self._digest,
                                     merkle_root(self._sketches, starts), self.precision, self.segment)
-        self._done[epoch] = (commitment, self._sketches, self._starts)
-        while len(self._done) > self.keep_epochs:
-            self._done.popitem(last=False)
-        return commitment
-
-    def commitment(self, epoch: int) -> WorkCommitment | None:
-        done = self._done.get(epoch)
-        return done[0] if done is not None else None
+        return self._remember(epoch, commitment, self._sketches, self._starts)
 
     def reveal(self, epoch: int, leaves: Sequence[int]) -> list[StepReveal] | None:
         done = self._done.get(epoch)
