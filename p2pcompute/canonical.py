@@ -78,6 +78,14 @@ def array(value: Any, length: int, what: str, error: type[InvalidMessage] = Inva
     return value
 
 
+def versioned(value: Any, length: int, version: int, what: str, error: type[InvalidMessage] = InvalidMessage) -> list:
+    """The fields after the leading version number of an array of `length` items (version included)."""
+    found, *fields = array(value, length, what, error)
+    if type(found) is not int or found != version:
+        raise error(f"unknown {what} version {found!r}")
+    return fields
+
+
 def sequence(value: Any, max_len: int, what: str, error: type[InvalidMessage] = InvalidMessage) -> list:
     if type(value) is not list:
         raise error(f"{what} must be an array, got {type(value).__name__}")

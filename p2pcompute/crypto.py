@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -118,6 +118,14 @@ class SigningKey:
 def digest(data: bytes) -> bytes:
     """The project's content hash: BLAKE2b-256 (ledger entry ids, run ids)."""
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def digest_chunks(chunks: Iterable[bytes]) -> bytes:
+    """digest() of the chunks joined, without joining them (large tensors)."""
+    hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    for chunk in chunks:
+        hasher.update(chunk)
+    return hasher.digest()
 
 
 def sha256(data: bytes) -> bytes:

@@ -112,12 +112,14 @@ class LocalUpdatesOptimizer:
                  request_timeout: float = 3.0, averaging_timeout: float = 60.0, allreduce_timeout: float = 60.0,
                  next_chunk_timeout: float = 20.0, load_state_timeout: float = 120.0, shutdown_timeout: float = 5.0,
                  target_group_size: int = 64, part_size_bytes: int = 4 << 20, declare_state_period: float = 30.0,
-                 tracker_opts: Optional[dict] = None, clock: Callable[[], float] = time.monotonic):
+                 tracker_opts: Optional[dict] = None, clock: Callable[[], float] = time.monotonic,
+                 on_inner_step: Optional[Callable[[bool], None]] = None):
         self.params = list(params)
         self.batch_size_per_step, self.overlap = batch_size_per_step, overlap
         self.averaging_timeout, self.load_state_timeout = averaging_timeout, load_state_timeout
         self.shutdown_timeout, self.matchmaking_time = shutdown_timeout, matchmaking_time
         self._clock = clock
+        self._on_inner_step = on_inner_step  # audits (training/work.py): called after each inner step, True if last
         self.inner = optimizer(self.params)
         # phi and the outer optimizer: plain CPU tensors, written only by the training thread under _lock (the
         # averager's state requests read them under it too)
@@ -167,7 +169,10 @@ class LocalUpdatesOptimizer:
         self._unsent += self.batch_size_per_step
         self.tracker.report_local_progress(self.local_epoch, self._samples_in_epoch)
         self._maybe_schedule()
-        if self.tracker.ready_to_update_epoch:
+        ends_epoch = self.tracker.ready_to_update_epoch
+        if self._on_inner_step is not None:
+            self._on_inner_step(ends_epoch)  # before the outer step moves the parameters
+        if ends_epoch:
             started = time.perf_counter()
             try:
                 self._end_epoch()

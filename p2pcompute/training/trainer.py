@@ -7,11 +7,12 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from hivemind.utils import get_dht_time
 
+from p2pcompute.credits.audit import StepReveal, WorkCommitment
 from p2pcompute.errors import TrainingError
 from p2pcompute.runs.artifacts import ArtifactStore
 from p2pcompute.runs.datasets import batch_for
@@ -26,6 +27,7 @@ from p2pcompute.training.compression import compression_for
 from p2pcompute.training.diloco import LocalUpdatesOptimizer
 from p2pcompute.training.local import EvalResult, evaluate, evaluate_loss
 from p2pcompute.training.progress import MAX_EVALS, EvalPoint, ProgressRecord, publish_progress
+from p2pcompute.training.work import KEEP_EPOCHS, SEGMENT_STEPS, LocalWorkRecorder, SegmentState, WorkRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ class TrainerOptions:
     progress_ttl: float = PROGRESS_TTL
     # claims hook: (round kind) -> data sent to group mates in each averaging round; None: [epoch, samples]
     round_payload: Callable[[str], Any] | None = None
+    # audits (training/work.py): epochs of step sketches kept to answer audits; 0: record no work (no commitments)
+    work_history: int = 0  # epochs of step sketches kept for audits (0: none; audits are not wired yet, docs/credits.md)
+    work_segment: int = SEGMENT_STEPS  # local mode: steps per committed segment (a training state kept per segment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +126,7 @@ class Trainer:
         self._samples_in_epoch = 0
         self._samples_done = 0
         self._contributions: dict[int, int] = {}
+        self._work: WorkRecorder | LocalWorkRecorder | None = None  # what audits need, see start()
         self._loss_ema: float | None = None
         self._evals: list[EvalPoint] = []  # the run's [eval] results on this peer, newest last (at most MAX_EVALS)
         self._rate_mark = (0.0, 0)  # (clock, samples_done) at the last throughput measurement
@@ -144,6 +150,17 @@ class Trainer:
         self.dataset = run_dataset(m, self.options.data_dir, self.options.stdlib_dir, self.options.artifacts)
         self.model = run_model(m, self.options.artifacts).to(self.device)
         self._loss_fn = loss_function(self.dataset.shape.task)
+        # Work is recomputable (and recorded) in gradients mode, where every step of an epoch is taken at its start
+        # state; not with delay_state_averaging, where a background round may move the parameters mid-epoch.
+        # In local mode, segments of steps are recomputable from the full training state kept at their start.
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self._amp_dtype]
+        if self.options.work_history and m.averaging.mode == "gradients" and not m.averaging.delay_state_averaging:
+            self._work = WorkRecorder(m.run_id, self.identity.public_key, m.batch_size_per_step,
+                                      keep_epochs=self.options.work_history, precision=precision)
+        elif self.options.work_history and m.averaging.mode == "local":
+            self._work = LocalWorkRecorder(m.run_id, self.identity.public_key, m.batch_size_per_step,
+                                           segment=self.options.work_segment, keep_epochs=self.options.work_history,
+                                           precision=precision)
         self._rate_mark = (self._clock(), 0)
         if self.options.min_peers > 1:
             self._peers_deadline = self._clock() + self.options.min_peers_timeout
@@ -216,6 +233,26 @@ class Trainer:
         with self._lock:
             return dict(self._contributions)
 
+    def work_commitment(self, epoch: int) -> WorkCommitment | None:
+        """What this peer commits to for a completed epoch (its digest is the claim's work_digest), if recorded."""
+        with self._lock:
+            return self._work.commitment(epoch) if self._work is not None else None
+
+    def reveal(self, epoch: int, steps: Sequence[int]) -> list[StepReveal] | None:
+        """The answer to an audit of `steps` of `epoch`: the committed step sketches with their Merkle paths."""
+        with self._lock:
+            return self._work.reveal(epoch, steps) if self._work is not None else None
+
+    def segment_state(self, epoch: int, leaf: int) -> SegmentState | None:
+        """Local mode: the full training state where segment `leaf` of `epoch` started (an audit replays from it)."""
+        with self._lock:
+            return self._work.segment_state(epoch, leaf) if isinstance(self._work, LocalWorkRecorder) else None
+
+    def start_state(self, epoch: int) -> tuple[bytes, list[torch.Tensor]] | None:
+        """(digest, parameters) at the start of a recent epoch, to audit others against (None if not kept)."""
+        with self._lock:
+            return self._work.start_states.get(epoch) if self._work is not None else None
+
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write the current parameters (between steps); default path: checkpoint_dir/<run>-epochN.pt."""
         with self._lock:
@@ -280,17 +317,27 @@ class Trainer:
                 self._new_epoch(epoch, completed=False)
             x, y = batch_for(self.dataset, m.run_id, self.identity.peer_id.to_bytes(), epoch, self._step_in_epoch,
                              m.batch_size_per_step)
+            params = list(self.model.parameters())
+            if self._work is not None and self._work.epoch != epoch:  # the first step of the epoch: its start
+                if isinstance(self._work, LocalWorkRecorder):
+                    self._work.begin_epoch(epoch, params, opt.inner)
+                else:
+                    self._work.begin_epoch(epoch, params)
             started = time.perf_counter()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with devices.autocast(self.device, self._amp_dtype):
                 loss = self._loss_fn(self.model(x), y)
             if self._scaler is not None:
                 self._scaler.scale(loss).backward()
+                if isinstance(self._work, WorkRecorder):
+                    self._work.record_step(epoch, self._step_in_epoch, params, 1.0 / float(self._scaler.get_scale()))
                 computed = devices.synchronized_time(self.device)
                 self._scaler.step(opt)
                 self._scaler.update()
             else:
                 loss.backward()
+                if isinstance(self._work, WorkRecorder):
+                    self._work.record_step(epoch, self._step_in_epoch, params)
                 computed = devices.synchronized_time(self.device)
                 opt.step()
             opt.zero_grad()
@@ -322,6 +369,8 @@ class Trainer:
     def _new_epoch(self, epoch: int, completed: bool) -> None:
         """Bookkeeping at an epoch change: what we contributed, batch counters, periodic checkpoints."""
         self._contributions[self._epoch] = self._samples_in_epoch if completed else 0
+        if self._work is not None:
+            self._work.end_epoch(self._epoch, completed)
         while len(self._contributions) > MAX_CONTRIBUTIONS:
             del self._contributions[min(self._contributions)]
         self._epoch, self._step_in_epoch, self._samples_in_epoch = epoch, 0, 0
@@ -384,7 +433,8 @@ class Trainer:
                 allreduce_timeout=float(a.allreduce_timeout), next_chunk_timeout=float(a.next_chunk_timeout),
                 load_state_timeout=float(a.load_state_timeout), shutdown_timeout=float(a.shutdown_timeout),
                 target_group_size=a.target_group_size, part_size_bytes=a.part_size_bytes,
-                declare_state_period=float(a.declare_state_period), tracker_opts=tracker_opts)
+                declare_state_period=float(a.declare_state_period), tracker_opts=tracker_opts,
+                on_inner_step=self._after_inner_step)
         return SwarmOptimizer(
             observer=self._observer,
             dht=self.dht, run_id=m.hivemind_prefix,
@@ -409,10 +459,17 @@ class Trainer:
             tracker_opts=tracker_opts,
         )
 
+    def _after_inner_step(self, last: bool) -> None:
+        """Local mode, inside opt.step() (training thread, lock held): an inner step was taken."""
+        if isinstance(self._work, LocalWorkRecorder):
+            self._work.after_step(list(self.model.parameters()), self._opt.inner, last)
+
     def _leave(self, status: str, reason: str) -> None:
         """Shut hivemind's optimizer down (goodbye to the tracker, pending rounds cancelled or finished
         with zero weight, averagers stopped), keeping the model and optimizer state for a later resume."""
         opt, self._opt = self._opt, None
+        if isinstance(self._work, LocalWorkRecorder):  # a round applied while leaving may move the parameters
+            self._work.end_epoch(self._epoch, completed=False)
         self._saved_opt_state = opt.state_dict()
         opt.shutdown()
         self._set_status(status, reason)
