@@ -4,6 +4,7 @@ and the claimant hands a receipt with a quorum of witness signatures to the run'
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -62,7 +63,8 @@ class CreditsService(Servicer):
         self._pending: dict[int, dict] = {}
         self._done_epochs: set[int] = set()
         self._members: dict[int, set[bytes]] = {}  # epoch -> group mates (public keys) of our round in it
-        self._my_weights: dict[int, float] = {}  # epoch -> the averaging weight we sent in our round of it
+        # epoch -> the averaging weight we sent in our round of it, by the round's epoch (what our mates were in)
+        self._my_weights: dict[int, float] = {}
         self._last_round = None
         self._task: asyncio.Task | None = None
         self._log = ClaimLog(replica.store.path.parent)  # our open claims survive a crash or restart
@@ -146,8 +148,10 @@ class CreditsService(Servicer):
             if mine is None:
                 continue  # without our own epoch in the round we cannot say when we saw anyone
             my_epoch = mine[0]  # members are recorded under OUR epoch: what they declare is no evidence
-            if mine[2] is not None:
-                self._my_weights[my_epoch] = max(mine[2], self._my_weights.get(my_epoch, 0.0))
+            if mine[2] is not None:  # what we sent went into the epoch our mates were in (a late joiner's first
+                # round is the swarm's epoch, not its own): claim it there, where they can witness it
+                epoch = round_epoch([e for k, (e, _c, _w) in declared.items() if k != self.me], my_epoch)
+                self._my_weights[epoch] = max(mine[2], self._my_weights.get(epoch, 0.0))
             for key, (_epoch, _claims, weight) in declared.items():
                 if key != self.me:
                     self.observed.record(key, my_epoch, weight)
@@ -186,11 +190,10 @@ class CreditsService(Servicer):
         return signed.claim.witness(self.identity)
 
     def _make_claims(self) -> None:
-        """Sign a claim for every finished epoch we contributed samples to in a round, and have no payout for: the
-        samples we trained, but never more than the averaging weight we sent (what witnesses check)."""
-        for epoch, trained in self.trainer.contributions().items():
-            weight = self._my_weights.get(epoch)
-            samples = min(trained, int(weight)) if weight is not None else 0
+        """Sign a claim for every epoch whose round we contributed to and have no payout for: the averaging weight we
+        sent in it (the samples our gradient held, what witnesses check it against)."""
+        for epoch, weight in list(self._my_weights.items()):
+            samples = int(weight)
             if samples <= 0 or epoch in self._done_epochs:
                 continue
             with self._lock:
@@ -321,6 +324,14 @@ class CreditsService(Servicer):
             raise InvalidMessage("witness payload must be [claim, signature]")
         self._accept_signature(payload[0], payload[1], key)
         return None
+
+
+def round_epoch(mates: list[int], mine: int) -> int:
+    """The epoch a round was in, as our mates declared it: the most common (ties: the newest); ours if alone."""
+    if not mates:
+        return mine
+    counts = collections.Counter(mates)
+    return max(counts, key=lambda e: (counts[e], e))
 
 
 def _parse_payload(payload: Any) -> tuple[int | None, list]:
