@@ -215,6 +215,10 @@ class NodeConfig:
                             "windows when training is allowed, e.g. '22:00-07:00,12:00-13:00'; empty: any time")
     min_peers: int = setting("training", Number(1, 1000, integer=True), 1,
                              "hold a run's first epoch until this many peers train it (local swarms, demos)")
+    # [data]
+    data_cache_mb: int = setting("data", Number(0, 1 << 30, integer=True), 20480,
+                                 "MiB of fetched dataset shards kept (least recently used go first; files this node "
+                                 "published and shards in use stay); 0: no cap")
     # [ledger]
     sync_interval: float = setting("ledger", Number(0, 3600), 10.0,
                                    "seconds between ledger anti-entropy rounds (0: off)")

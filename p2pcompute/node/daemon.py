@@ -15,6 +15,7 @@ from p2pcompute.node import hardware
 from p2pcompute.node.announcer import PeerAnnouncer
 from p2pcompute.node.api import ControlAPI
 from p2pcompute.node.control import ControlServer, load_or_create_token, write_private
+from p2pcompute.node.data_host import DataHost
 from p2pcompute.node.instance_lock import InstanceLock
 from p2pcompute.node.ledger_host import LedgerHost
 from p2pcompute.node.pacing import PublishPacing
@@ -50,6 +51,7 @@ class Node:
         self.lock = InstanceLock(config.data_dir)
         self.ledger = LedgerHost(config.data_dir, config.sync_interval, config.startup_timeout)
         self.credits: RunCredits | None = None
+        self.data: DataHost | None = None  # the artifact cache and the shard protocol
         self.supervisor: TrainingSupervisor | None = None
         self.api: ControlAPI | None = None
         self.control: ControlServer | None = None
@@ -75,6 +77,9 @@ class Node:
                                            config.record_ttl, started_at, self.clock,
                                            status="bootstrap" if self.role == "bootstrap" else "idle", stop=self._stop)
             self.ledger.start(dht)
+            self.data = DataHost(config.data_dir, config.data_cache_mb * 2**20, config.record_ttl,
+                                 self.identity.peer_id.to_bytes()).start(self.shared, self.ledger.loop,
+                                                                         self.ledger.sync.p2p, config.startup_timeout)
             self.announcer.start()
             if self.role == "node" and config.train:
                 self.credits = RunCredits(self.ledger.loop, self.ledger.sync.p2p, self.ledger.replica, self.identity)
@@ -82,7 +87,8 @@ class Node:
                                         round_payload=self.credits.round_payload,
                                         trainer_started=self.credits.trainer_started,
                                         trainer_stopped=self.credits.trainer_stopped)
-                self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks)
+                self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks,
+                                                     shards=self.data.source())
             self.api = ControlAPI(role=self.role, config=config, identity=self.identity, hardware=self.hardware,
                                   shared=self.shared, announcer=self.announcer, ledger=self.ledger,
                                   supervisor=self.supervisor, pacing=PublishPacing(self.hardware.device, self.maddrs),
@@ -110,6 +116,9 @@ class Node:
         if self.credits is not None:
             self.credits.shutdown()
             self.credits = None
+        if self.data is not None:
+            self.data.shutdown()  # on the ledger's protocol loop: before it stops
+            self.data = None
         self.ledger.shutdown()
         if self.announcer is not None:
             self.announcer.shutdown()  # the "stopped" tombstone, while the DHT is still up

@@ -43,13 +43,14 @@ class TrainingSupervisor:
     through `shared`, and tells the node what happens through `hooks`."""
 
     def __init__(self, config: NodeConfig, identity: Identity, shared: SharedDHT, hardware: Hardware,
-                 hooks: SupervisorHooks, period: float = SELECT_PERIOD):
+                 hooks: SupervisorHooks, period: float = SELECT_PERIOD, shards=None):
         self.config = config
         self.identity = identity
         self.shared = shared
         self.hardware = hardware
         self.hooks = hooks
         self.period = period
+        self.shards = shards  # runs.sharded.ShardSource: how trainers get peer-to-peer datasets
         self._trainer = None
         self._watcher = None
         self._signed: "SignedManifest | None" = None
@@ -145,7 +146,7 @@ class TrainingSupervisor:
         options = TrainerOptions(
             device=config.device, max_memory_fraction=config.max_memory_fraction,
             data_dir=config.data_dir / "datasets", checkpoint_dir=config.data_dir / "checkpoints",
-            round_payload=self.hooks.round_payload(signed), min_peers=config.min_peers,
+            round_payload=self.hooks.round_payload(signed), min_peers=config.min_peers, shards=self.shards,
         )
         self._signed = signed
         self.hooks.state_changed("starting", signed.run_id)

@@ -29,6 +29,7 @@ class Dataset(ABC):
     """An opened dataset: draws (inputs, targets) for a batch from a seeded torch.Generator."""
 
     shape: DataShape
+    data_wait_seconds: float = 0.0  # time samplers waited for data to arrive (fetched shards); 0 for local data
 
     @abstractmethod
     def sample(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,7 @@ class TrainerOptions:
     mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + loss scaling)
     data_dir: Path | None = None  # where out-of-band dataset files are kept
     stdlib_dir: Path | None = None  # override the Python stdlib location (pystdlib dataset)
+    shards: Any = None  # runs.sharded.ShardSource: how the node fetches peer-to-peer datasets (p2p)
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 0  # save a checkpoint every this many epochs; 0: never
     max_epochs: int | None = None  # stop at this epoch; None: the manifest's max_epochs (0 = no end)
@@ -83,6 +84,8 @@ class TrainerStatus:
     # share of training wall time spent in the swarm optimizer's step (averaging rounds, outer steps, the
     # update) rather than computing gradients, since (re)joining: how much the swarm makes this peer wait
     sync_share: float = 0.0
+    # share of training wall time spent waiting for data (shards of a peer-to-peer dataset not fetched yet)
+    data_wait_share: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,13 +141,17 @@ class Trainer:
         self._amp_dtype = devices.autocast_dtype(self.device) if self.options.mixed_precision else None
         self._scaler = devices.grad_scaler(self.device, self._amp_dtype)
         self.dataset = open_dataset(m.dataset.name, m.dataset.as_dict(), self.options.data_dir,
-                                    self.options.stdlib_dir)
+                                    self.options.stdlib_dir, self.options.shards)
         self.model = build_model(m.model.name, m.model.as_dict(), m.init_seed).to(self.device)
         self._loss_fn = loss_function(self.dataset.shape.task)
         self._rate_mark = (self._clock(), 0)
         if self.options.min_peers > 1:
             self._peers_deadline = self._clock() + self.options.min_peers_timeout
-        self._join()
+        try:
+            self._join()
+        except BaseException:
+            self.dataset.close()
+            raise
         self._thread = threading.Thread(target=self._run, name=f"trainer-{m.run_id_hex[:8]}", daemon=True)
         self._thread.start()
         return self
@@ -199,7 +206,12 @@ class Trainer:
             loss=self._loss_ema, samples_per_second=self._samples_per_second, samples_done=self._samples_done,
             device=str(getattr(self, "device", "")), mode=self.manifest.averaging.mode,
             sync_share=self._step_seconds / max(1e-9, self._compute_seconds + self._step_seconds),
+            data_wait_share=self._data_wait_share(),
         )
+
+    def _data_wait_share(self) -> float:
+        waited = self.dataset.data_wait_seconds if hasattr(self, "dataset") else 0.0
+        return waited / max(1e-9, waited + self._compute_seconds + self._step_seconds)
 
     def rounds(self) -> list[AveragingRound]:
         """Averaging rounds this peer took part in: group members and each member's payload (claims hook)."""
@@ -248,6 +260,7 @@ class Trainer:
             if self._opt is not None:
                 final = self._status if self._status in ("finished", "failed") else "stopped"
                 self._leave(final, self._reason)
+            self.dataset.close()  # loader threads, shards held in use
 
     def _train_step(self) -> None:
         with self._lock:
