@@ -1,0 +1,166 @@
+"""Peer-to-peer datasets on real peers (127.0.0.1): a node serves what `p2pc data publish` wrote, volunteers fetch only
+their shards and verify them, a provider of corrupt bytes is banned, the data outlives its publisher, a run trains on it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import p2pc_json, wait_until
+from p2pcompute import crypto
+from p2pcompute.cli.main import cli
+from p2pcompute.devtools.data_peer import DataPeer
+from p2pcompute.runs.datasets import batch_for
+from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, toml_lines
+from p2pcompute.runs.shard_assignment import epoch_shards
+from p2pcompute.runs.sharded import ShardedDataset
+from p2pcompute.swarm.providers import find
+
+RUN = b"\x07" * 32
+PROVIDER_TIMEOUT = 60.0  # seconds for a provider record to be visible (refreshed every TTL/3 = 2 s in tests)
+
+
+def publish(data_dir, *args: str) -> dict:
+    """`p2pc data publish ... --json`, run in this process (the real command; a subprocess costs seconds of imports)."""
+    result = CliRunner().invoke(cli, ["data", "publish", *map(str, args), "--data-dir", str(data_dir), "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def write_text(path, rows: int) -> None:
+    path.write_text("".join(json.dumps({"text": f"row {i}: the quick brown fox {i * 7 % 13} jumps"}) + "\n"
+                            for i in range(rows)))
+
+
+def write_images(path, rows: int) -> None:
+    """1x4x4 uint8 images labelled by a fixed rule a small MLP learns fast (which third of the image is brightest)."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (rows, 1, 4, 4), dtype=np.uint8)
+    flat = images.reshape(rows, 16).astype(np.int64)
+    labels = np.stack([flat[:, :5].sum(1) / 5, flat[:, 5:10].sum(1) / 5, flat[:, 10:].sum(1) / 6]).argmax(0)
+    pq.write_table(pa.table({"image": pa.array([x.tolist() for x in images], pa.list_(pa.list_(pa.list_(pa.uint8())))),
+                             "label": pa.array(labels)}), path)
+
+
+def lm_config(dataset_id: str, per_epoch: int) -> dict:
+    return {"id": dataset_id, "task": "lm", "text_column": "text", "seq_len": 16, "image_column": "image",
+            "label_column": "label", "input_shape": (1,), "outputs": 2, "shards_per_epoch": per_epoch}
+
+
+def image_config(dataset_id: str) -> dict:
+    return {"id": dataset_id, "task": "classification", "text_column": "text", "seq_len": 16, "image_column": "image",
+            "label_column": "label", "input_shape": (1, 4, 4), "outputs": 3, "shards_per_epoch": 1}
+
+
+def wait_for_providers(peer: DataPeer, dataset_id: bytes, count: int = 1) -> None:
+    wait_until(lambda: len(find(peer.dht, dataset_id)) >= count, PROVIDER_TIMEOUT, interval=0.5,
+               what=f"{count} providers of {dataset_id.hex()[:12]}")
+
+
+def assert_verified(peer: DataPeer, shards: list[dict]) -> None:
+    for shard in shards:
+        path = peer.host.cache.path(bytes.fromhex(shard["sha256"]))
+        assert path is not None and crypto.sha256(path.read_bytes()).hex() == shard["sha256"]
+
+
+def test_volunteers_fetch_their_shards_and_the_data_outlives_its_publisher(own_swarm, tmp_path):
+    write_text(tmp_path / "text.jsonl", 600)
+    write_images(tmp_path / "images.parquet", 90)
+    text = publish(tmp_path / "pub", tmp_path / "text.jsonl", "--shard-rows", "100", "--name", "text")
+    images = publish(tmp_path / "pub", tmp_path / "images.parquet", "--shard-rows", "30", "--name", "images")
+    text_id, image_id = bytes.fromhex(text["dataset_id"]), bytes.fromhex(images["dataset_id"])
+    assert len(text["shards"]) == 6 and len(images["shards"]) == 3
+    boot = own_swarm.start_bootstrap().loopback_maddr()
+    publisher = own_swarm.start_node("pub", "--no-train")
+    with contextlib.ExitStack() as stack:
+        a, b, hostile = (stack.enter_context(DataPeer(tmp_path / name, [boot])) for name in ("a", "b", "hostile"))
+
+        # a volunteer fetches the shards of its epoch and prefetches the next epoch's; nothing else
+        wait_for_providers(a, text_id)
+        dataset = ShardedDataset(lm_config(text["dataset_id"], 2), a.host.source())
+        stack.callback(dataset.close)
+        x, y = batch_for(dataset, RUN, a.peer_id, 0, 0, 8)
+        assert x.shape == (8, 16) and x[:, 1:].equal(y[:, :-1])
+        needed = set(epoch_shards(RUN, a.peer_id, 0, 6, 2)) | set(epoch_shards(RUN, a.peer_id, 1, 6, 2))
+        wanted = {text_id} | {bytes.fromhex(text["shards"][i]["sha256"]) for i in needed}
+        wait_until(lambda: set(a.host.cache.held()) >= wanted, 60, what="the epoch's and the next epoch's shards")
+        assert set(a.host.cache.held()) == wanted  # only its own assignment (4 of 6 shards) came
+        assert_verified(a, [text["shards"][i] for i in needed])
+
+        # images with labels: another volunteer
+        images_data = ShardedDataset(image_config(images["dataset_id"]), b.host.source())
+        stack.callback(images_data.close)
+        x, y = batch_for(images_data, RUN, b.peer_id, 0, 0, 8)
+        assert x.shape == (8, 1, 4, 4) and int(y.max()) < 3 and float(x.max()) <= 1.0
+
+        # a hostile provider: the real manifest, every shard corrupted, announced like any holder
+        shutil.copy(tmp_path / "pub" / "artifacts" / text_id.hex(), tmp_path / "hostile" / "artifacts")
+        for shard in text["shards"]:
+            good = (tmp_path / "pub" / "artifacts" / shard["sha256"]).read_bytes()
+            (tmp_path / "hostile" / "artifacts" / shard["sha256"]).write_bytes(good[:-8] + b"corrupt!")
+        hostile.host.announce()
+        wait_for_providers(b, text_id, count=3)  # publisher, a, hostile
+        first = text["shards"][0]
+        b.host.fetch(bytes.fromhex(first["sha256"]), collection=text_id, index=0, size=first["bytes"],
+                     prefer=[hostile.peer_id])  # asks the hostile peer first: the fetch goes on elsewhere
+        assert_verified(b, [first])
+        assert b.host.service.limits.banned(hostile.peer_id)
+        assert any("do not hash" in why for why in b.host.service.stats.bad_providers)
+
+        # a holds every shard; the publisher goes; a newcomer still gets everything (from a; never the hostile)
+        for i, shard in enumerate(text["shards"]):
+            a.host.fetch(bytes.fromhex(shard["sha256"]), collection=text_id, index=i, size=shard["bytes"])
+        a.host.announce()
+        publisher.stop()
+        with DataPeer(tmp_path / "late", [a.maddrs()[0]]) as late:
+            wait_for_providers(late, text_id)
+            late_data = ShardedDataset(lm_config(text["dataset_id"], 6), late.host.source())
+            try:
+                x, _ = batch_for(late_data, RUN, late.peer_id, 0, 0, 4)  # all six shards in its first epoch
+            finally:
+                late_data.close()
+            assert x.shape == (4, 16)
+            assert_verified(late, text["shards"])
+            assert late.host.service.stats.files_fetched == 7  # the manifest and six shards
+
+
+def p2p_image_spec(dataset_id: str) -> str:
+    return toml_lines({"name": "p2p-images", "batch_size_per_step": 16, "target_batch_size": 64, "max_epochs": 8}) + (
+        "\n[model]\n" + toml_lines({"name": "mlp", "in_features": 16, "hidden": [32], "out_features": 3})
+        + "\n[dataset]\n" + toml_lines({"name": "p2p", "id": dataset_id, "task": "classification",
+                                        "input_shape": [1, 4, 4], "outputs": 3})
+        + "\n[optimizer]\n" + toml_lines({"name": "adam", "lr": "0.01"})
+        + "\n[averaging]\n" + toml_lines({"mode": "gradients", **LOCAL_NETWORK_AVERAGING}))
+
+
+@pytest.mark.timeout(600)
+def test_a_run_trains_on_a_dataset_only_its_publisher_had(own_swarm, tmp_path):
+    write_images(tmp_path / "images.parquet", 2000)
+    images = publish(tmp_path / "pub", tmp_path / "images.parquet", "--shard-rows", "500")
+    spec = tmp_path / "run.toml"
+    spec.write_text(p2p_image_spec(images["dataset_id"]))
+    own_swarm.start_bootstrap()
+    nodes = [own_swarm.start_node(name, "--min-peers", "2") for name in ("pub", "volunteer")]
+    run_id = p2pc_json("run", "publish", str(spec), "--force", "--data-dir", str(nodes[0].data_dir),
+                       timeout=120)["run_id"]
+    volunteer = nodes[1].peer_id
+    losses = []
+
+    def finished():
+        status = p2pc_json("run", "status", run_id, "--data-dir", str(nodes[1].data_dir))
+        peer = status["peers"].get(volunteer)
+        if peer and peer["loss"] is not None:
+            losses.append(peer["loss"])
+        return len(status["peers"]) == 2 and all(p["status"] == "finished" for p in status["peers"].values())
+
+    wait_until(finished, timeout=400, interval=1, what="the run to finish on both peers")
+    assert losses[-1] < 0.8 * losses[0], losses  # it learned from data it fetched
+    held = p2pc_json("data", "list", "--data-dir", str(nodes[1].data_dir))
+    assert [d["dataset_id"] for d in held] == [images["dataset_id"]] and held[0]["shards_held"] >= 1
