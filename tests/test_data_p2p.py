@@ -78,7 +78,7 @@ def test_volunteers_fetch_their_shards_and_the_data_outlives_its_publisher(own_s
     write_images(tmp_path / "images.parquet", 90)
     text = publish(tmp_path / "pub", tmp_path / "text.jsonl", "--shard-rows", "100", "--name", "text")
     images = publish(tmp_path / "pub", tmp_path / "images.parquet", "--shard-rows", "30", "--name", "images")
-    text_id, image_id = bytes.fromhex(text["dataset_id"]), bytes.fromhex(images["dataset_id"])
+    text_id = bytes.fromhex(text["dataset_id"])
     assert len(text["shards"]) == 6 and len(images["shards"]) == 3
     boot = own_swarm.start_bootstrap().loopback_maddr()
     publisher = own_swarm.start_node("pub", "--no-train")

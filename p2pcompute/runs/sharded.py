@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from p2pcompute.errors import DatasetUnavailable, InvalidMessage, P2PCError
+from p2pcompute.retry import retry_until
 from p2pcompute.runs.artifact_cache import ArtifactCache
 from p2pcompute.runs.data_manifest import MAX_MANIFEST_BYTES, DatasetManifest, Shard
 from p2pcompute.runs.datasets import Dataset
@@ -28,6 +29,11 @@ logger = logging.getLogger(__name__)
 # Seconds the training thread waits for the shards of its epoch before giving up: a fetch tries every provider
 # (each bounded by the shard protocol's call timeout per chunk); beyond this the run cannot be trained here.
 SHARD_WAIT_TIMEOUT = 600.0
+# A fetch that found no provider is tried again for this long (a publisher's or volunteer's provider record may
+# not have reached the DHT yet, a provider may be back soon), every RETRY_DELAY seconds at most.
+FETCH_RETRY_TIMEOUT = 300.0
+MANIFEST_RETRY_TIMEOUT = 60.0  # the same for the dataset manifest, when a trainer starts
+RETRY_DELAY = 5.0
 LOADER_THREADS = 2  # fetch + decode the current epoch's and the next epoch's shards side by side
 TEXT_SEPARATOR = b"\x00"  # between the rows of a text column, as in the pystdlib corpus
 
@@ -41,8 +47,35 @@ class ShardSource:
     cache: ArtifactCache
 
 
+class _Closed(Exception):
+    """The dataset was closed while a loader thread waited to fetch again."""
+
+
+def fetch_retrying(source: ShardSource, sha256: bytes, timeout: float, closing: threading.Event | None = None,
+                   **options) -> Path:
+    """source.fetch, tried again while no provider serves the file (DatasetUnavailable) until `timeout`."""
+    closing = closing or threading.Event()
+    failures: list[DatasetUnavailable] = []
+
+    def attempt(_remaining: float) -> Path:
+        if closing.is_set():
+            raise _Closed
+        return source.fetch(sha256, **options)
+
+    def failed(e: BaseException) -> None:
+        failures.append(e)
+        logger.info("fetching %s: %s (trying again)", sha256.hex()[:12], e)
+
+    path = retry_until(attempt, timeout, retry_on=(DatasetUnavailable,), on_failure=failed, max_delay=RETRY_DELAY,
+                       sleep=closing.wait)
+    if path is None:
+        raise failures[-1] if failures else DatasetUnavailable(f"{sha256.hex()[:12]}: no time left to fetch it")
+    return path
+
+
 def load_dataset_manifest(source: ShardSource, dataset_id: bytes) -> DatasetManifest:
-    path = source.fetch(dataset_id, collection=dataset_id, index=None, size=None, max_bytes=MAX_MANIFEST_BYTES)
+    path = fetch_retrying(source, dataset_id, MANIFEST_RETRY_TIMEOUT, collection=dataset_id, index=None, size=None,
+                          max_bytes=MAX_MANIFEST_BYTES)
     try:
         return DatasetManifest.from_wire(Path(path).read_bytes())
     except InvalidMessage as e:
@@ -76,6 +109,7 @@ class ShardedDataset(Dataset):
         self.data_wait_seconds = 0.0
         self._clock = clock
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self._loads: dict[int, concurrent.futures.Future] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="shard-loader")
         self._epoch_key: tuple | None = None
@@ -181,8 +215,8 @@ class ShardedDataset(Dataset):
 
     def _load(self, index: int) -> _Decoded:
         shard = self.manifest.shards[index]
-        path = self.source.fetch(shard.sha256, collection=self.dataset_id, index=index, size=shard.bytes,
-                                 max_bytes=shard.bytes)
+        path = fetch_retrying(self.source, shard.sha256, FETCH_RETRY_TIMEOUT, self._closing,
+                              collection=self.dataset_id, index=index, size=shard.bytes, max_bytes=shard.bytes)
         self.source.cache.acquire([shard.sha256])
         try:
             return self._decode(Path(path).read_bytes(), shard)
@@ -235,6 +269,7 @@ class ShardedDataset(Dataset):
             if self._closed:
                 return
             self._closed = True
+        self._closing.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._forget(set())
         self.source.cache.release([self.dataset_id])

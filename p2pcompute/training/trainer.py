@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from hivemind.utils import get_dht_time
 
-from p2pcompute.errors import TrainingError
+from p2pcompute.errors import P2PCError, TrainingError
 from p2pcompute.runs.datasets import batch_for, open_dataset
 from p2pcompute.runs.manifest import Manifest, SignedManifest
 from p2pcompute.runs.models import build_model, loss_function
@@ -253,6 +253,9 @@ class Trainer:
                     continue
                 self._train_step()
                 self._maybe_publish()
+        except P2PCError as e:  # an expected failure (the run's data cannot be had here, ...): one line
+            logger.error("training failed: %s", e)
+            self._set_status("failed", str(e)[:200])
         except Exception as e:  # the thread's last resort: recorded in the status and the log, then we leave
             logger.exception("training failed")
             self._set_status("failed", f"{type(e).__name__}: {e}"[:200])
