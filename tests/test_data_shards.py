@@ -51,14 +51,14 @@ def local_source(cache: ArtifactCache) -> ShardSource:
     return ShardSource(fetch, cache)
 
 
-def p2p_config(dataset_id: str, **values) -> dict:
-    return Manifest.from_toml(f"""
+def image_run_spec(dataset_id: str, in_features: int = 16) -> str:
+    return f"""
 name = "t"
 batch_size_per_step = 4
 target_batch_size = 8
 [model]
 name = "mlp"
-in_features = 16
+in_features = {in_features}
 hidden = [8]
 out_features = 3
 [dataset]
@@ -70,7 +70,11 @@ outputs = 3
 [optimizer]
 name = "sgd"
 lr = 0.1
-""").dataset.as_dict() | values
+"""
+
+
+def p2p_config(dataset_id: str, **values) -> dict:
+    return Manifest.from_toml(image_run_spec(dataset_id)).dataset.as_dict() | values
 
 
 # ---- the dataset manifest --------------------------------------------------------------------------
@@ -126,27 +130,8 @@ def test_run_manifest_checks_the_p2p_section():
     assert p2p_config("ab" * 32)["shards_per_epoch"] == 1
     with pytest.raises(InvalidManifest, match="dataset.id"):
         p2p_config("AB" * 32)
-    bad_shape = """
-name = "t"
-batch_size_per_step = 4
-target_batch_size = 8
-[model]
-name = "mlp"
-in_features = 15
-hidden = [8]
-out_features = 3
-[dataset]
-name = "p2p"
-id = "{id}"
-task = "classification"
-input_shape = [1, 4, 4]
-outputs = 3
-[optimizer]
-name = "sgd"
-lr = 0.1
-""".replace("{id}", "ab" * 32)
     with pytest.raises(InvalidManifest, match="in_features"):
-        Manifest.from_toml(bad_shape)
+        Manifest.from_toml(image_run_spec("ab" * 32, in_features=15))
 
 
 # ---- assignment --------------------------------------------------------------------------------------
