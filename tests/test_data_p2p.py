@@ -18,11 +18,13 @@ from conftest import p2pc_json, wait_until
 from p2pcompute import crypto
 from p2pcompute.cli.main import cli
 from p2pcompute.devtools.data_peer import DataPeer
+from p2pcompute.protocol import Servicer
 from p2pcompute.runs.datasets import batch_for
 from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, Manifest, toml_lines
 from p2pcompute.runs.models import build_model
 from p2pcompute.runs.shard_assignment import epoch_shards
 from p2pcompute.runs.sharded import ShardedDataset
+from p2pcompute.services.shards import LIMITS as SHARDS_LIMITS, PROTOCOL as SHARDS_PROTOCOL
 from p2pcompute.swarm.providers import find
 from p2pcompute.training.checkpoint import checkpoint_name, load_checkpoint
 
@@ -52,6 +54,28 @@ def write_images(path, rows: int) -> None:
                              "label": pa.array(labels)}), path)
 
 
+class JunkShards(Servicer):
+    """A hostile /p2pc/shards/1 server: answers from real files, but `mode` spoils each answer: other bytes
+    ("hash"), a size other than the file's ("size"), or no [size, bytes] at all ("malformed")."""
+
+    PROTOCOL = SHARDS_PROTOCOL
+    LIMITS = SHARDS_LIMITS
+
+    def __init__(self, p2p, cache):
+        super().__init__(p2p)
+        self.cache, self.mode, self.served = cache, "hash", 0
+
+    async def rpc(self, peer: bytes, request):
+        _version, _op, sha256, offset, length = request
+        size, data = self.cache.read_chunk(sha256, offset, length)
+        self.served += 1
+        if self.mode == "hash":
+            return [size, data[:-8] + b"corrupt!"]
+        if self.mode == "size":
+            return [size + 1, data]
+        return "junk"
+
+
 def lm_config(dataset_id: str, per_epoch: int) -> dict:
     return {"id": dataset_id, "task": "lm", "text_column": "text", "seq_len": 16, "image_column": "image",
             "label_column": "label", "input_shape": (1,), "outputs": 2, "shards_per_epoch": per_epoch}
@@ -71,6 +95,18 @@ def assert_verified(peer: DataPeer, shards: list[dict]) -> None:
     for shard in shards:
         path = peer.host.cache.path(bytes.fromhex(shard["sha256"]))
         assert path is not None and crypto.sha256(path.read_bytes()).hex() == shard["sha256"]
+
+
+def fetch_from_hostile(fetcher: DataPeer, junk: JunkShards, dataset: dict, mode: str, index: int, reason: str) -> None:
+    """`fetcher` asks the hostile peer first for shard `index` of `dataset`: it gets the shard elsewhere,
+    verified, and bans the hostile peer for `reason`."""
+    junk.mode, served = mode, junk.served
+    shard = dataset["shards"][index]
+    fetcher.host.fetch(bytes.fromhex(shard["sha256"]), collection=bytes.fromhex(dataset["dataset_id"]), index=index,
+                       size=shard["bytes"], prefer=[junk.p2p.peer_id.to_bytes()])
+    assert_verified(fetcher, [shard])
+    assert junk.served == served + 1 and fetcher.host.service.limits.banned(junk.p2p.peer_id.to_bytes())
+    assert reason in fetcher.host.service.stats.bad_providers[-1], fetcher.host.service.stats.bad_providers
 
 
 def test_volunteers_fetch_their_shards_and_the_data_outlives_its_publisher(own_swarm, tmp_path):
@@ -103,19 +139,16 @@ def test_volunteers_fetch_their_shards_and_the_data_outlives_its_publisher(own_s
         x, y = batch_for(images_data, RUN, b.peer_id, 0, 0, 8)
         assert x.shape == (8, 1, 4, 4) and int(y.max()) < 3 and float(x.max()) <= 1.0
 
-        # a hostile provider: the real manifest, every shard corrupted, announced like any holder
-        shutil.copy(tmp_path / "pub" / "artifacts" / text_id.hex(), tmp_path / "hostile" / "artifacts")
-        for shard in text["shards"]:
-            good = (tmp_path / "pub" / "artifacts" / shard["sha256"]).read_bytes()
-            (tmp_path / "hostile" / "artifacts" / shard["sha256"]).write_bytes(good[:-8] + b"corrupt!")
+        # a hostile provider: holds the real files, announces them like any holder, serves junk
+        for name in [text["dataset_id"], *(shard["sha256"] for shard in text["shards"])]:
+            shutil.copy(tmp_path / "pub" / "artifacts" / name, tmp_path / "hostile" / "artifacts")
+        junk = JunkShards(hostile.host.service.p2p, hostile.host.cache)
+        hostile.loop.run(hostile.host.service.remove_handler(), timeout=10)
+        hostile.loop.run(junk.add_handler(), timeout=10)
         hostile.host.announce()
         wait_for_providers(b, text_id, count=3)  # publisher, a, hostile
-        first = text["shards"][0]
-        b.host.fetch(bytes.fromhex(first["sha256"]), collection=text_id, index=0, size=first["bytes"],
-                     prefer=[hostile.peer_id])  # asks the hostile peer first: the fetch goes on elsewhere
-        assert_verified(b, [first])
-        assert b.host.service.limits.banned(hostile.peer_id)
-        assert any("do not hash" in why for why in b.host.service.stats.bad_providers)
+        fetch_from_hostile(b, junk, text, "hash", 0, "do not hash")
+        fetch_from_hostile(a, junk, text, "size", 1, "says the file has")
 
         # a holds every shard; the publisher goes; a newcomer still gets everything (from a; never the hostile)
         for i, shard in enumerate(text["shards"]):
@@ -124,6 +157,7 @@ def test_volunteers_fetch_their_shards_and_the_data_outlives_its_publisher(own_s
         publisher.stop()
         with DataPeer(tmp_path / "late", [a.maddrs()[0]]) as late:
             wait_for_providers(late, text_id)
+            fetch_from_hostile(late, junk, text, "malformed", 2, "not [size, bytes]")
             late_data = ShardedDataset(lm_config(text["dataset_id"], 6), late.host.source())
             try:
                 x, _ = batch_for(late_data, RUN, late.peer_id, 0, 0, 4)  # all six shards in its first epoch
