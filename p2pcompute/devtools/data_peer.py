@@ -24,6 +24,7 @@ class DataPeer:
         self.record_ttl = record_ttl
         self.cap_bytes = cap_bytes
         self.dht = None
+        self.shared: SharedDHT | None = None  # every DHT call goes through its lock (the DataHost's thread calls too)
         self.loop: BackgroundLoop | None = None
         self.host: DataHost | None = None
 
@@ -38,7 +39,8 @@ class DataPeer:
             self.loop = BackgroundLoop().start()
             p2p = self.loop.run(self.dht.replicate_p2p(), timeout=START_TIMEOUT)
             self.host = DataHost(self.data_dir, self.cap_bytes, self.record_ttl, identity.peer_id.to_bytes())
-            self.host.start(SharedDHT(self.dht), self.loop, p2p, START_TIMEOUT)
+            self.shared = SharedDHT(self.dht)
+            self.host.start(self.shared, self.loop, p2p, START_TIMEOUT)
         except BaseException:
             self.shutdown()
             raise
@@ -49,7 +51,15 @@ class DataPeer:
         return self.host.peer_id
 
     def maddrs(self) -> list[str]:
-        return [str(a) for a in self.dht.get_visible_maddrs(latest=True)]
+        with self.shared.held() as dht:
+            return [str(a) for a in dht.get_visible_maddrs(latest=True)]
+
+    def providers(self, collection: bytes) -> dict:
+        """PeerID -> holdings of the providers of `collection` the DHT knows (swarm.providers.find)."""
+        from p2pcompute.swarm.providers import find
+
+        with self.shared.held() as dht:
+            return find(dht, collection)
 
     def shutdown(self) -> None:
         if self.host is not None:
@@ -60,7 +70,7 @@ class DataPeer:
             self.loop = None
         if self.dht is not None:
             self.dht.shutdown()
-            self.dht = None
+            self.dht = self.shared = None
 
     def __enter__(self) -> "DataPeer":
         return self.start()

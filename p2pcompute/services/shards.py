@@ -26,6 +26,7 @@ PROTOCOL = "/p2pc/shards/1"
 VERSION = 1
 # One chunk a request: 1 MiB keeps a frame (and the server's read) small, and costs one stream set-up per MiB.
 MAX_CHUNK = 1 << 20
+PARALLEL_CHUNKS = 4  # chunk requests in flight to one provider: hides a round trip and a stream set-up each
 MAX_OFFSET = 1 << 40  # no file we serve is a terabyte; bounds the integer a request may carry
 LIMITS = Limits(
     max_request=128,  # [1, "get", 32-byte sha256, offset, length] is ~50 bytes
@@ -164,30 +165,41 @@ class ShardService(Servicer):
         raise DatasetUnavailable(f"no provider could serve {sha256.hex()[:12]} ({len(candidates)} known: {detail})")
 
     async def _download(self, peer_id, sha256: bytes, size: int | None, max_bytes: int) -> bytes:
-        """The whole file from one peer, chunk by chunk; BadProvider for an answer no honest holder gives."""
-        chunks: list[bytes] = []
-        offset, total = 0, size
-        while total is None or offset < total:
-            try:
-                reply, _sent, _received = await self.call(peer_id, [VERSION, "get", sha256, offset, MAX_CHUNK], "get")
-            except ProtocolError as e:
-                if e.malformed:  # Servicer.call banned it already
-                    raise BadProvider(f"malformed answer: {e}") from None
-                raise
-            if not (isinstance(reply, list) and len(reply) == 2 and type(reply[0]) is int
-                    and isinstance(reply[1], bytes)):
-                raise BadProvider("the answer is not [size, bytes]")
-            announced, chunk = reply
-            if size is not None and announced != size:
-                raise BadProvider(f"says the file has {announced} bytes, its manifest says {size}")
-            if total is None:
-                if announced > max_bytes:  # our limit, not the peer's fault: refuse without a ban
-                    raise ProtocolError(f"{sha256.hex()[:12]} is {announced} bytes, above the limit of {max_bytes}")
-                total = announced
-            if announced != total or len(chunk) > MAX_CHUNK or offset + len(chunk) > total:
-                raise BadProvider("sent more bytes than the file has, or changed its size")
-            if not chunk and offset < total:
-                raise BadProvider("sent an empty chunk before the end of the file")
-            chunks.append(chunk)
-            offset += len(chunk)
-        return b"".join(chunks)
+        """The whole file from one peer: the first chunk says its size, the rest are asked PARALLEL_CHUNKS at a time;
+        BadProvider for an answer no honest holder gives."""
+        first = await self._chunk(peer_id, sha256, 0, size)
+        total = first[0]
+        if size is None and total > max_bytes:  # our limit, not the peer's fault: refuse without a ban
+            raise ProtocolError(f"{sha256.hex()[:12]} is {total} bytes, above the limit of {max_bytes}")
+        if total > max_bytes:
+            raise BadProvider(f"says the file has {total} bytes, more than {max_bytes}")
+        offsets = range(MAX_CHUNK, total, MAX_CHUNK)
+        gate = asyncio.Semaphore(PARALLEL_CHUNKS)
+
+        async def rest(offset: int) -> bytes:
+            async with gate:
+                return (await self._chunk(peer_id, sha256, offset, total))[1]
+
+        tasks = [asyncio.ensure_future(rest(offset)) for offset in offsets]
+        try:
+            return b"".join([first[1], *await asyncio.gather(*tasks)])
+        finally:  # one bad chunk ends the download from this provider: the others are not waited for
+            for task in tasks:
+                task.cancel()
+
+    async def _chunk(self, peer_id, sha256: bytes, offset: int, size: int | None) -> tuple[int, bytes]:
+        """(file size, bytes) at `offset`: a whole chunk, or up to the end of a file of `size` bytes when known."""
+        try:
+            reply, _sent, _received = await self.call(peer_id, [VERSION, "get", sha256, offset, MAX_CHUNK], "get")
+        except ProtocolError as e:
+            if e.malformed:  # Servicer.call banned it already
+                raise BadProvider(f"malformed answer: {e}") from None
+            raise
+        if not (isinstance(reply, list) and len(reply) == 2 and type(reply[0]) is int and isinstance(reply[1], bytes)):
+            raise BadProvider("the answer is not [size, bytes]")
+        announced, chunk = reply
+        if size is not None and announced != size:
+            raise BadProvider(f"says the file has {announced} bytes, not {size}")
+        if len(chunk) != max(0, min(MAX_CHUNK, announced - offset)):
+            raise BadProvider(f"sent {len(chunk)} bytes at offset {offset} of a {announced}-byte file")
+        return announced, chunk
