@@ -179,7 +179,7 @@ def p2p_image_spec(dataset_id: str) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_a_run_trains_on_a_dataset_only_its_publisher_had(own_swarm, tmp_path):
+def test_a_run_trains_on_a_dataset_only_its_publisher_had_and_goes_on_without_it(own_swarm, tmp_path):
     write_images(tmp_path / "images.parquet", 2000)
     images = publish(tmp_path / "pub", tmp_path / "images.parquet", "--shard-rows", "500")
     spec = tmp_path / "run.toml"
@@ -191,11 +191,18 @@ def test_a_run_trains_on_a_dataset_only_its_publisher_had(own_swarm, tmp_path):
 
     manifest = Manifest.from_toml(spec.read_text())
     final = [n.data_dir / "checkpoints" / checkpoint_name(manifest, 12) for n in nodes]  # kept when a run ends
-    wait_until(lambda: all(f.exists() for f in final), timeout=400, interval=1, what="the run to finish on both peers")
+    # the volunteer walks through all 4 shards in its first epochs (one an epoch, the next one prefetched),
+    # fetched from the publisher, the only peer that has them; then the publisher goes and the run goes on
+    shard_files = [nodes[1].data_dir / "artifacts" / s["sha256"] for s in images["shards"]]
+    wait_until(lambda: all(f.exists() for f in shard_files), timeout=300, interval=0.5, what="the volunteer's shards")
+    assert not final[0].exists(), "the run ended before the publisher could leave: make it longer"
+    nodes[0].stop()
+    wait_until(final[1].exists, timeout=300, interval=1, what="the run to finish on the volunteer")
+    assert not final[0].exists()  # the publisher left before the end
     # the volunteer trained on shards it fetched (it had none), and the run learned: the final model beats the
     # initial one on the whole dataset
     held = p2pc_json("data", "list", "--data-dir", str(nodes[1].data_dir))
-    assert [d["dataset_id"] for d in held] == [images["dataset_id"]] and held[0]["shards_held"] >= 1
+    assert [d["dataset_id"] for d in held] == [images["dataset_id"]] and held[0]["shards_held"] == 4
     assert not held[0]["published_here"]
     out = tmp_path / "model.pt"
     assert p2pc_json("run", "checkpoint", run_id, "-o", str(out), "--data-dir", str(nodes[1].data_dir))["epoch"] == 12
