@@ -12,12 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from conftest import wait_until
+
 from p2pcompute import crypto
 from p2pcompute.cli.main import cli
 from p2pcompute.errors import DatasetUnavailable, InvalidManifest, InvalidMessage
 from p2pcompute.runs.artifact_cache import ArtifactCache
 from p2pcompute.runs.data_manifest import Column, DatasetManifest, Shard
-from p2pcompute.runs.datasets import batch_for
+from p2pcompute.runs.datasets import batch_for, eval_batch
 from p2pcompute.runs.manifest import Manifest
 from p2pcompute.runs.shard_assignment import epoch_shards
 from p2pcompute.runs.shard_writer import publish
@@ -271,3 +273,43 @@ def test_cache_evicts_least_recently_used_never_pinned_or_in_use(tmp_path):
     with pytest.raises(InvalidMessage, match="do not match"):
         cache.put(ids[1], files[2])
     assert not cache.has(ids[1]) and sorted(p.name for p in cache.directory.iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_evaluation_batch_is_fixed_and_leaves_the_epoch_alone(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", 300)
+    cache = ArtifactCache(tmp_path / "cache")
+    m = publish([tmp_path / "t.jsonl"], cache, name="t", shard_rows=40)
+    cfg = p2p_config(m.dataset_id.hex(), task="lm", seq_len=12)
+    dataset = ShardedDataset(cfg, local_source(cache))
+    try:
+        first = batch_for(dataset, RUN, PEER, 2, 0, 8)
+        x, _ = eval_batch(dataset, RUN, 16)
+        texts = pq.read_table(cache.path(m.shards[0].sha256)).column("text").to_pylist()
+        assert all(bytes(row.tolist()) in b"\x00".join(t.encode() for t in texts) for row in x)
+        assert eval_batch(dataset, RUN, 16)[0].equal(x)
+        assert all(a.equal(b) for a, b in zip(batch_for(dataset, RUN, PEER, 2, 0, 8), first))
+    finally:
+        dataset.close()
+
+
+def test_shards_a_trainer_reads_are_not_evicted_until_it_closes(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", 300)
+    m = publish([tmp_path / "t.jsonl"], ArtifactCache(tmp_path / "pub"), name="t", shard_rows=40)
+    fetched = ArtifactCache(tmp_path / "volunteer", cap_bytes=1)  # a volunteer's cache: nothing pinned, tiny cap
+    for sha256 in [m.dataset_id, *(s.sha256 for s in m.shards)]:
+        fetched.put(sha256, (tmp_path / "pub" / sha256.hex()).read_bytes())
+    assert set(fetched.held()) == {m.shards[-1].sha256}  # over the cap and unused: each went when the next came
+    for sha256 in [m.dataset_id, *(s.sha256 for s in m.shards)]:
+        (tmp_path / "volunteer" / sha256.hex()).write_bytes((tmp_path / "pub" / sha256.hex()).read_bytes())
+    dataset = ShardedDataset(p2p_config(m.dataset_id.hex(), task="lm", seq_len=12, shards_per_epoch=2),
+                             local_source(fetched))
+    try:
+        batch_for(dataset, RUN, PEER, 0, 0, 4)
+        wanted = set(epoch_shards(RUN, PEER, 0, len(m.shards), 2)) | set(epoch_shards(RUN, PEER, 1, len(m.shards), 2))
+        in_use = {m.dataset_id} | {m.shards[i].sha256 for i in wanted}
+        wait_until(lambda: fetched.evict() is not None and set(fetched.held()) == in_use, 30,
+                   what="only the shards in use left")
+    finally:
+        dataset.close()
+    fetched.evict()
+    assert fetched.held() == {}

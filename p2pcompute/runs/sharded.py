@@ -114,6 +114,7 @@ class ShardedDataset(Dataset):
         self._pool = concurrent.futures.ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="shard-loader")
         self._epoch_key: tuple | None = None
         self._epoch_data: _Decoded | None = None
+        self._eval_data: _Decoded | None = None  # shard 0, for the run's fixed evaluation batch
         self.source.cache.acquire([self.dataset_id])
         self._closed = False
 
@@ -150,7 +151,9 @@ class ShardedDataset(Dataset):
         return self._draw(data, generator, size)
 
     def sample(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._draw(self._epoch((0,), ()), generator, size)
+        if self._eval_data is None:  # loaded once, apart from the epochs' shards (it does not disturb them)
+            self._eval_data = self._load(0)
+        return self._draw(self._eval_data, generator, size)
 
     def prefetch(self, indices: tuple[int, ...]) -> None:
         """Start fetching and decoding these shards in the background."""
@@ -272,5 +275,6 @@ class ShardedDataset(Dataset):
         self._closing.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._forget(set())
-        self.source.cache.release([self.dataset_id])
+        released = [self.dataset_id] + ([self.manifest.shards[0].sha256] if self._eval_data is not None else [])
+        self.source.cache.release(released)
 
