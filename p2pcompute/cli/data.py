@@ -19,7 +19,9 @@ def data() -> None:
 def _cache(data_dir: str | None):
     from p2pcompute.runs.artifact_cache import ArtifactCache, artifacts_dir
 
-    return ArtifactCache(artifacts_dir(resolve_data_dir(data_dir)))
+    directory = resolve_data_dir(data_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # as `p2pc node start` makes it
+    return ArtifactCache(artifacts_dir(directory))
 
 
 @data.command("publish")

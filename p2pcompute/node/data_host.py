@@ -6,6 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
+from p2pcompute.errors import DatasetUnavailable
 from p2pcompute.node.loop import BackgroundLoop
 from p2pcompute.node.shared_dht import SharedDHT
 from p2pcompute.runs.artifact_cache import ArtifactCache, artifacts_dir
@@ -69,7 +70,10 @@ class DataHost:
         path = self.cache.path(sha256)
         if path is not None:
             return path
-        return self._loop.run(self.service.fetch(sha256, **options), timeout=FETCH_TIMEOUT)
+        try:
+            return self._loop.run(self.service.fetch(sha256, **options), timeout=FETCH_TIMEOUT)
+        except TimeoutError:
+            raise DatasetUnavailable(f"fetching {sha256.hex()[:12]} took more than {FETCH_TIMEOUT:.0f} s") from None
 
     def source(self) -> ShardSource:
         return ShardSource(self.fetch, self.cache)

@@ -218,10 +218,10 @@ class ShardedDataset(Dataset):
 
     def _load(self, index: int) -> _Decoded:
         shard = self.manifest.shards[index]
-        path = fetch_retrying(self.source, shard.sha256, FETCH_RETRY_TIMEOUT, self._closing,
-                              collection=self.dataset_id, index=index, size=shard.bytes, max_bytes=shard.bytes)
-        self.source.cache.acquire([shard.sha256])
+        self.source.cache.acquire([shard.sha256])  # before it arrives: a file in use is never evicted
         try:
+            path = fetch_retrying(self.source, shard.sha256, FETCH_RETRY_TIMEOUT, self._closing,
+                                  collection=self.dataset_id, index=index, size=shard.bytes, max_bytes=shard.bytes)
             return self._decode(Path(path).read_bytes(), shard)
         except (InvalidMessage, OSError) as e:
             self.source.cache.release([shard.sha256])
