@@ -313,3 +313,14 @@ def test_shards_a_trainer_reads_are_not_evicted_until_it_closes(tmp_path):
         dataset.close()
     fetched.evict()
     assert fetched.held() == {}
+
+
+def test_publish_a_datasets_directory_and_its_arrow_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(50)], "label": list(range(50))}).save_to_disk(saved)
+    cache = ArtifactCache(tmp_path / "cache")
+    from_dir = publish([saved], cache, name="saved", shard_rows=20)
+    from_arrow = publish(sorted(saved.glob("*.arrow")), cache, name="saved", shard_rows=20)  # the IPC stream inside
+    assert from_dir.dataset_id == from_arrow.dataset_id and [s.rows for s in from_dir.shards] == [20, 20, 10]
+    assert {c.name: c.type for c in from_dir.columns} == {"text": "text", "label": "int"}
