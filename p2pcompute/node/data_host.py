@@ -16,8 +16,8 @@ from p2pcompute.swarm.providers import Holdings
 logger = logging.getLogger(__name__)
 
 REFRESH_FRACTION = 3  # provider records are re-stored this many times per TTL, like peer records
-# Collections announced per refresh: a node holding more (many small weight files) announces the most recently
-# used ones; a DHT store per collection every TTL/3 must stay cheap.
+# Collections announced per refresh (one DHT store each every TTL/3, which must stay cheap): a node holding more
+# announces its datasets first, then other files, and leaves the rest unannounced (logged).
 MAX_ANNOUNCED = 256
 # Seconds one fetch may take from the trainer's side: every provider tried in turn, each chunk bounded by the
 # shard protocol's call timeout; a 256 MiB shard at ~2 MiB/s is about 2 minutes.
@@ -104,6 +104,8 @@ class DataHost:
         for sha256 in held:
             if sha256 not in in_datasets:
                 out[sha256] = Holdings.of(1, {0})
+        if len(out) > MAX_ANNOUNCED:
+            logger.info("holding %d datasets and files; announcing the first %d", len(out), MAX_ANNOUNCED)
         return dict(list(out.items())[:MAX_ANNOUNCED])
 
     def announce(self) -> int:

@@ -124,14 +124,14 @@ class DatasetManifest(canonical.WireRecord):
         return sum(s.rows for s in self.shards)
 
     @property
-    def bytes(self) -> int:
+    def total_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
     def column(self, name: str) -> Column | None:
         return next((c for c in self.columns if c.name == name), None)
 
     def summary(self) -> dict:
-        return {"dataset_id": self.dataset_id.hex(), "name": self.name, "rows": self.rows, "bytes": self.bytes,
+        return {"dataset_id": self.dataset_id.hex(), "name": self.name, "rows": self.rows, "bytes": self.total_bytes,
                 "columns": {c.name: c.type for c in self.columns},
                 "shards": [{"sha256": s.hex, "rows": s.rows, "bytes": s.bytes} for s in self.shards]}
 
@@ -141,7 +141,3 @@ def check_name(name: Any) -> str:
         raise InvalidMessage(f"dataset name {name!r:.70} must be 1-{MAX_NAME} letters, digits, '.', '_' or '-'")
     return name
 
-
-def is_dataset_manifest(head: bytes) -> bool:
-    """Whether a file starting with `head` (its first 16 bytes) may be a dataset manifest: a cheap test for cache scans."""
-    return head.startswith(HEADER)

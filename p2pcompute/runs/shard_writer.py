@@ -1,5 +1,7 @@
-"""Publishing a dataset: local files (parquet, JSON lines, Arrow, a `datasets` save_to_disk directory) read with
-pyarrow, their columns checked and normalised, cut into parquet shards stored in the node's cache with a manifest."""
+"""Publishing a dataset: local files read, checked and cut into parquet shards in the node's cache, with a manifest.
+
+Inputs are parquet, JSON lines, Arrow IPC files or streams, or a `datasets` save_to_disk directory, read with
+pyarrow; their columns are checked and cast to the published types (runs/shard_format.py)."""
 
 from __future__ import annotations
 
