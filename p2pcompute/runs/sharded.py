@@ -152,6 +152,7 @@ class ShardedDataset(Dataset):
 
     def sample(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._eval_data is None:  # loaded once, apart from the epochs' shards (it does not disturb them)
+            self.source.cache.acquire([self.manifest.shards[0].sha256])
             self._eval_data = self._load(0)
         return self._draw(self._eval_data, generator, size)
 
@@ -160,6 +161,7 @@ class ShardedDataset(Dataset):
         with self._lock:
             for i in indices:
                 if i not in self._loads and not self._closed:
+                    self.source.cache.acquire([self.manifest.shards[i].sha256])  # in use from now: not evicted
                     self._loads[i] = self._pool.submit(self._load, i)
 
     def _epoch(self, wanted: tuple[int, ...], following: tuple[int, ...]) -> _Decoded:
@@ -197,7 +199,7 @@ class ShardedDataset(Dataset):
 
     def _releaser(self, sha256: bytes) -> Callable[[concurrent.futures.Future], None]:
         def release(future: concurrent.futures.Future) -> None:
-            if not future.cancelled() and future.exception() is None:  # a loaded shard holds its file in use
+            if future.cancelled() or future.exception() is None:  # a failed load released its file itself
                 self.source.cache.release([sha256])
 
         return release
@@ -217,8 +219,8 @@ class ShardedDataset(Dataset):
     # ---- loading (loader threads) -----------------------------------------------------------------
 
     def _load(self, index: int) -> _Decoded:
+        """Fetch and decode a shard its caller holds in use; a failure lets go of it."""
         shard = self.manifest.shards[index]
-        self.source.cache.acquire([shard.sha256])  # before it arrives: a file in use is never evicted
         try:
             path = fetch_retrying(self.source, shard.sha256, FETCH_RETRY_TIMEOUT, self._closing,
                                   collection=self.dataset_id, index=index, size=shard.bytes, max_bytes=shard.bytes)
