@@ -98,7 +98,8 @@ def show(dataset_ref: str, data_dir: str | None, as_json: bool) -> None:
         shard["held"] = bytes.fromhex(shard["sha256"]) in held
 
     def render(r: dict) -> None:
-        console.print(f"[bold]{r['name']}[/] {r['dataset_id']}: {r['rows']:,} rows, {r['bytes']:,} bytes", highlight=False)
+        console.print(f"[bold]{r['name']}[/] {r['dataset_id']}: {r['rows']:,} rows, {r['bytes']:,} bytes",
+                      highlight=False)
         console.print("columns: " + ", ".join(f"{k} ({v})" for k, v in r["columns"].items()), highlight=False)
         print_table(None, ["#", "sha256", "rows", "bytes", "held"],
                     [(i, s["sha256"][:16], s["rows"], s["bytes"], "yes" if s["held"] else "")

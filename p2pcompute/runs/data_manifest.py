@@ -97,7 +97,8 @@ class DatasetManifest(canonical.WireRecord):
         if magic != MAGIC:
             raise InvalidMessage("not a dataset manifest")
         if version != VERSION or type(version) is not int:
-            raise InvalidMessage(f"dataset manifest version {version!r:.20} is not supported (this node reads {VERSION})")
+            raise InvalidMessage(f"dataset manifest version {version!r:.20} is not supported "
+                                 f"(this node reads {VERSION})")
         if not isinstance(name, str):
             raise InvalidMessage("dataset manifest: name must be text")
         cols = []

@@ -253,7 +253,8 @@ class ShardedDataset(Dataset):
             lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
             if rows and (lengths.min() != per_row or lengths.max() != per_row):
                 raise InvalidMessage(f"column {cfg['image_column']!r} has rows of {int(lengths.min())}-"
-                                     f"{int(lengths.max())} values, the run's input_shape {list(shape)} needs {per_row}")
+                                     f"{int(lengths.max())} values, the run's input_shape {list(shape)} "
+                                     f"needs {per_row}")
             values = column.flatten().to_numpy(zero_copy_only=False)
         else:
             values = column.to_numpy(zero_copy_only=False)
