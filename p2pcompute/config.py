@@ -246,6 +246,10 @@ class NodeConfig:
                                            "keep the final checkpoints of finished runs and serve them to other nodes")
     final_checkpoints_mb: int = setting("training", Number(1, 1 << 24, integer=True), 4096,
                                         "size cap (MiB) of the kept final checkpoints; least recently used go first")
+    # [data]
+    data_cache_mb: int = setting("data", Number(0, 1 << 30, integer=True), 20480,
+                                 "MiB of fetched dataset shards kept (least recently used go first; files this node "
+                                 "published and shards in use stay); 0: no cap")
     # [ledger]
     sync_interval: float = setting("ledger", Number(0, 3600), 10.0,
                                    "seconds between ledger anti-entropy rounds (0: off)")

@@ -37,7 +37,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     Volunteers:   p2pc node start / status / id
-    Researchers:  p2pc run publish / list / status / checkpoint
+    Researchers:  p2pc run publish / list / status / checkpoint; p2pc data publish / list / show
     Anyone:       p2pc ledger balance / history / top / verify ...
     Swarm:        p2pc peers, p2pc bootstrap, p2pc demo
     """
@@ -61,6 +61,7 @@ def _register() -> None:
         ("p2pcompute.cli.node", "peers"),
         ("p2pcompute.cli.node", "bootstrap"),
         ("p2pcompute.cli.run", "run"),
+        ("p2pcompute.cli.data", "data"),
         ("p2pcompute.cli.ledger", "ledger"),
         ("p2pcompute.cli.demo", "demo"),
     ):

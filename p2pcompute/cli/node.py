@@ -121,6 +121,8 @@ def _training_rows(training: dict | None) -> list[tuple[str, str]]:
                                      f"{trainer['samples_per_second']:.1f} samples/s, {trainer['peers']} peers"))
         rows.append(("averaging", f"{trainer.get('mode', '?')} mode, {100 * trainer.get('sync_share', 0.0):.1f}% "
                                   "of training time in the swarm optimizer's step (rounds, update)"))
+        if trainer.get("data_wait_share"):
+            rows.append(("data", f"{100 * trainer['data_wait_share']:.1f}% of training time waiting for shards"))
         if trainer.get("reason"):
             rows.append(("waiting because", trainer["reason"]))
     rounds = training.get("last_rounds") or []

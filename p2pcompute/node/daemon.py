@@ -19,6 +19,7 @@ from p2pcompute.node.control_server import ControlServer
 from p2pcompute.node.dashboard import Dashboard
 from p2pcompute.node.final_checkpoints import FinalCheckpoints
 from p2pcompute.node.history import RunHistory
+from p2pcompute.node.data_host import DataHost
 from p2pcompute.node.instance_lock import InstanceLock
 from p2pcompute.node.ledger_host import LedgerHost
 from p2pcompute.node.pacing import PublishPacing
@@ -56,6 +57,7 @@ class Node:
         self.lock = InstanceLock(config.data_dir)
         self.ledger = LedgerHost(config.data_dir, config.sync_interval, config.startup_timeout)
         self.credits: RunCredits | None = None
+        self.data: DataHost | None = None  # the artifact cache and the shard protocol
         self.supervisor: TrainingSupervisor | None = None
         self.history: RunHistory | None = None
         self.finals: FinalCheckpoints | None = None
@@ -85,6 +87,9 @@ class Node:
             if self.reachability.state != "private":  # others ask us to dial them back
                 self.reach = ReachabilityService(self.ledger.sync.p2p)
                 self.ledger.loop.run(self.reach.start(), timeout=config.startup_timeout)
+            self.data = DataHost(config.data_dir, config.data_cache_mb * 2**20, config.record_ttl,
+                                 self.identity.peer_id.to_bytes()).start(self.shared, self.ledger.loop,
+                                                                         self.ledger.sync.p2p, config.startup_timeout)
             self.announcer.start()
             self.finals = FinalCheckpoints(config, self.identity, self.shared, self.ledger.loop,
                                            self.ledger.sync.p2p).start()
@@ -96,7 +101,7 @@ class Node:
                                         trainer_started=self.credits.trainer_started,
                                         trainer_stopped=self.credits.trainer_stopped)
                 self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks,
-                                                     finals=self.finals)
+                                                     finals=self.finals, shards=self.data.source())
                 self.history = RunHistory(self.supervisor, self.shared, clock=self.clock)
             self.api = ControlAPI(role=self.role, config=config, identity=self.identity, hardware=self.hardware,
                                   shared=self.shared, announcer=self.announcer, ledger=self.ledger,
@@ -142,6 +147,9 @@ class Node:
         if self.finals is not None:
             self.finals.shutdown()
             self.finals = None
+        if self.data is not None:
+            self.data.shutdown()  # on the ledger's protocol loop: before it stops
+            self.data = None
         self.ledger.shutdown()
         if self.announcer is not None:
             self.announcer.shutdown()  # the "stopped" tombstone, while the DHT is still up

@@ -54,7 +54,8 @@ class TrainingSupervisor:
     through `shared`, and tells the node what happens through `hooks`."""
 
     def __init__(self, config: NodeConfig, identity: Identity, shared: SharedDHT, hardware: Hardware,
-                 hooks: SupervisorHooks, period: float = SELECT_PERIOD, finals: "FinalCheckpoints | None" = None):
+                 hooks: SupervisorHooks, period: float = SELECT_PERIOD, finals: "FinalCheckpoints | None" = None,
+                 shards=None):
         self.config = config
         self.identity = identity
         self.shared = shared
@@ -62,6 +63,7 @@ class TrainingSupervisor:
         self.hooks = hooks
         self.finals = finals  # where a finished run's final checkpoint is kept and served from
         self.period = period
+        self.shards = shards  # runs.sharded.ShardSource: how trainers get peer-to-peer datasets
         self._trainer = None
         self._last_rounds: list[dict] = []  # round_json of the last trainer's last rounds, once it stopped
         self._watcher = None
@@ -219,7 +221,7 @@ class TrainingSupervisor:
         options = TrainerOptions(
             device=config.device, max_memory_fraction=config.max_memory_fraction,
             data_dir=config.data_dir / "datasets", checkpoint_dir=config.data_dir / "checkpoints",
-            round_payload=self.hooks.round_payload(signed), min_peers=config.min_peers,
+            round_payload=self.hooks.round_payload(signed), min_peers=config.min_peers, shards=self.shards,
             artifacts=ArtifactStore.for_data_dir(config.data_dir),
         )
         self._signed = signed

@@ -26,6 +26,12 @@ def _text_shape(cfg: Mapping[str, Any]) -> DataShape:
     return DataShape("lm", (cfg["seq_len"],), BYTE_VOCAB)
 
 
+def _p2p_shape(cfg: Mapping[str, Any]) -> DataShape:
+    if cfg["task"] == "lm":
+        return _text_shape(cfg)
+    return DataShape("classification", tuple(cfg["input_shape"]), cfg["outputs"])
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     schema: Schema
@@ -33,6 +39,7 @@ class DatasetSpec:
 
 
 _SHAPE = ListOf(Int(1, 4096), 1, 3)
+_COLUMN = Str(128, r"[^\x00-\x1f\x7f]+", "column name")
 
 DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec(
@@ -84,6 +91,23 @@ DATASETS: dict[str, DatasetSpec] = {
             Param("sha256", SHA256_HEX, "", doc="sha256 of the corpus; empty: not checked (Python versions differ)"),
         ),
         _text_shape,
+    ),
+    # a dataset published peer to peer (docs/data.md): volunteers fetch the shards they train on from any peer
+    "p2p": DatasetSpec(
+        Schema(
+            Param("id", REQUIRED_SHA256, doc="the dataset id `p2pc data publish` printed (sha256 of its manifest)"),
+            Param("task", Choice(("lm", "classification")), "lm",
+                  doc="lm: byte-level language modelling on a text column; classification: an image (or any "
+                      "numeric array) column and an integer label column"),
+            Param("text_column", _COLUMN, "text", doc="lm: the column of text"),
+            Param("seq_len", Int(2, 4096), 128, doc="lm: bytes per sample"),
+            Param("image_column", _COLUMN, "image", doc="classification: a numeric array column, one input a row"),
+            Param("label_column", _COLUMN, "label", doc="classification: an integer column, 0 <= label < outputs"),
+            Param("input_shape", _SHAPE, (1,), doc="classification: shape of one input, e.g. [1, 8, 8]"),
+            Param("outputs", Int(1, 1 << 20), 2, doc="classification: number of classes"),
+            Param("shards_per_epoch", Int(1, 1024), 1, doc="shards each peer draws its batches from in an epoch"),
+        ),
+        _p2p_shape,
     ),
 }
 

@@ -38,10 +38,19 @@ class Dataset(ABC):
     pool. Generated datasets (synthetic) draw fresh samples either way."""
 
     shape: DataShape
+    data_wait_seconds: float = 0.0  # time samplers waited for data to arrive (fetched shards); 0 for local data
 
     @abstractmethod
     def sample(self, generator: torch.Generator, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         ...
+
+    def sample_at(self, run_id: bytes, peer_id: bytes, epoch: int, generator: torch.Generator,
+                  size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One peer's batch in an epoch; a dataset whose samples depend on the epoch (shards) overrides this."""
+        return self.sample(generator, size)
+
+    def close(self) -> None:
+        """Release what the dataset holds (threads, files in use); nothing for most."""
 
 
 def split_range(count: int, holdout: float, split: str, what: str) -> tuple[int, int]:
@@ -64,7 +73,7 @@ def batch_for(dataset: Dataset, run_id: bytes, peer_id: bytes, epoch: int, step:
               batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch a peer trains on at (epoch, step) of a run: a pure function of its arguments."""
     generator = torch.Generator().manual_seed(batch_seed(run_id, peer_id, epoch, step))
-    return dataset.sample(generator, batch_size)
+    return dataset.sample_at(bytes(run_id), bytes(peer_id), epoch, generator, batch_size)
 
 
 def eval_batch(dataset: Dataset, run_id: bytes, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +254,14 @@ def _open_pystdlib(cfg: Mapping[str, Any], data_dir: Path | None, stdlib_dir: Pa
     return TextDataset.of_bytes(corpus, cfg["seq_len"], "dataset pystdlib", tokenizer, holdout)
 
 
+def _open_p2p(cfg: Mapping[str, Any], shards) -> Dataset:
+    from p2pcompute.runs.sharded import ShardedDataset
+
+    if shards is None:
+        raise DatasetUnavailable("a peer-to-peer dataset needs a node to fetch its shards (p2pc node start)")
+    return ShardedDataset(cfg, shards)
+
+
 # (config, data_dir, stdlib_dir, tokenizer, holdout) -> Dataset
 _OPENERS: dict[str, Callable[..., Dataset]] = {
     "synthetic": lambda cfg, data_dir, stdlib_dir, tokenizer, holdout: SyntheticDataset(cfg),
@@ -258,10 +275,13 @@ _OPENERS: dict[str, Callable[..., Dataset]] = {
 
 
 def open_dataset(name: str, config: Mapping[str, Any], data_dir: Path | None = None,
-                 stdlib_dir: Path | None = None, tokenizer=None, holdout: float = 0.0) -> Dataset:
+                 stdlib_dir: Path | None = None, tokenizer=None, holdout: float = 0.0, shards=None) -> Dataset:
     """Open a dataset on this machine; DatasetUnavailable if its files are missing or do not match.
     `data_dir` holds the files a researcher shipped out of band; `stdlib_dir` overrides the stdlib location;
     `tokenizer` (runs.tokenizer.TextTokenizer) tokenizes text sources instead of byte tokens; `holdout` is the
-    fraction of a fixed pool kept for evaluation (the run's [eval] section)."""
+    fraction of a fixed pool kept for evaluation (the run's [eval] section); `shards` (runs.sharded.ShardSource) is
+    how the node fetches a peer-to-peer dataset's files."""
     dataset_spec(name)
+    if name == "p2p":
+        return _open_p2p(config, shards)
     return _OPENERS[name](config, data_dir, stdlib_dir, tokenizer, holdout)

@@ -32,11 +32,11 @@ def run_tokenizer(manifest: Manifest, artifacts: ArtifactStore | None):
 
 
 def run_dataset(manifest: Manifest, data_dir: Path | None = None, stdlib_dir: Path | None = None,
-                artifacts: ArtifactStore | None = None) -> Dataset:
+                artifacts: ArtifactStore | None = None, shards=None) -> Dataset:
     """The run's dataset as every peer opens it: its held-out tail reserved when the run evaluates, text tokenized
     with the run's tokenizer when it names one."""
     return open_dataset(manifest.dataset.name, manifest.dataset.as_dict(), data_dir, stdlib_dir,
-                        tokenizer=run_tokenizer(manifest, artifacts), holdout=manifest.holdout)
+                        tokenizer=run_tokenizer(manifest, artifacts), holdout=manifest.holdout, shards=shards)
 
 
 def run_model(manifest: Manifest, artifacts: ArtifactStore | None = None, *, with_init: bool = True) -> nn.Module:

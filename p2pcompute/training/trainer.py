@@ -13,7 +13,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from p2pcompute.credits.audit import StepReveal, WorkCommitment
-from p2pcompute.errors import TrainingError
+from p2pcompute.errors import P2PCError, TrainingError
 from p2pcompute.runs.artifacts import ArtifactStore
 from p2pcompute.runs.datasets import batch_for
 from p2pcompute.runs.manifest import Manifest, SignedManifest
@@ -59,6 +59,7 @@ class TrainerOptions:
     data_dir: Path | None = None  # where out-of-band dataset files are kept
     stdlib_dir: Path | None = None  # override the Python stdlib location (pystdlib dataset)
     artifacts: ArtifactStore | None = None  # where files the run names by sha256 are found (weights, tokenizer)
+    shards: Any = None  # runs.sharded.ShardSource: how the node fetches peer-to-peer datasets (p2p)
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 0  # save a checkpoint every this many epochs; 0: never
     max_epochs: int | None = None  # stop at this epoch; None: the manifest's max_epochs (0 = no end)
@@ -91,6 +92,8 @@ class TrainerStatus:
     # share of training wall time spent in the swarm optimizer's step (averaging rounds, outer steps, the
     # update) rather than computing gradients, since (re)joining: how much the swarm makes this peer wait
     sync_share: float = 0.0
+    # share of training wall time spent waiting for data (shards of a peer-to-peer dataset not fetched yet)
+    data_wait_share: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,7 +150,8 @@ class Trainer:
         devices.limit_memory(self.device, self.options.max_memory_fraction)
         self._amp_dtype = devices.autocast_dtype(self.device) if self.options.mixed_precision else None
         self._scaler = devices.grad_scaler(self.device, self._amp_dtype)
-        self.dataset = run_dataset(m, self.options.data_dir, self.options.stdlib_dir, self.options.artifacts)
+        self.dataset = run_dataset(m, self.options.data_dir, self.options.stdlib_dir, self.options.artifacts,
+                                   shards=self.options.shards)
         self.model = run_model(m, self.options.artifacts).to(self.device)
         self._loss_fn = loss_function(self.dataset.shape.task)
         # Work is recomputable (and recorded) in gradients mode, where every step of an epoch is taken at its start
@@ -164,7 +168,11 @@ class Trainer:
         self._rate_mark = (self._clock(), 0)
         if self.options.min_peers > 1:
             self._peers_deadline = self._clock() + self.options.min_peers_timeout
-        self._join()
+        try:
+            self._join()
+        except BaseException:
+            self.dataset.close()
+            raise
         if m.eval is not None and self._epoch == 0:  # the initial model's held-out loss: the baseline of the run
             with self._lock:
                 self._evaluate_epoch(0)
@@ -222,7 +230,12 @@ class Trainer:
             loss=self._loss_ema, samples_per_second=self._samples_per_second, samples_done=self._samples_done,
             device=str(getattr(self, "device", "")), mode=self.manifest.averaging.mode,
             sync_share=self._step_seconds / max(1e-9, self._compute_seconds + self._step_seconds),
+            data_wait_share=self._data_wait_share(),
         )
+
+    def _data_wait_share(self) -> float:
+        waited = self.dataset.data_wait_seconds if hasattr(self, "dataset") else 0.0
+        return waited / max(1e-9, waited + self._compute_seconds + self._step_seconds)
 
     def rounds(self) -> list[AveragingRound]:
         """Averaging rounds this peer took part in: group members and each member's payload (claims hook)."""
@@ -301,6 +314,9 @@ class Trainer:
                     continue
                 self._train_step()
                 self._maybe_publish()
+        except P2PCError as e:  # an expected failure (the run's data cannot be had here, ...): one line
+            logger.error("training failed: %s", e)
+            self._set_status("failed", str(e)[:200])
         except Exception as e:  # the thread's last resort: recorded in the status and the log, then we leave
             logger.exception("training failed")
             self._set_status("failed", f"{type(e).__name__}: {e}"[:200])
@@ -308,6 +324,7 @@ class Trainer:
             if self._opt is not None:
                 final = self._status if self._status in ("finished", "failed") else "stopped"
                 self._leave(final, self._reason)
+            self.dataset.close()  # loader threads, shards held in use
 
     def _train_step(self) -> None:
         with self._lock:
