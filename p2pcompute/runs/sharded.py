@@ -150,7 +150,9 @@ class ShardedDataset(Dataset):
         data = self._epoch(wanted, following)
         return self._draw(data, generator, size)
 
-    def sample(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, generator: torch.Generator, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws from shard 0, which the epochs' assignment leaves out: the run's fixed evaluation data whatever the
+        split asked for (a p2p dataset's held-out part is that shard, not a tail fraction)."""
         if self._eval_data is None:  # loaded once, apart from the epochs' shards (it does not disturb them)
             self.source.cache.acquire([self.manifest.shards[0].sha256])
             self._eval_data = self._load(0)
