@@ -189,7 +189,7 @@ def test_a_run_trains_on_a_dataset_only_its_publisher_had_and_goes_on_without_it
     run_id = p2pc_json("run", "publish", str(spec), "--force", "--data-dir", str(nodes[0].data_dir),
                        timeout=120)["run_id"]
 
-    manifest = Manifest.from_toml(spec.read_text())
+    manifest = Manifest.from_toml(spec.read_text()).with_default_issuer(nodes[0].peer_id)  # as published
     final = [n.data_dir / "checkpoints" / checkpoint_name(manifest, 12) for n in nodes]  # kept when a run ends
     # the volunteer walks through all 4 shards in its first epochs (one an epoch, the next one prefetched),
     # fetched from the publisher, the only peer that has them; then the publisher goes and the run goes on

@@ -74,7 +74,7 @@ def test_two_nodes_train_a_tiny_gpt2_and_export_it(own_swarm, tmp_path):
     text = run_p2pc("run", "status", run_id, "--data-dir", str(a.data_dir), check=True).stdout
     assert "eval loss" in text and "perplexity" in text
 
-    manifest = Manifest.from_toml(spec_text)
+    manifest = Manifest.from_toml(spec_text).with_default_issuer(a.peer_id)  # as a published it
 
     def kept_by_both():  # each node keeps its final checkpoint when its trainer stops
         return all(list((n.data_dir / "checkpoints" / "final").glob("*.meta")) for n in (a, b))
