@@ -54,10 +54,10 @@ def cli_json(nat: NatTopology, host: str, *args: str, timeout: float = 180):  # 
 
 
 def receipt_epochs(nat: NatTopology, host: str, peer_id: str, run_id: str) -> set[int]:
-    """Epochs of `peer_id`'s receipts for the run in `host`'s ledger replica."""
+    """Epochs paid to `peer_id` for the run (payouts by its issuer), in `host`'s ledger replica."""
     proc = nat.p2pc(host, "ledger", "export", "--format", "jsonl", "--data-dir", str(nat.nodes[host].data_dir))
     assert proc.returncode == 0, proc.stderr
-    claims = [e["body"]["claim"] for e in map(json.loads, proc.stdout.splitlines()) if e["kind"] == "receipt"]
+    claims = [e["body"]["claim"] for e in map(json.loads, proc.stdout.splitlines()) if e["kind"] == "payout"]
     return {c["epoch"] for c in claims if c["peer"] == peer_id and c["run_id"] == run_id}
 
 
@@ -101,11 +101,11 @@ def test_nated_nodes_train_and_earn(nat):
     for host in NATED:
         peer_id = nat.nodes[host].peer_id
 
-        def paid():  # receipts are appended by the claimant and replicated: read its own replica
+        def paid():  # payouts are appended by the run's issuer (the publisher) and replicated: read the claimant's
             epochs = receipt_epochs(nat, host, peer_id, run_id)
             return len(epochs) >= 0.9 * EPOCHS and epochs
 
-        epochs = wait_until(paid, timeout=60, interval=3, what=f"{host}'s receipts (run took {elapsed:.0f} s)")
+        epochs = wait_until(paid, timeout=60, interval=3, what=f"{host}'s payouts (run took {elapsed:.0f} s)")
         assert epochs <= set(range(EPOCHS + 1))
         assert cli_json(nat, host, "node", "status")["credits"] > 0
 
