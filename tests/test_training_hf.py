@@ -48,7 +48,7 @@ def test_two_nodes_train_a_tiny_gpt2_and_export_it(own_swarm, tmp_path):
     bootstrap = own_swarm.start_bootstrap()  # never trains: it fetches the final checkpoint from the others below
     a, b = (own_swarm.start_node(n, "--min-peers", "2") for n in ("a", "b"))
     # until datasets and artifacts are shared peer to peer, a volunteer gets the tokenizer out of band
-    (b.data_dir / "artifacts").mkdir()
+    (b.data_dir / "artifacts").mkdir(exist_ok=True)  # the node made its artifact cache already
     shutil.copyfile(tmp_path / "tokenizer.json", b.data_dir / "artifacts" / sha256)
     missing = run_p2pc("run", "publish", str(spec), "--force", "--data-dir", str(a.data_dir), timeout=180)
     assert missing.returncode == 9 and "is not on this node" in missing.stderr, missing.stderr  # names, not holds it
