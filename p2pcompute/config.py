@@ -225,6 +225,8 @@ class NodeConfig:
                           "client through relays), --public / --local force a reachable host (NAT port mapping, "
                           "relay service) or a loopback/LAN swarm (no NAT traversal); \"private\" in config.toml "
                           "or P2PC_PUBLIC forces client mode", off_flag="--local")
+    reach_recheck: float = setting("swarm", Number(0, 86400), 600,
+                                   "seconds between re-checks of reachability in auto mode (0: at start only)")
     record_ttl: float = setting("swarm", Number(2, 3600), 30, "seconds a peer record lives in the DHT without refresh")
     startup_timeout: float = setting("swarm", Number(1, 300), 30, "seconds to wait for p2pd and the bootstrap peers")
     # [node]

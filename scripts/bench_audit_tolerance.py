@@ -9,6 +9,13 @@ samples than the batch (1/2, 15/16), another peer's batch. Distances: relative L
 contributions (mean of the step gradients) with a lazy one (90% of the steps), to show why commitments are per step.
 
     PYTHONPATH=. python scripts/bench_audit_tolerance.py [--steps 64]
+
+--record-cost: what being auditable costs a trainer instead (trainers record by default in gradients mode): CPU time
+of a training step (forward/backward, the trainer's batch) against WorkRecorder's record of it (begin_epoch and
+end_epoch included), per model, these three and part (b)'s 6.3M-parameter MLP of scripts/bench_training.py; thread CPU
+time, so other processes' load moves it little.
+
+    PYTHONPATH=. python scripts/bench_audit_tolerance.py --record-cost [--steps 64]
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from p2pcompute.credits.sketch import SketchBasis, distance_ppm, sketch_seed
 from p2pcompute.runs.datasets import batch_for
 from p2pcompute.runs.manifest import Manifest
 from p2pcompute.runs.specs import mlp_synthetic_spec
-from p2pcompute.training.work import Recomputer, state_digest
+from p2pcompute.training.work import Recomputer, WorkRecorder, state_digest
 
 CNN_SPEC = """name = "cnn-audit"
 batch_size_per_step = 32
@@ -63,6 +70,36 @@ def manifests() -> dict[str, Manifest]:
                               hidden=[512, 512], out_features=10, seed=3)
     return {"demo MLP 16-64-64-4": Manifest.from_toml(demo_spec(20)), "CNN 8x8 16-32": Manifest.from_toml(CNN_SPEC),
             "MLP 64-512-512-10": Manifest.from_toml(wide)}
+
+
+def record_cost(steps: int) -> None:
+    """Thread CPU per step: training (Recomputer.step_gradient, the trainer's forward/backward on its batch) and the
+    trainer's record of it (WorkRecorder, as training/trainer.py calls it), over `steps` steps of one epoch."""
+    big = mlp_synthetic_spec("bench-mlp", batch_size_per_step=64, target_batch_size=8192, in_features=512,
+                             hidden=[2048, 2048], out_features=512, seed=1)
+    models = {**manifests(), "MLP 512-2048-2048-512 (bench_training b)": Manifest.from_toml(big)}
+    print(f"{'model':<42} {'parameters':>11} {'step ms':>9} {'record ms':>10} {'record / step':>14}")
+    for name, manifest in models.items():
+        recomputer = Recomputer(manifest)
+        recorder = WorkRecorder(manifest.run_id, PEER, manifest.batch_size_per_step)
+        train = record = 0.0
+        for epoch in range(2):  # the first epoch warms up allocations; the second is measured
+            train = record = 0.0
+            began = time.thread_time()
+            recorder.begin_epoch(epoch, recomputer.params)
+            record += time.thread_time() - began
+            for step in range(steps):
+                began = time.thread_time()
+                recomputer.step_gradient(PEER, epoch, step)
+                marked = time.thread_time()
+                recorder.record_step(epoch, step, recomputer.params)
+                ended = time.thread_time()
+                train, record = train + marked - began, record + ended - marked
+            began = time.thread_time()
+            assert recorder.end_epoch(epoch, completed=True) is not None
+            record += time.thread_time() - began
+        print(f"{name:<42} {sum(p.numel() for p in recomputer.params):>11,} {1000 * train / steps:>9.2f} "
+              f"{1000 * record / steps:>10.3f} {record / train:>14.1%}")
 
 
 def start_states(manifest: Manifest) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -116,10 +153,15 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--model"), parser.add_argument("--state"), parser.add_argument("--out")
     parser.add_argument("--seed", type=int), parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--record-cost", action="store_true", help="measure what recording work costs a trainer")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     torch.set_num_threads(1)
+    if args.record_cost:
+        print(f"torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+              f"{args.steps} steps, thread CPU time")
+        return record_cost(args.steps)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.steps} steps per "
           f"row; sketch distance in ppm of the recomputation's norm (tolerance: fp32 {TOLERANCE_PPM['fp32']:,}, "
           f"mixed precision {TOLERANCE_PPM['bf16']:,})")

@@ -6,8 +6,9 @@ and receipts per node, side by side with the ratio.
 NAT: a bootstrap and a public node, two nodes each behind its own MASQUERADE router (p2pcompute.devtools.netns).
 All-public: the same bootstrap and three nodes on public addresses. Every node is started as a volunteer would
 (`p2pc node start --bootstrap <boot>`, reachability "auto"); the run is the demo MLP in gradients mode. Swarm
-samples/s = epochs x target_batch_size / (time from publish to every node at the last epoch). Relayed bytes are
-not shown: p2pd exposes no counter for them (docs/nat.md).
+samples/s = epochs x target_batch_size / (time from publish to every node at the last epoch); final loss: the
+mean of the nodes' training loss (EMA) as `run status` last showed it; epochs paid: payouts in each node's
+ledger. Relayed bytes are not shown: p2pd exposes no counter for them (docs/nat.md, "Relays").
 """
 
 from __future__ import annotations
@@ -51,21 +52,25 @@ def one_swarm(kind: str, root: Path, epochs: int, target: int) -> dict:
         run_id = cli(topology, "pub", nodes["pub"], "run", "publish", str(spec), "--force")["run_id"]
         started = time.monotonic()
         reached = {n.peer_id: 0 for n in nodes.values()}
+        losses: dict[str, float] = {}  # peer id -> its training loss (EMA) when it was last seen, at its last epoch
 
         def done() -> bool:
             for peer_id, peer in cli(topology, "pub", nodes["pub"], "run", "status", run_id)["peers"].items():
                 reached[peer_id] = max(reached.get(peer_id, 0), peer["epoch"])
+                if peer["loss"] is not None:
+                    losses[peer_id] = peer["loss"]
             return all(e >= epochs for e in reached.values())
 
         poll_until(done, RUN_TIMEOUT, interval=POLL, what="every node at the last epoch")
         seconds = time.monotonic() - started
         time.sleep(10)  # the last receipts settle
-        out = {"seconds": seconds, "samples_per_s": epochs * target / seconds, "nodes": {}}
+        out = {"seconds": seconds, "samples_per_s": epochs * target / seconds, "nodes": {},
+               "final_loss": sum(losses.values()) / max(1, len(losses))}
         for host, node in nodes.items():
             status = cli(topology, host, node, "node", "status")
             export = topology.p2pc(host, "ledger", "export", "--format", "jsonl", "--data-dir", str(node.data_dir))
-            epochs_paid = {e["body"]["claim"]["epoch"] for e in map(json.loads, export.stdout.splitlines())
-                           if e["kind"] == "receipt" and e["body"]["claim"]["peer"] == node.peer_id}
+            claims = [e["body"]["claim"] for e in map(json.loads, export.stdout.splitlines()) if e["kind"] == "payout"]
+            epochs_paid = {c["epoch"] for c in claims if c["peer"] == node.peer_id and c["run_id"] == run_id}
             out["nodes"][host] = {"reachability": status["reachability"]["state"], "receipts": len(epochs_paid),
                                   "credits": status["credits"] / 1e6}
         return out
@@ -90,11 +95,12 @@ def main() -> None:
     table.add_column("swarm")
     table.add_column("run s")
     table.add_column("swarm samples/s")
+    table.add_column("final loss")
     table.add_column("per node: reachability, epochs paid, credits")
     for kind, r in results.items():
         nodes = "; ".join(f"{h} {n['reachability']} {n['receipts']}/{args.epochs} {n['credits']:.2f}"
                           for h, n in r["nodes"].items())
-        table.add_row(kind, f"{r['seconds']:.0f}", f"{r['samples_per_s']:.0f}", nodes)
+        table.add_row(kind, f"{r['seconds']:.0f}", f"{r['samples_per_s']:.0f}", f"{r['final_loss']:.4f}", nodes)
     console.print(table)
     console.print(f"NAT / all-public samples/s: {results['nat']['samples_per_s'] / results['public']['samples_per_s']:.2f}")
     console.print(json.dumps(results))

@@ -22,7 +22,8 @@ Parts, all measured side by side in one run:
       and overlapped with the next epoch; waiting = its sync_seconds).
 
 Usage (as root for (d)):  python scripts/bench_training.py [--parts a,b,c,d] [--repeats 3] [--json FILE]
-                          [--trainer-modes gradients,local,local-overlap,separate] [--trainer-repeats N]
+                          [--trainer-modes gradients,gradients-unrecorded,local,local-overlap,separate]
+                          [--trainer-repeats N]
                           [--train-modes none,every-step,local,local-overlap]
 Internal: --worker allreduce|train (one peer process; started by this script).
 """
@@ -79,7 +80,9 @@ TABLE_WIDTH = 180  # the tables are wide; a narrower console would wrap every ce
 TRAINER_PEERS = (1, 2)  # the box has 2 cores; each trainer process gets one (OMP_NUM_THREADS=1)
 # "separate": k trainers of k different runs (each alone, no averaging) on the same machine: the CPU ceiling
 # of k processes here, against which the averaging modes' ratios can be read (k > 1 only; alone = local's)
-TRAINER_MODES = ("gradients", "local", "local-overlap", "separate")
+# "gradients-unrecorded": gradients mode without the work records audits need (TrainerOptions.work_history = 0): what
+# recording step sketches costs, against "gradients" (recorded, the default)
+TRAINER_MODES = ("gradients", "gradients-unrecorded", "local", "local-overlap", "separate")
 TRAINER_WINDOW_S = 40.0  # measured seconds once every peer trains
 TRAINER_START_TIMEOUT = 120.0  # trainer processes up, joined and training (hivemind.Optimizer start-up)
 TRAINER_BATCH = 64
@@ -99,7 +102,7 @@ def trainer_manifest(mode: str, peers: int, rank: int = 0) -> str:
         f"bench-mlp-{rank}" if mode == "separate" else "bench-mlp", description="bench_training.py part (b)",
         batch_size_per_step=TRAINER_BATCH, target_batch_size=peers * TRAINER_EPOCH_STEPS * TRAINER_BATCH,
         max_epochs=0, in_features=512, hidden=[2048, 2048], out_features=512, activation="relu", noise="0.1", seed=1,
-        optimizer="sgd", lr="0.001", mode="gradients" if mode == "gradients" else "local",
+        optimizer="sgd", lr="0.001", mode="gradients" if mode.startswith("gradients") else "local",
         averaging={"overlap": mode == "local-overlap", "compression": "fp16"},
         hardware={"min_memory_mb": 256, "devices": ["cpu"]}, credits={"rate": 1000, "quorum": 1})
 
@@ -636,7 +639,8 @@ def run_trainers(k: int, window: float, mode: str) -> dict:
             manifest = directory / f"run-{rank}.toml"
             manifest.write_text(trainer_manifest(mode, 1 if mode == "separate" else k, rank))
             argv = ["--min-peers", str(1 if mode == "separate" else k),
-                    "--max-seconds", str(window + TRAINER_START_TIMEOUT)]
+                    "--max-seconds", str(window + TRAINER_START_TIMEOUT)] + (
+                       ["--work-history", "0"] if mode == "gradients-unrecorded" else [])
             workers.append(group.add(TrainerWorker(directory, f"node{rank}", manifest, argv + (
                 ["--initial-peers", *initial] if initial else []), env={**os.environ, "OMP_NUM_THREADS": "1"})))
             workers[-1].start(wait=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pcompute.devtools.corpora import train_tokenizer  # noqa: F401 (tests import it from here)
 from p2pcompute.node.launcher import NodeProcess
 from p2pcompute.retry import Timeout, poll_until
 
@@ -32,12 +33,51 @@ def p2pc_json(*args: str, timeout: float = 60):
     return json.loads(proc.stdout)
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
-    """`p2pcompute.retry.poll_until`, failing the test (AssertionError) at the deadline."""
+def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition", explain=None):
+    """`p2pcompute.retry.poll_until`, failing the test (AssertionError) at the deadline; `explain()`, if given, adds
+    what the test knows at that moment (e.g. the nodes' own account of it, `credit_story`) to the message."""
     try:
         return poll_until(predicate, timeout, interval=interval, what=what)
     except Timeout as e:
-        raise AssertionError(str(e)) from None
+        raise AssertionError(f"{e}\n{explain()}" if explain is not None else str(e)) from None
+
+
+# what a node logs about its rounds and its claims' way to a payout (services/credits.py, services/audits.py,
+# training/observed.py): enough to tell an unpaid epoch's story from a failed test's message alone
+CREDIT_LOG_NEEDLES = ("round done", "round failed", "state download", "skipping", "claiming epoch", "payout for epoch",
+                      "paid for epoch", "giving up", "audit of epoch", "not witnessing", "last witness", "no start state",
+                      "cannot audit", "recording the audit", "banning")
+
+
+def credit_story(logs, lines_per_log: int = 80) -> str:
+    """The last `lines_per_log` credit-related lines of each log in `logs` (name -> path), for failure messages."""
+    parts = []
+    for name, path in logs.items():
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError as e:
+            parts.append(f"--- {name}: unreadable ({e})")
+            continue
+        hits = [line for line in text.splitlines() if any(n in line for n in CREDIT_LOG_NEEDLES)]
+        parts.append(f"--- {name} ({len(hits)} credit lines, last {min(len(hits), lines_per_log)}):")
+        parts.extend(hits[-lines_per_log:])
+    return "\n".join(parts)
+
+
+def wait_for_evals(run_id: str, data_dir: Path, epochs: int, timeout: float) -> dict:
+    """`p2pc run status --json` once both peers evaluated the last epoch (each does as it reaches max_epochs); the
+    last status seen is printed either way. Progress records live 30 s: call it while the run still trains."""
+    seen = {}
+
+    def evaluated_by_both():
+        seen["status"] = status = p2pc_json("run", "status", run_id, "--data-dir", str(data_dir))
+        return len(status["evals"]) > epochs and status["evals"][-1]["peers"] == 2
+
+    try:
+        wait_until(evaluated_by_both, timeout, interval=2, what="both peers to evaluate the last epoch")
+    finally:
+        print("last run status:", seen.get("status"))
+    return seen["status"]
 
 
 def peer_ids_seen_by(data_dir: Path) -> set[str]:
@@ -56,13 +96,20 @@ class Swarm:
         self.bootstrap = self._spawn(["bootstrap"], "bootstrap", ["--listen", LOOPBACK])
         return self.bootstrap
 
-    def start_node(self, name: str, *extra: str, wait: bool = True) -> NodeProcess:
+    def start_node(self, name: str, *extra: str, wait: bool = True, module: str = "p2pcompute.cli.main"
+                   ) -> NodeProcess:
+        """`module`: the CLI to run; a test-only variant lives in tests/ (e.g. cheat_node), which is then put on the
+        node's PYTHONPATH."""
         args = ["--listen", LOOPBACK, "--bootstrap", self.bootstrap.loopback_maddr(), "--record-ttl", TEST_RECORD_TTL,
                 "--name", name, *extra]
-        return self._spawn(["node", "start"], name, args, wait=wait)
+        return self._spawn(["node", "start"], name, args, wait=wait, module=module)
 
-    def _spawn(self, command, name, args, wait: bool = True) -> NodeProcess:
-        proc = NodeProcess(command, self.root / name, args)
+    def _spawn(self, command, name, args, wait: bool = True, module: str = "p2pcompute.cli.main") -> NodeProcess:
+        env = None
+        if not module.startswith("p2pcompute."):
+            path = [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+        proc = NodeProcess(command, self.root / name, args, module=module, env=env)
         self.procs.append(proc)
         return proc.start(wait=wait)
 
@@ -97,19 +144,3 @@ def own_swarm(tmp_path):
 def _quiet_p2pd():
     os.environ.setdefault("GOLOG_LOG_LEVEL", "fatal")
     yield
-
-
-def train_tokenizer(texts: list[str], path: Path, vocab_size: int) -> str:
-    """A byte-level BPE tokenizer.json trained here on `texts` (nothing downloaded); returns its sha256 hex."""
-    import hashlib
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"], show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.save(str(path))
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -185,6 +185,16 @@ def test_inflated_count_fails_without_recomputing(run):
     assert report.verdict == "fail" and "samples" in report.reason and report.reveals == ()
 
 
+def test_a_claim_of_fewer_samples_than_committed_is_judged_by_its_steps(run):
+    """Seen under load (credits e2e, 2026-12-02): a peer averaged 32 of the 384 samples it trained in an epoch (a round
+    joined late); its claim for the 32 went out without a commitment and was withheld whenever drawn. It now names the
+    commitment, and the audit recomputes the steps: honest work passes, and claiming less than committed gains
+    nothing."""
+    commitment = run.trainer.work_commitment(2)
+    report = audit(run, commitment, lambda c, s: run.trainer.reveal(c.epoch, s), samples=commitment.batch_size)
+    assert report.verdict == "pass", report.reason
+
+
 def test_unanswered_false_or_stolen_work_gives_no_report_and_other_states_are_fetched(run):
     commitment = run.trainer.work_commitment(2)
     state = run.trainer.start_state(2)[1]
@@ -314,6 +324,39 @@ def test_start_states_are_capped_by_count_and_bytes():
     assert states.epochs() == []
 
 
+def test_epochs_with_open_claims_keep_their_records_until_settled():
+    """NAT test, 2026-12-02: an epoch-1 claim waited for its witness and was handed in (and audited) at epoch 9; its
+    records, kept for the last KEEP_EPOCHS epochs only, were gone, the audit was never answered and the honest epoch
+    never paid. A pinned epoch (an open claim) keeps its records and start state until unpinned; the byte cap holds."""
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    recorder = WorkRecorder(bytes(32), bytes(32), 2, keep_epochs=2, start_states=StartStates(keep=2, max_bytes=10**6))
+
+    def epoch(number: int) -> WorkCommitment:
+        with torch.no_grad():
+            params[0].add_(1.0)
+        recorder.begin_epoch(number, params)
+        params[0].grad = torch.ones(4)
+        recorder.record_step(number, 0, params)
+        return recorder.end_epoch(number, completed=True)
+
+    first = epoch(0)
+    recorder.pin(0)
+    for number in range(1, 6):
+        epoch(number)
+    assert recorder.commitment(0) == first and recorder.reveal(0, [0])[0].step == 0
+    assert recorder.start_states.get(0)[0] == first.state_digest
+    assert recorder.commitment(3) is None and recorder.commitment(5) is not None  # the rest: the last two, as before
+    assert sorted(recorder.start_states.epochs()) == [0, 4, 5]
+    recorder.unpin(0)
+    epoch(6)
+    assert recorder.commitment(0) is None and recorder.start_states.get(0) is None
+    states = StartStates(keep=1, max_bytes=100)  # pinned or not, the bytes cap wins (two 40-byte states fit)
+    for number in range(4):
+        states.pin(number)
+        states.put(number, [torch.zeros(10)])
+    assert states.epochs() == [2, 3]
+
+
 SEGMENT = 4
 
 
@@ -326,7 +369,7 @@ def local_run(tmp_path_factory):
         "audit-local-test", batch_size_per_step=16, target_batch_size=16 * STEPS_PER_EPOCH, in_features=6,
         hidden=[16], out_features=2, seed=5, optimizer="adam", lr="0.01", max_epochs=EPOCHS, mode="local",
         averaging={"outer_lr": "1", "outer_momentum": "0"}))
-    yield finished_run(root, manifest, TrainerOptions(device="cpu", work_history=8, work_segment=SEGMENT))
+    yield finished_run(root, manifest, TrainerOptions(device="cpu", work_history=8, work_local=True, work_segment=SEGMENT))
 
 
 def local_audit(run: Run, commitment: WorkCommitment, reveal, segment_state) -> AuditReport:

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from click.testing import CliRunner
 
 from p2pcompute import crypto
@@ -51,25 +52,26 @@ def local_source(cache: ArtifactCache) -> ShardSource:
     return ShardSource(fetch, cache)
 
 
-def image_run_spec(dataset_id: str, in_features: int = 16) -> str:
+def image_run_spec(dataset_id: str, in_features: int = 16, model: str = "", shape: str = "[1, 4, 4]",
+                   outputs: int = 3, per_epoch: int = 1, optimizer: str = "sgd", lr: str = "0.1") -> str:
+    """A run on a published image dataset: an MLP by default, or `model` (the [model] table's lines)."""
+    model = model or f'name = "mlp"\nin_features = {in_features}\nhidden = [8]\nout_features = {outputs}'
     return f"""
 name = "t"
 batch_size_per_step = 4
 target_batch_size = 8
 [model]
-name = "mlp"
-in_features = {in_features}
-hidden = [8]
-out_features = 3
+{model}
 [dataset]
 name = "p2p"
 id = "{dataset_id}"
 task = "classification"
-input_shape = [1, 4, 4]
-outputs = 3
+input_shape = {shape}
+outputs = {outputs}
+shards_per_epoch = {per_epoch}
 [optimizer]
-name = "sgd"
-lr = 0.1
+name = "{optimizer}"
+lr = "{lr}"
 """
 
 
@@ -324,3 +326,77 @@ def test_publish_a_datasets_directory_and_its_arrow_file(tmp_path):
     from_arrow = publish(sorted(saved.glob("*.arrow")), cache, name="saved", shard_rows=20)  # the IPC stream inside
     assert from_dir.dataset_id == from_arrow.dataset_id and [s.rows for s in from_dir.shards] == [20, 20, 10]
     assert {c.name: c.type for c in from_dir.columns} == {"text": "text", "label": "int"}
+
+
+def write_image_folder(root, rows_per_class: int) -> dict:
+    """root/bright/*.png (8x8 grey) and root/dark/*.jpg (12x12 RGB, resized when read): class 0 bright, 1 dark."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    originals = {}
+    for label, (name, low, suffix) in enumerate([("bright", 128, ".png"), ("dark", 0, ".jpg")]):
+        (root / name).mkdir(parents=True)
+        for i in range(rows_per_class):
+            size, mode = ((8, 8), "L") if suffix == ".png" else ((12, 12), "RGB")
+            pixels = rng.integers(low, low + 128, (*size, 3) if mode == "RGB" else size, dtype=np.uint8)
+            Image.fromarray(pixels, mode).save(root / name / f"{i:03}{suffix}")
+            originals[f"{name}/{i:03}{suffix}"] = pixels
+    (root / "bright" / "notes.txt").write_text("not an image: skipped")
+    return originals
+
+
+def test_png_and_jpeg_images_are_published_decoded_and_trained_on(tmp_path):
+    from p2pcompute.runs.images import decode_images
+    from p2pcompute.runs.materialize import run_dataset, run_model
+    from p2pcompute.runs.models import loss_function
+
+    originals = write_image_folder(tmp_path / "folder", 12)
+    cache = ArtifactCache(tmp_path / "cache")
+    pics = publish([tmp_path / "folder"], cache, name="pics", shard_rows=8)
+    assert {c.name: c.type for c in pics.columns} == {"image": "bytes", "label": "int"} and pics.rows == 24
+    png = (tmp_path / "folder" / "bright" / "000.png").read_bytes()
+    assert np.array_equal(decode_images([png], (1, 8, 8))[0, 0], originals["bright/000.png"])  # lossless, exact
+    assert decode_images([png], (3, 4, 4)).shape == (1, 3, 4, 4)  # grey to RGB, resized
+    # `datasets`' Image feature ({bytes, path} structs) publishes as the same bytes
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([{"bytes": png, "path": None}], image_type), "label": [0]}),
+                   tmp_path / "hf.parquet")
+    assert {c.type for c in publish([tmp_path / "hf.parquet"], cache, name="hf").columns} == {"bytes", "int"}
+
+    # the image-classification example's model (a tiny ViT here) trains on them: decoded on the loader threads
+    vit = ('name = "hf"\ntask = "image-classification"\nconfig = { model_type = "vit", image_size = 8, patch_size = 4, '
+           'num_channels = 1, hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 2, intermediate_size = 32, '
+           'num_labels = 2 }')
+    spec = Manifest.from_toml(image_run_spec(pics.dataset_id.hex(), model=vit, shape="[1, 8, 8]", outputs=2,
+                                             per_epoch=2, optimizer="adam", lr="0.01"))
+    dataset = run_dataset(spec, shards=local_source(cache))
+    try:
+        model = run_model(spec)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        loss_fn = loss_function("classification")
+        for step in range(40):
+            x, y = batch_for(dataset, RUN, PEER, 0, step, 8)
+            assert x.shape == (8, 1, 8, 8) and 0 <= float(x.min()) and float(x.max()) <= 1
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        x, y = batch_for(dataset, RUN, PEER, 1, 0, 32)
+        with torch.no_grad():
+            accuracy = float((model(x).logits.argmax(1) == y).float().mean())
+        assert accuracy >= 0.9, accuracy  # bright vs dark: learnt
+    finally:
+        dataset.close()
+
+    # untrusted bytes: a file that only looks like a PNG is refused when a volunteer decodes it, naming the row
+    (tmp_path / "bad" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "a" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)
+    bad = publish([tmp_path / "bad"], cache, name="bad")
+    bad_data = ShardedDataset(p2p_config(bad.dataset_id.hex(), input_shape=(1, 8, 8), outputs=1), local_source(cache))
+    try:
+        with pytest.raises(DatasetUnavailable, match="image 0 cannot be decoded"):
+            batch_for(bad_data, RUN, PEER, 0, 0, 1)
+    finally:
+        bad_data.close()
+    (tmp_path / "bad" / "a" / "y.jpg").write_bytes(b"GIF89a")
+    with pytest.raises(InvalidMessage, match="not a PNG or JPEG file"):
+        publish([tmp_path / "bad"], cache, name="bad")

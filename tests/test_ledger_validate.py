@@ -87,7 +87,9 @@ def test_payout_policy_rules(store):
     refuse(store, chains, chains.payout(PUB, C1, run, 0, 5, [W1], T0), "quorum is 2")
     body = payout_body(C1, run, 0, 5, [W1, W2])
     refuse(store, chains, chains.entry(PUB, KIND_PAYOUT, PayoutBody(body.receipt, 5001), T0),
-           "amount 5001 is not samples 5 x rate 1000")
+           "amount 5001 is not a whole number of samples, 1 to 5, x rate 1000")
+    refuse(store, chains, chains.entry(PUB, KIND_PAYOUT, PayoutBody(body.receipt, 4000), T0),  # under the cap: all
+           r"must pay 5 of its 5 samples .* = 5000 micro-credits, not 4000")
     # the claimant paying itself (the old self-signed receipt) is refused: only the issuer pays
     refuse(store, chains, chains.payout(C1, C1, run, 0, 5, [W1, W2], T0), "not signed by the run's issuer for that epoch")
     store.append([chains.payout(PUB, C1, run, 0, 5, [W1, W2], T0)])
@@ -125,10 +127,40 @@ def test_an_epoch_pays_at_most_its_cap_alone_and_in_total(store):
     store.append([run])
     refuse(store, chains, chains.payout(PUB, C1, run, 0, 769, [W1, W2], T0),
            r"769 samples are more than one epoch of the run pays \(768\)")
-    store.append([chains.payout(PUB, C1, run, 0, 500, [W1, W2], T0), chains.payout(PUB, C2, run, 0, 268, [W1, W2], T0)])
-    refuse(store, chains, chains.payout(PUB, C3, run, 0, 1, [W1, W2], T0), "epoch 0 would pay 769 samples, over its cap of 768")
+    store.append([chains.payout(PUB, C1, run, 0, 500, [W1, W2], T0)])
+    # the payout that reaches the cap pays what is left of it (before: refused whole, the volunteer got nothing)
+    refuse(store, chains, chains.payout(PUB, C2, run, 0, 300, [W1, W2], T0),
+           r"must pay 268 of its 300 samples \(what is left under the epoch's cap of 768\) x rate 1000 = 268000")
+    cut = payout_body(C2, run, 0, 300, [W1, W2])
+    store.append([chains.entry(PUB, KIND_PAYOUT, PayoutBody(cut.receipt, 268_000), T0)])
+    assert store.balance(C2.public_key).credits == 268_000
+    refuse(store, chains, chains.payout(PUB, C3, run, 0, 1, [W1, W2], T0), "epoch 0 would pay 801 samples, over its cap of 768")
     store.append([chains.payout(PUB, C3, run, 1, 768, [W1, W2], T0)])  # another epoch has its own cap
-    assert store.runs()[0].samples == 768 * 2
+    # credits count what was paid; samples what the paid claims trained (the cut payout's 32 unpaid ones too)
+    assert (store.runs()[0].credits, store.runs()[0].samples) == (768 * 2 * 1000, 768 * 2 + 32)
+
+
+def test_the_issuer_pays_the_rest_of_an_epochs_cap(store):
+    """services/issuer.py: the issuer's payout that reaches an epoch's cap is cut to what is left of it, decided in its
+    own append (NAT test, 2026-12-02: the last claimant of an epoch that overshot was refused whole, retrying for 10
+    minutes); a claim once the cap is reached is refused."""
+    from p2pcompute.errors import InvalidMessage
+    from p2pcompute.ledger.replica import Replica
+    from p2pcompute.services.issuer import Issuer
+
+    run = ChainBuilder().publish(PUB, MANIFEST, T0)
+    store.append([run])
+    issuer = Issuer(Replica(store), PUB)
+    issuer.saw(run.body.run_id, 0, [W1.public_key, W2.public_key])  # the witnesses took part in its rounds
+
+    def pay(claimant, samples: int) -> int:
+        return store.get(issuer.pay(payout_body(claimant, run, 0, samples, [W1, W2]).receipt)).body.amount
+
+    assert pay(C1, 500) == 500_000
+    assert pay(C2, 300) == 268_000  # 268 of the cap's 768 were left
+    with pytest.raises(InvalidMessage, match="over its cap of 768"):
+        pay(C3, 1)
+    assert store.check_derived() == [] and store.balance(C2.public_key).credits == 268_000
 
 
 def test_one_payout_per_peer_and_epoch(store):
@@ -328,7 +360,7 @@ def test_an_equivocating_issuers_payouts_count_only_below_its_fork(store):
     store.append([on_twin])
     with pytest.raises(InvalidEntry, match="epoch 2 of run [0-9a-f]{16} was already paid to this peer"):
         store.append([sign_entry(I1, 4, on_twin.id, T0 + 100, KIND_PAYOUT, payout_body(C2, run, 2, 1, [W1, W2]))])
-    with pytest.raises(InvalidEntry, match="over its cap of 768"):  # the cap too is counted along this fork
+    with pytest.raises(InvalidEntry, match="must pay 268 of its 269 samples"):  # the cap too is counted on this fork
         store.append([sign_entry(I1, 4, on_twin.id, T0 + 100, KIND_PAYOUT, payout_body(C1, run, 2, 269, [W1, W2]))])
     store.append([sign_entry(I1, 4, on_twin.id, T0 + 100, KIND_PAYOUT, payout_body(C1, run, 2, 268, [W1, W2]))])
     assert store.balance(C1.public_key).receipts == 2

@@ -27,6 +27,17 @@ SCRIPT = textwrap.dedent('''
     except ZeroDivisionError:
         logging.getLogger("p2pcompute.node").exception("a real bug")
     logging.getLogger("p2pcompute.node").info("joined a group of 3")
+    from p2pcompute.training.observed import AveragingRound, log_round
+    log_round(AveragingRound("gradients", False, (), {}, "AllreduceException('Averaging step failed: could not "
+                                                          "find a group')"))
+    log_round(AveragingRound("outer", True, (b"a", b"b", b"c"), {}))
+    async def orphaned_store():  # hivemind's averager: create_task(wait_for(dht.store(...))), never awaited
+        task = asyncio.get_running_loop().create_task(asyncio.wait_for(asyncio.sleep(1), 0.01))
+        await asyncio.sleep(0.1)
+        assert task.done()
+    asyncio.run(orphaned_store())
+    import gc; gc.collect()  # the task's exception is reported when it is collected
+    averager_logger.info("Averager could not load state from peers: peer dict empty or corrupted {}")
 ''')
 
 
@@ -38,16 +49,21 @@ def logged(mode: str, level: str) -> str:
 
 def test_expected_conditions_are_one_line_and_bugs_keep_tracebacks():
     out = logged("plain", "INFO")
-    assert "averaging round failed: could not find a group in time" in out
+    # one line per round, from our observer; hivemind's own record of the failure is hidden
+    assert out.count("could not find a group") == 1 and "gradients round failed: could not find a group in time" in out
+    assert "outer round done in a group of 3" in out
     assert "AllreduceException" not in out and "retrying" not in out  # no traceback, no retry chatter
     assert "Task was destroyed" not in out and "Starting a new averaging round" not in out
     assert "joined a group of 3" in out
     assert "a real bug" in out and "ZeroDivisionError" in out and "Traceback" in out  # only the real bug's
     assert out.count("Traceback") == 1
+    assert "a background DHT store timed out" in out and "never retrieved" not in out
+    assert "no peer offers the run's state in the DHT" in out  # hivemind's INFO chatter, except what matters
 
 
 def test_warning_level_hides_info_lines_and_debug_shows_everything():
     quiet = logged("plain", "WARNING")
     assert "could not find a group" not in quiet and "joined a group" not in quiet and "a real bug" in quiet
     loud = logged("debug", "WARNING")
-    assert loud.count("Traceback") == 2 and "Task was destroyed" in loud and "Starting a new averaging round" in loud
+    # the bug's, the group's, and the orphaned store's two (a TimeoutError raised from a CancelledError)
+    assert loud.count("Traceback") == 4 and "never retrieved" in loud and "Task was destroyed" in loud and "Starting a new averaging round" in loud

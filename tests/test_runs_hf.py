@@ -4,6 +4,7 @@ progress records with evaluations, the kept-checkpoint store and the GPU check's
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -342,3 +343,30 @@ def test_gpu_check_says_clearly_that_there_is_no_gpu():
     assert proc.returncode == 2, proc.stderr
     assert "gpu_check: no CUDA GPU here" in proc.stderr and "Nothing was run" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+RACE = """
+import sys, threading
+from p2pcompute.runs import hf_models
+config = (("model_type", "gpt2"), ("n_embd", 32), ("n_head", 2), ("n_layer", 1), ("n_positions", 32),
+          ("vocab_size", 64))
+errors = []
+def build():
+    try:
+        hf_models.build("causal-lm", config)
+    except BaseException as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=build) for _ in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(errors)
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_threads_that_build_hf_models_at_once_all_get_them():
+    """transformers' lazy import raced: a node's ledger sync thread checking a manifest while its trainer built the
+    model got "module 'transformers' has no attribute 'AutoModelForCausalLM'" (every run of this before the fix)."""
+    proc = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(CHECKOUT)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

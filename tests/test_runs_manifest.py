@@ -187,7 +187,8 @@ def test_from_wire_rejects_non_canonical_encodings():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda items: items.__setitem__(0, 1), "unsupported version 1"),  # version 1 named validators
-    (lambda items: items.__setitem__(0, 3), "unsupported version 3"),
+    (lambda items: items.__setitem__(0, 2), "unsupported version 2"),  # version 2 had no audit rate
+    (lambda items: items.__setitem__(0, 4), "unsupported version 4"),
     (lambda items: items.pop(), "12 fields"),
     (lambda items: items.__setitem__(6, ["mlp"]), "model"),
     (lambda items: items.__setitem__(6, ["gpt5", []]), "model.name"),

@@ -37,7 +37,7 @@ def test_the_reported_spec_is_refused_with_the_smallest_target_that_works():
     pacing = check_pacing(old, REPORTED)
     assert not pacing.ok
     assert pacing.reason.startswith("target_batch_size 512 is ~0.1 s of this swarm's compute (4,900 samples/s "
-                                    "from 3 peers, as reported); epochs must last >= 9.0 s")
+                                    "from 3 peers, as reported); epochs must last >= 12 s")
     assert "matchmaking_time 2 s" in pacing.reason
     needed = pacing.min_target_batch_size
     assert f"use target_batch_size >= {needed:,}" in pacing.reason

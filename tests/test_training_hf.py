@@ -4,12 +4,11 @@ checkpoint fetched by a node that never trained the run), and two worker process
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import p2pc_json, run_p2pc, train_tokenizer, wait_until
+from conftest import p2pc_json, run_p2pc, train_tokenizer, wait_for_evals, wait_until
 from p2pcompute.devtools.peers import TrainerWorker
 from p2pcompute.runs.datasets import default_stdlib_dir, stdlib_files
 from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, Manifest, toml_lines
@@ -47,25 +46,13 @@ def test_two_nodes_train_a_tiny_gpt2_and_export_it(own_swarm, tmp_path):
     spec.write_text(spec_text)
     bootstrap = own_swarm.start_bootstrap()  # never trains: it fetches the final checkpoint from the others below
     a, b = (own_swarm.start_node(n, "--min-peers", "2") for n in ("a", "b"))
-    # until datasets and artifacts are shared peer to peer, a volunteer gets the tokenizer out of band
-    (b.data_dir / "artifacts").mkdir(exist_ok=True)  # the node made its artifact cache already
-    shutil.copyfile(tmp_path / "tokenizer.json", b.data_dir / "artifacts" / sha256)
+    # b has no tokenizer: it fetches it from a (tests/test_researcher_run.py checks that in detail)
     missing = run_p2pc("run", "publish", str(spec), "--force", "--data-dir", str(a.data_dir), timeout=180)
     assert missing.returncode == 9 and "is not on this node" in missing.stderr, missing.stderr  # names, not holds it
     run_id = p2pc_json("run", "publish", str(spec), "--force", "--artifact", str(tmp_path / "tokenizer.json"),
                        "--data-dir", str(a.data_dir), timeout=180)["run_id"]
 
-    seen = {}
-
-    def evaluated_by_both():  # the last epoch's evaluation comes as each peer reaches max_epochs
-        seen["status"] = status = p2pc_json("run", "status", run_id, "--data-dir", str(b.data_dir))
-        return len(status["evals"]) > EPOCHS and status["evals"][-1]["peers"] == 2
-
-    try:
-        wait_until(evaluated_by_both, RUN_TIMEOUT, interval=2, what="both nodes to evaluate the last epoch")
-    finally:
-        print("last run status:", seen.get("status"))
-    status = seen["status"]
+    status = wait_for_evals(run_id, b.data_dir, EPOCHS, RUN_TIMEOUT)
     evals = status["evals"]
     assert [e["epoch"] for e in evals] == list(range(EPOCHS + 1)), evals
     assert all(e["eval_loss"] is not None and e["perplexity"] is not None for e in evals), evals
@@ -149,3 +136,5 @@ def test_examples_name_hf_models_that_validate():
     gpt2, vit = Manifest.load(examples / "gpt2-tiny.toml"), Manifest.load(examples / "vit-synthetic.toml")
     assert gpt2.model["task"] == "causal-lm" and gpt2.eval is not None and gpt2.parameter_count < 2_000_000
     assert vit.model["task"] == "image-classification" and vit.data_shape.outputs == 10
+    images = Manifest.load(examples / "vit-images.toml")  # a published image folder (its id to fill in)
+    assert images.dataset.name == "p2p" and images.data_shape.input_shape == (3, 32, 32)

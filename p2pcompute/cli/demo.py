@@ -35,16 +35,18 @@ DEMO_TARGET_BATCH_SIZE = 3072
 DEMO_PACING_MARGIN = 1.25
 
 
-def demo_spec(epochs: int, target_batch_size: int = DEMO_TARGET_BATCH_SIZE) -> str:
-    """The demo run's TOML spec for a run of `epochs` epochs of `target_batch_size` samples."""
+def demo_spec(epochs: int, target_batch_size: int = DEMO_TARGET_BATCH_SIZE, mode: str = "gradients") -> str:
+    """The demo run's TOML spec for a run of `epochs` epochs of `target_batch_size` samples (`mode`: its averaging
+    mode; the demo trains in gradients mode, the steady-state checks try local mode too)."""
     # imported here, not at the top: every p2pc command loads this module
     from p2pcompute.runs.specs import mlp_synthetic_spec
 
     return mlp_synthetic_spec(
         "demo-mlp", description="p2pc demo: an MLP learns a synthetic teacher function", batch_size_per_step=64,
         target_batch_size=target_batch_size, max_epochs=epochs, in_features=16, hidden=[64, 64], out_features=4,
-        activation="relu", noise="0.05", seed=7, optimizer="adam", lr="0.01", mode="gradients",
-        averaging={"compression": "none", "average_state_every": 5, **DEMO_AVERAGING_OVERRIDES},
+        activation="relu", noise="0.05", seed=7, optimizer="adam", lr="0.01", mode=mode,
+        averaging={"compression": "none", **({"average_state_every": 5} if mode == "gradients" else {}),
+                   **DEMO_AVERAGING_OVERRIDES},
         hardware={"min_memory_mb": 256, "devices": ["cpu", "cuda"]}, credits={"rate": 1000, "quorum": 1})
 
 
@@ -99,6 +101,30 @@ def demo(n_nodes: int, epochs: int, keep: bool) -> None:
     console.print("[green]all demo processes stopped[/]")
 
 
+def demo_target_batch_size(min_target_batch_size: int | None, batch_size_per_step: int) -> int:
+    """DEMO_TARGET_BATCH_SIZE, or the publish check's smallest target times DEMO_PACING_MARGIN if that is more
+    (a whole number of steps)."""
+    step = batch_size_per_step
+    return max(DEMO_TARGET_BATCH_SIZE, math.ceil((min_target_batch_size or 0) * DEMO_PACING_MARGIN / step) * step)
+
+
+def demo_spec_sized_here(nodes: int, mode: str = "gradients", epochs: int = 0, pacing=None) -> str:
+    """The demo run's spec with the epoch `p2pc demo` would give it on this machine for `nodes` nodes on it (the
+    publish check's estimate: this machine's measured speed, nodes sharing its cores), without starting a node.
+    `pacing`: a `node.pacing.PublishPacing` whose measurements to use (and keep), e.g. to check the spec with."""
+    import os
+
+    from p2pcompute.node.pacing import PublishPacing
+    from p2pcompute.runs.manifest import Manifest
+    from p2pcompute.runs.pacing import Throughput, check_pacing
+
+    manifest = Manifest.from_toml(demo_spec(epochs, mode=mode))
+    per_peer, source = (pacing or PublishPacing("cpu", [])).per_peer(manifest)
+    shared = min(nodes, os.cpu_count() or 1)
+    verdict = check_pacing(manifest, Throughput(per_peer * shared, nodes, source))
+    return demo_spec(epochs, demo_target_batch_size(verdict.min_target_batch_size, manifest.batch_size_per_step), mode)
+
+
 def _manifest_hex(spec: Path) -> str:
     from p2pcompute.runs.manifest import Manifest
 
@@ -113,9 +139,8 @@ def _paced_target(node: NodeProcess, epochs: int) -> int:
     manifest = Manifest.from_toml(demo_spec(epochs))
     pacing = ControlClient(node.data_dir, timeout=PACING_TIMEOUT).call("runs/pacing",
                                                                        {"manifest": manifest.to_wire().hex()})
-    speed, step = pacing["throughput"], manifest.batch_size_per_step
-    needed = math.ceil((pacing["min_target_batch_size"] or 0) * DEMO_PACING_MARGIN / step) * step
-    target = max(DEMO_TARGET_BATCH_SIZE, needed)
+    speed = pacing["throughput"]
+    target = demo_target_batch_size(pacing["min_target_batch_size"], manifest.batch_size_per_step)
     console.print(f"epochs of {target:,} samples: ~{target / speed['samples_per_s']:.1f} s of compute at the "
                   f"~{speed['samples_per_s']:,.0f} samples/s node0 estimates for {speed['peers']} peers "
                   f"(rounds need >= {pacing['min_epoch_seconds']:.1f} s)", highlight=False)
@@ -170,15 +195,20 @@ def _show_loss_curve(losses: dict[int, float]) -> None:
 
 
 def _show_credits(nodes: list[NodeProcess]) -> None:
-    """Balances as every replica sees them, once the replicas agree."""
+    """Balances as every replica sees them, once the replicas agree and every witnessed claim is settled (the last
+    epochs' claims are witnessed, drawn for audits and paid a few seconds after the run ends: shown before, the
+    table missed them, e.g. 10 of a node's 20 epochs)."""
     views: list = []
+    open_claims: list = []
+    clients = [ControlClient(n.data_dir) for n in nodes]
 
-    def replicas_agree() -> bool:
-        views[:] = [ControlClient(n.data_dir).call("ledger/top", {}) for n in nodes]
-        return all(v == views[0] for v in views) and bool(views[0])
+    def settled() -> bool:
+        views[:] = [c.call("ledger/top", {}) for c in clients]
+        open_claims[:] = [claim for c in clients for claim in c.call("credits")["pending_claims"] or ()]
+        return all(v == views[0] for v in views) and bool(views[0]) and not any(c["witnesses"] for c in open_claims)
 
-    with contextlib.suppress(Timeout):  # past the deadline: shown as they are, the line below says they differ
-        poll_until(replicas_agree, CREDITS_TIMEOUT, interval=1.0, what="every replica's balances to agree")
+    with contextlib.suppress(Timeout):  # past the deadline: shown as they are, the lines below say what is missing
+        poll_until(settled, CREDITS_TIMEOUT, interval=1.0, what="every replica's balances to agree")
     table = Table(title="credits earned (micro-credits), replica of node0")
     for column in ("peer", "credits", "samples", "receipts"):
         table.add_column(column, justify="left" if column == "peer" else "right")
@@ -187,6 +217,10 @@ def _show_credits(nodes: list[NodeProcess]) -> None:
     console.print(table)
     agree = all(v == views[0] for v in views)
     console.print(f"every node's replica holds the same balances: {agree}", highlight=False)
+    if open_claims:
+        witnessed = sum(1 for c in open_claims if c["witnesses"])
+        console.print(f"claims not paid yet: {len(open_claims)} ({witnessed} witnessed, waiting for their issuer; "
+                      f"{len(open_claims) - witnessed} with no witness yet)", highlight=False)
 
 
 def _show_discovery(boot: NodeProcess, nodes: list[NodeProcess]) -> None:

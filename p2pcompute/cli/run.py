@@ -40,8 +40,11 @@ def publish(spec: str, force: bool, artifacts: tuple[str, ...], data_dir: str | 
 
     manifest = Manifest.load(spec)  # a bad spec fails here, naming the field, before the node is contacted
     store = ArtifactStore.for_data_dir(resolve_data_dir(data_dir))
-    for path in artifacts:
-        store.add(Path(path))
+    added = [store.add(Path(path)) for path in artifacts]
+    if added:  # the node serves them to volunteers (a file of its own in the DHT): never evicted from its cache
+        from p2pcompute.runs.artifact_cache import ArtifactCache
+
+        ArtifactCache(store.cache_dir).pin([bytes.fromhex(sha256) for sha256 in added])
     report = ControlClient(resolve_data_dir(data_dir), timeout=PUBLISH_TIMEOUT).call(
         "runs/publish", {"manifest": manifest.to_wire().hex(), "force": force})
     if report.get("warning"):

@@ -36,6 +36,7 @@ LEAF_DOMAIN = b"p2pcompute/credits/work-leaf/v1\x00"
 NODE_DOMAIN = b"p2pcompute/credits/work-node/v1\x00"
 TICKET_DOMAIN = b"p2pcompute/credits/audit-ticket/v1\x00"
 DRAW_DOMAIN = b"p2pcompute/credits/audit-draw/v1\x00"
+SUBJECT_DOMAIN = b"p2pcompute/credits/audit-subject/v1\x00"
 
 # Steps in one peer's epoch: target_batch_size (at most 2^24) at one sample per step. Merkle paths are then at most
 # 24 hashes long.
@@ -245,6 +246,16 @@ class StepReveal(canonical.WireRecord):
 # ---- which claims and which steps ------------------------------------------------------------------------------
 
 
+def audit_subject(run_id: bytes, peer: bytes, epoch: int) -> bytes:
+    """The id an issuer's ticket signs for a claim in the credit flow: (run, claimant, epoch), not the claim's bytes, so
+    a claimant that words its claim for one epoch several ways (other samples, group id) and gets each witnessed still
+    draws one ticket, and a selected epoch stays selected whatever claim for it comes next."""
+    canonical.fixed_bytes(run_id, crypto.DIGEST_SIZE, "audit run_id")
+    canonical.fixed_bytes(peer, crypto.PUBLIC_KEY_SIZE, "audit peer")
+    canonical.uint(epoch, 0, MAX_EPOCH, "audit epoch")
+    return crypto.digest(SUBJECT_DOMAIN + canonical.pack([run_id, peer, epoch]))
+
+
 def audit_ticket(auditor: Signer, subject: bytes, epoch: int) -> bytes:
     """The auditor's ticket for one claim: its signature over the claim's id (`subject`: the payout entry's id, or the
     claim's digest) and epoch. Ed25519 as `cryptography` signs is deterministic (RFC 8032), so an honest auditor has
@@ -304,8 +315,10 @@ def judge(commitment: WorkCommitment, claimed_samples: int, reveals: Sequence[St
 
     fail: the claim counts more samples than the committed steps hold, or a step's sketch is farther than the
     tolerance from its recomputation. inconclusive: the recomputation is not finite (the start state is broken);
-    nobody is blamed."""
-    if claimed_samples != commitment.samples:
+    nobody is blamed. A claim of fewer samples than committed is judged by its steps: a peer's averaging weight can
+    be below what it trained (seen under load: 32 of 384 samples averaged in a round it joined late), and claiming
+    less gains nothing."""
+    if claimed_samples > commitment.samples:
         return "fail", (f"claims {claimed_samples} samples, the commitment holds {commitment.steps} steps of "
                         f"{commitment.batch_size}")
     for reveal, mine in zip(reveals, recomputed):
@@ -398,7 +411,7 @@ class AuditReport(canonical.WireRecord):
         if not is_selected(self.ticket, self.rate_ppm):
             raise InvalidMessage(f"the ticket does not select this claim at rate {self.rate_ppm} ppm")
         if not self.reveals:  # nothing compared: the count alone fails, or no start state had the committed digest
-            count_fails = self.claimed_samples != self.commitment.samples
+            count_fails = self.claimed_samples > self.commitment.samples
             if self.verdict != ("fail" if count_fails else "inconclusive"):
                 raise InvalidMessage(f"the verdict is {self.verdict!r} with no step compared")
             return

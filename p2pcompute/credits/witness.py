@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 from p2pcompute.credits.claims import SignedClaim
 from p2pcompute.credits.policy import CreditPolicy
@@ -13,10 +14,38 @@ MAX_CLAIMS_PER_PAYLOAD = 4  # claims one round payload may carry (the latest epo
 WEIGHT_ROUNDING = 1e-6
 
 
+# How far from a witness's own epoch the label of a round it was in may be. Members of one round declare epochs one
+# apart when the round straddles their epoch ends (seen in the demo: {4, 5}, {11, 12}, {15, 16, 16}, 8 of 18 rounds);
+# never more in an honest swarm.
+ROUND_LABEL_SPAN = 1
+
+
+def member_epochs(declared: Mapping[bytes, int], me: bytes) -> dict[bytes, int]:
+    """The epoch this node (`me`, whose own declaration is in `declared`) records each other member of a round under:
+    the epoch that member declared, which is the epoch its own claim for the round carries, when it is within
+    ROUND_LABEL_SPAN of this node's; else this node's epoch.
+
+    Why the member's own epoch: what a member sends in a gradient round is its accumulated gradients of the epoch it
+    declares (hivemind resets them at each epoch end), and its work commitment, which audits recompute, is per epoch of
+    its own. Labelled so, a claim's samples, the weight its witnesses saw and its commitment are the same samples. Until
+    2026-12-07 both sides labelled a round with the member's mates' most common epoch: a member one epoch behind its
+    mates then claimed its epoch-E samples under E+1, whose commitment held other samples or none (seen in CI:
+    "claiming the 32 samples averaged of the 128 committed"; and a claim without a commitment is withheld when drawn
+    for an audit). Before that a witness used its own epoch alone and refused every claim of a round whose members
+    were one epoch apart (31 refusals and 4-6 of 20 epochs unpaid per node in the demo).
+
+    A member moves its label at most ROUND_LABEL_SPAN from each witness's epoch, and declares one epoch per round: it
+    is paid at most once per round it was in (a (peer, epoch) is paid once), for at most the weight it sent."""
+    mine = declared[me]
+    return {key: epoch if abs(epoch - mine) <= ROUND_LABEL_SPAN else mine
+            for key, epoch in declared.items() if key != me}
+
+
 @dataclasses.dataclass
 class Observations:
-    """Which peers this node saw in the successful claim rounds it was part of, under this node's OWN epoch at the
-    time (a peer's declared epoch is not evidence), with the averaging weight each sent us as its reducer."""
+    """Which peers this node saw in the successful claim rounds it was part of, under the round's epoch as
+    `member_epochs` bounds it by this node's own (a peer's declared epoch alone is no evidence), with the averaging
+    weight each sent us as its reducer."""
 
     seen: dict[bytes, dict[int, float | None]] = dataclasses.field(default_factory=dict)  # peer -> epoch -> weight
     max_epochs_per_peer: int = 256  # bounded memory: older epochs are forgotten
@@ -41,8 +70,8 @@ def check_claim(signed: SignedClaim, *, sender: bytes, me: bytes, run_id: bytes,
                 observed: Observations) -> None:
     """Raise InvalidMessage naming why this node will not witness `signed`; return if it will.
 
-    The witness vouches for what it saw: the claimant was a member of a successful round with this node while
-    this node was in the claimed epoch, of this run, and sent this node (as its reducer) an averaging weight of
+    The witness vouches for what it saw: the claimant was a member of a successful round with this node that it
+    records under the claimed epoch (`member_epochs`: within one epoch of this node's own), of this run, and sent this node (as its reducer) an averaging weight of
     at least the claimed samples; the epoch is one the run pays. It cannot see the gradients' provenance:
     re-computing claimed batches is the audits' job (docs/credits.md).
     """

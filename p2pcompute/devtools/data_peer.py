@@ -1,5 +1,6 @@
 """A data-only peer in this process for tests and benchmarks: a DHT with the node's validators, the protocol loop and
-the node's DataHost (artifact cache, /p2pc/shards/1, provider records), as `p2pc node start` composes them."""
+the node's DataHost (artifact cache, /p2pc/shards/1, provider records), as `p2pc node start` composes them; and a
+hostile /p2pc/shards/1 server to put in its place."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from p2pcompute.identity import Identity
 from p2pcompute.node.data_host import DataHost
 from p2pcompute.node.loop import BackgroundLoop
 from p2pcompute.node.shared_dht import SharedDHT
+from p2pcompute.protocol import Servicer
+from p2pcompute.services.shards import LIMITS as SHARDS_LIMITS, PROTOCOL as SHARDS_PROTOCOL
 
 LOOPBACK_LISTEN = "/ip4/127.0.0.1/tcp/0"
 START_TIMEOUT = 60.0  # seconds for the DHT process and p2pd on a loaded 2-core machine
@@ -77,3 +80,37 @@ class DataPeer:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+class JunkShards(Servicer):
+    """A hostile /p2pc/shards/1 server: answers from real files, but `mode` spoils each answer: other bytes
+    ("hash"), a size other than the file's ("size"), or no [size, bytes] at all ("malformed"). Files in `honest`
+    are served as they are (a peer that passes for a holder, e.g. of a dataset's manifest). `served` counts the
+    answers spoilt."""
+
+    PROTOCOL = SHARDS_PROTOCOL
+    LIMITS = SHARDS_LIMITS
+
+    def __init__(self, p2p, cache, mode: str = "hash", honest: frozenset[bytes] = frozenset()):
+        super().__init__(p2p)
+        self.cache, self.mode, self.honest, self.served = cache, mode, honest, 0
+
+    @classmethod
+    def replacing(cls, peer: DataPeer, **options) -> "JunkShards":
+        """Take over `peer`'s shard protocol (its DataHost keeps announcing what its cache holds)."""
+        junk = cls(peer.host.service.p2p, peer.host.cache, **options)
+        peer.loop.run(peer.host.service.remove_handler(), timeout=START_TIMEOUT)
+        peer.loop.run(junk.add_handler(), timeout=START_TIMEOUT)
+        return junk
+
+    async def rpc(self, peer: bytes, request):
+        _version, _op, sha256, offset, length = request
+        size, data = self.cache.read_chunk(sha256, offset, length)
+        if sha256 in self.honest:
+            return [size, data]
+        self.served += 1
+        if self.mode == "hash":
+            return [size, data[:-8] + b"corrupt!"]
+        if self.mode == "size":
+            return [size + 1, data]
+        return "junk"

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 from p2pcompute.node.launcher import NodeProcess
 
-NS_PREFIX = "nat-"  # every namespace made here starts with this
+NS_PREFIX = "nat-"  # every namespace made here starts with this (or with $P2PC_NETNS_PREFIX)
 INTERNET = "10.99.0"  # the "public" /24; routers' LANs are 10.99.<router number>.0/24
 ROUTER_WAN_BASE = 20  # router N is 10.99.0.(20+N) on the internet side
 PUBLIC_HOSTS = {"boot": 10, "pub": 11}  # public hosts and their last octet
@@ -46,7 +46,7 @@ def unavailable() -> str | None:
     for tool in ("ip", "iptables"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (Debian: apt-get install iproute2 iptables)"
-    probe = f"{NS_PREFIX}probe-{secrets.token_hex(3)}"
+    probe = f"{os.environ.get('P2PC_NETNS_PREFIX') or NS_PREFIX}probe-{secrets.token_hex(3)}"
     try:
         sh("ip", "netns", "add", probe)
         sh("ip", "netns", "exec", probe, "iptables", "-t", "nat", "-L")
@@ -69,10 +69,11 @@ class NatTopology:
     """`start()` builds the namespaces (a context manager too); `shutdown()` stops every process started with
     `spawn()` (by PID group) and deletes every namespace, also after a failed start."""
 
-    def __init__(self, root: Path, routers: int = 2, prefix: str = NS_PREFIX, extra_public: int = 0):
+    def __init__(self, root: Path, routers: int = 2, prefix: str | None = None, extra_public: int = 0):
         self.root = Path(root)
         self.suffix = secrets.token_hex(2)
-        self.prefix = prefix + self.suffix
+        # several people's tests on one machine: each may name its namespaces (P2PC_NETNS_PREFIX=<branch>-)
+        self.prefix = (prefix or os.environ.get("P2PC_NETNS_PREFIX") or NS_PREFIX) + self.suffix
         self.routers = routers
         # more public hosts, "pub2", "pub3", ... at 10.99.0.12, .13, ... (an all-public swarm to compare with)
         self.public_hosts = dict(PUBLIC_HOSTS, **{f"pub{i + 2}": PUBLIC_HOSTS["pub"] + 1 + i
@@ -80,6 +81,7 @@ class NatTopology:
         self.hosts: dict[str, Host] = {}
         self.procs: list[NodeProcess] = []
         self._namespaces: list[str] = []
+        self._ports: dict[str, str] = {}  # namespace -> its port on the internet bridge
 
     # ---- building ------------------------------------------------------------------------------------
     def _ns(self, name: str) -> str:
@@ -100,6 +102,7 @@ class NatTopology:
     def _to_internet(self, namespace: str, tag: str, address: str) -> str:
         """Plug `namespace` into the internet bridge at `address`; returns its interface there."""
         inside, port = self._veth(namespace, self.internet, tag)
+        self._ports[namespace] = port
         sh("ip", "-n", self.internet, "link", "set", port, "master", "br0")
         sh("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", inside)
         return inside
@@ -138,19 +141,32 @@ class NatTopology:
         sh(*ipt, "-P", "FORWARD", "DROP")
         self.hosts[f"h{n}"] = Host(f"h{n}", host, f"{lan_net}.10", behind_nat=True)
 
+    def cut(self, host: str) -> None:
+        """Unplug `host` (or its router) from the internet without telling anyone: its port on the bridge goes
+        down, so packets to and from it vanish, and no connection is reset (a lost Wi-Fi, a cable pulled)."""
+        router = f"r{host[1:]}" if self.hosts[host].behind_nat else host
+        sh("ip", "-n", self.internet, "link", "set", self._ports[f"{self.prefix}-{router}"], "down")
+
     # ---- processes -------------------------------------------------------------------------------------
+    def exec_prefix(self, host: str) -> tuple[str, ...]:
+        """The command prefix that runs a program inside `host`'s namespace."""
+        return ("ip", "netns", "exec", self.hosts[host].namespace)
+
+    def adopt(self, proc: NodeProcess) -> NodeProcess:
+        """Stop `proc` (started by the caller inside one of our namespaces) at shutdown, with ours."""
+        self.procs.append(proc)
+        return proc
+
     def spawn(self, host: str, command: Sequence[str], name: str, args: Sequence[str] = (), *, wait: bool = True,
               env: Mapping[str, str] | None = None) -> NodeProcess:
         """`p2pc <command> --data-dir ROOT/NAME ... ARGS` inside `host`'s namespace (its own process group)."""
-        proc = NodeProcess(command, self.root / name, args, env=env,
-                           prefix=("ip", "netns", "exec", self.hosts[host].namespace))
-        self.procs.append(proc)
-        return proc.start(wait=wait)
+        proc = NodeProcess(command, self.root / name, args, env=env, prefix=self.exec_prefix(host))
+        return self.adopt(proc).start(wait=wait)
 
     def p2pc(self, host: str, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
         """Run the `p2pc` CLI inside `host`'s namespace (a node's control API listens on that namespace's
         127.0.0.1, which the root namespace does not reach)."""
-        return subprocess.run(["ip", "netns", "exec", self.hosts[host].namespace, sys.executable, "-m",
+        return subprocess.run([*self.exec_prefix(host), sys.executable, "-m",
                                "p2pcompute.cli.main", *args], capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 

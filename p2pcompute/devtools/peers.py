@@ -59,11 +59,11 @@ class TrainerWorker(NodeProcess):
     its ready file, log and JSON status file beside it (NAME.ready, NAME.log, NAME.json)."""
 
     def __init__(self, root: Path, name: str, spec: Path, args: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None):
+                 env: Mapping[str, str] | None = None, prefix: Sequence[str] = ()):
         self.name = name
         self.status_file = root / f"{name}.json"
         super().__init__([], root / name, ["--manifest", str(spec), "--status-file", str(self.status_file), *args],
-                         env=env, module=WORKER_MODULE)
+                         env=env, module=WORKER_MODULE, prefix=prefix)
 
     def status(self) -> dict:
         """The worker's last status (rewritten every second), {} before its first."""

@@ -98,7 +98,8 @@ def policy_of(manifest: Any) -> CreditPolicy:
 @dataclass(frozen=True)
 class PayoutBody:
     """Body of `payout`, signed by the run's issuer for the claim's epoch: the claimant's receipt (its signed claim
-    and its witnesses' signatures) and the micro-credits paid (must equal samples x the run's rate)."""
+    and its witnesses' signatures) and the micro-credits paid: samples x the run's rate, for all the claimed samples
+    or, in the payout that reaches the epoch's cap, those left under it (ledger.validate.payout_samples)."""
 
     receipt: Receipt
     amount: int
@@ -109,8 +110,10 @@ class PayoutBody:
         canonical.uint(self.amount, 0, MAX_AMOUNT, "payout amount")
 
     @classmethod
-    def create(cls, receipt: Receipt, policy: CreditPolicy) -> "PayoutBody":
-        return cls(receipt, policy.amount_for(receipt.claim.samples))
+    def create(cls, receipt: Receipt, policy: CreditPolicy, samples: int | None = None) -> "PayoutBody":
+        """The payout of `samples` of the receipt's claim (default: all of them; fewer when the epoch's cap cuts it,
+        ledger.validate.payout_samples)."""
+        return cls(receipt, policy.amount_for(receipt.claim.samples if samples is None else samples))
 
     def to_obj(self) -> list:
         return [self.receipt.to_obj(), self.amount]

@@ -328,7 +328,10 @@ def append_local(
 ) -> Entry:
     """Sign `body` as the next entry of `signer`'s own chain and ingest it; the caller holds the write
     transaction. The timestamp never goes below the previous entry's. Raises MissingDependency if a
-    payout's run is not in this replica, StoreError if this identity's chain is forked."""
+    payout's run is not in this replica, StoreError if this identity's chain is forked.
+
+    `body` may be a function of (the view, the new entry's seq) that returns it: a body that depends on the chain
+    below it (a payout's amount under its epoch's cap) is then made in the same transaction as it is appended."""
     view = _Batch(conn)
     head = view.head(signer.public_key)
     if head is None:
@@ -340,6 +343,8 @@ def append_local(
         )
     else:
         seq, prev, timestamp = head.seq + 1, head.id, max(now, view.refs[head.id].timestamp)
+    if callable(body):
+        body = body(view, seq)
     entry = sign_entry(signer, seq, prev, timestamp, kind, body)
     try:
         validate.check_entry(entry)

@@ -157,7 +157,8 @@ class Store:
             return ingest.ingest(conn, self.pending, batch, repeated, hold_pending)
 
     def append_local(self, signer: Signer, kind: str, body: Body, now: int) -> Entry:
-        """Sign `body` as the next entry of `signer`'s own chain and store it durably.
+        """Sign `body` (or `body(view, seq)`, see ingest.append_local) as the next entry of `signer`'s own chain and
+        store it durably.
 
         `now` is the wall clock in integer milliseconds; the timestamp never goes below the previous
         entry's. Raises MissingDependency if a payout's run is not in this replica, StoreError if this

@@ -73,6 +73,16 @@ class PeerAnnouncer:
                 except Exception as e:  # the refresher publishes again within TTL/3
                     logger.info("could not publish the peer record now: %s", e)
 
+    def set_reachability(self, state: str) -> None:
+        """A re-check changed our reachability: published at once (the refresher retries within TTL/3)."""
+        if state != self.reachability:
+            self.reachability = state
+            if not self._stop.is_set():
+                try:
+                    self.publish()
+                except Exception as e:  # the refresher publishes again within TTL/3
+                    logger.info("could not publish the peer record now: %s", e)
+
     def record(self) -> PeerRecord:
         hw = self.hardware
         return PeerRecord(

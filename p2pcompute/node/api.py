@@ -22,6 +22,7 @@ from p2pcompute.node.training import TrainingSupervisor
 from p2pcompute.services.reach import Reachability
 
 if TYPE_CHECKING:
+    from p2pcompute.node.data_host import DataHost
     from p2pcompute.node.final_checkpoints import FinalCheckpoints
 
 MAX_TOP_LIMIT = 1000  # leaderboard rows one request may ask for
@@ -44,7 +45,8 @@ class ControlAPI:
                  announcer: PeerAnnouncer, ledger: LedgerHost, supervisor: TrainingSupervisor | None,
                  pacing: PublishPacing, clock: Callable[[], float], request_stop: Callable[[], None],
                  history: RunHistory | None = None, open_claims: Callable[[], list[dict]] | None = None,
-                 reachability: Callable[[], Reachability] | None = None, finals: "FinalCheckpoints | None" = None):
+                 reachability: Callable[[], Reachability] | None = None, finals: "FinalCheckpoints | None" = None,
+                 data: "DataHost | None" = None):
         self.role = role
         self.open_claims = open_claims  # node.run_credits.RunCredits.open_claims, when this node trains
         self.config = config
@@ -60,6 +62,7 @@ class ControlAPI:
         self.history = history
         self.reachability = reachability
         self.finals = finals  # final checkpoints this node keeps and serves, and fetching them from others
+        self.data = data  # the artifact cache and /p2pc/shards/1: files fetched from peers (a run's tokenizer)
 
     def add_routes(self, control: ControlServer) -> None:
         control.route("GET", "status", lambda _args: self.status())
@@ -104,6 +107,7 @@ class ControlAPI:
             "schedule": self.config.schedule,
             "paused": self.supervisor.paused if self.supervisor is not None else False,
             "data_dir": str(self.config.data_dir),
+            "data": self.data.service.stats.to_json() if self.data is not None and self.data.service else None,
             "pid": os.getpid(),
         }
 
@@ -338,8 +342,9 @@ class ControlAPI:
         staging = Path(name)
         try:
             epoch, source = self._checkpoint_to(signed, staging, float(timeout))
+            fetch = self.data.source().fetch_artifact if self.data is not None else None  # the tokenizer, if not here
             report = export_checkpoint(staging, signed.manifest, fmt, Path(path),
-                                       ArtifactStore.for_data_dir(self.config.data_dir))
+                                       ArtifactStore.for_data_dir(self.config.data_dir, fetch=fetch))
         finally:
             staging.unlink(missing_ok=True)
         return dict(report, epoch=epoch, source=source)

@@ -57,6 +57,7 @@ class Node:
         self.lock = InstanceLock(config.data_dir)
         self.ledger = LedgerHost(config.data_dir, config.sync_interval, config.startup_timeout)
         self.credits: RunCredits | None = None
+        self.audits = None  # services.audits.Audits: the issuer's audits of the claims handed to it
         self.data: DataHost | None = None  # the artifact cache and the shard protocol
         self.supervisor: TrainingSupervisor | None = None
         self.history: RunHistory | None = None
@@ -65,6 +66,7 @@ class Node:
         self.control: ControlServer | None = None
         self.reachability: Reachability | None = None  # settled at start (node/reachability.py)
         self.reach: ReachabilityService | None = None  # the dial-back check we serve for others
+        self.rechecks: reachability.ReachabilityWatcher | None = None  # "auto" mode: the check, again and again
         self._stop = threading.Event()
 
     def start(self) -> "Node":
@@ -91,6 +93,10 @@ class Node:
                                  self.identity.peer_id.to_bytes()).start(self.shared, self.ledger.loop,
                                                                          self.ledger.sync.p2p, config.startup_timeout)
             self.announcer.start()
+            if config.reach_recheck > 0 and reachability.initial(config, self.role)[0] == "auto":
+                self.rechecks = reachability.ReachabilityWatcher(dht, config.bootstrap, self.reachability,
+                                                                 config.reach_recheck, self._reachability_changed)
+                self.rechecks.start()
             self.finals = FinalCheckpoints(config, self.identity, self.shared, self.ledger.loop,
                                            self.ledger.sync.p2p).start()
             if self.role == "node" and config.train:
@@ -99,16 +105,19 @@ class Node:
                 hooks = SupervisorHooks(state_changed=self.announcer.set_state,
                                         round_payload=self.credits.round_payload,
                                         trainer_started=self.credits.trainer_started,
-                                        trainer_stopped=self.credits.trainer_stopped)
+                                        trainer_stopped=self.credits.trainer_stopped,
+                                        known_peers=lambda: self.announcer.known_peers,
+                                        private=lambda: dht.client_mode)  # an averaging client, whatever re-checks say
                 self.supervisor = TrainingSupervisor(config, self.identity, self.shared, self.hardware, hooks,
                                                      finals=self.finals, shards=self.data.source())
                 self.history = RunHistory(self.supervisor, self.shared, clock=self.clock)
+            self._start_audits(config)
             self.api = ControlAPI(role=self.role, config=config, identity=self.identity, hardware=self.hardware,
                                   shared=self.shared, announcer=self.announcer, ledger=self.ledger,
                                   supervisor=self.supervisor, pacing=PublishPacing(self.hardware.device, self.maddrs),
                                   clock=self.clock, request_stop=self.request_stop, history=self.history,
                                   open_claims=self.credits.open_claims if self.credits is not None else None,
-                                  reachability=lambda: self.reachability, finals=self.finals)
+                                  reachability=lambda: self.reachability, finals=self.finals, data=self.data)
             self.control = ControlServer(config.data_dir, load_or_create_token(config.data_dir), config.control_port,
                                          clock=self.clock)
             self.api.add_routes(self.control)
@@ -124,11 +133,25 @@ class Node:
         logger.info("node %s up at %s", self.identity.peer_id_b58, self.maddrs)
         return self
 
+    def _start_audits(self, config) -> None:
+        """The issuer audits a random share of the claims it is handed by recomputing them (services/audits.py), with
+        this node's trainer of the run when it trains it (node/auditing.py)."""
+        from p2pcompute.node.auditing import NodeRecompute
+        from p2pcompute.services.audits import Audits
+
+        trainer_of = self.credits.trainer_of if self.credits is not None else (lambda _run_id: None)
+        recompute = NodeRecompute(self.identity, trainer_of, config.data_dir / "datasets")
+        self.audits = Audits(self.ledger.issuer, self.ledger.sync.p2p, self.ledger.loop.run, recompute).start()
+        self.ledger.issuer.audits = self.audits
+
     def shutdown(self) -> None:
         self._stop.set()  # from here on the peer record no longer follows training state changes
         if self.history is not None:
             self.history.shutdown()
             self.history = None
+        if self.rechecks is not None:
+            self.rechecks.shutdown()
+            self.rechecks = None
         if self.supervisor is not None:
             self.supervisor.shutdown()  # leaves the averaging group cleanly first
             self.supervisor = None
@@ -150,6 +173,10 @@ class Node:
         if self.data is not None:
             self.data.shutdown()  # on the ledger's protocol loop: before it stops
             self.data = None
+        if self.audits is not None:
+            self.ledger.issuer.audits = None
+            self.audits.shutdown()  # its calls run on the ledger's protocol loop: before it stops
+            self.audits = None
         self.ledger.shutdown()
         if self.announcer is not None:
             self.announcer.shutdown()  # the "stopped" tombstone, while the DHT is still up
@@ -174,6 +201,12 @@ class Node:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _reachability_changed(self, new: Reachability) -> None:
+        """A re-check moved our reachability: `node status` and our peer record follow (the host keeps its mode)."""
+        self.reachability = new
+        if self.announcer is not None:
+            self.announcer.set_reachability(new.state)
 
     def _export_ledger(self, fmt: str, sink) -> None:
         from p2pcompute.ledger.views import export

@@ -93,13 +93,13 @@ class PublishPacing:
 
     @staticmethod
     def _measure(manifest: Manifest, device: str | None) -> tuple[float, str]:
-        from p2pcompute.training.throughput import measure
+        from p2pcompute.training.throughput import fastest
 
         assumed = f"assumed {DEFAULT_SAMPLES_PER_S:g} samples/s per peer"
         if device is None:
             return DEFAULT_SAMPLES_PER_S, f"{assumed}: this node cannot train the run to measure it"
         try:
-            return measure(manifest, device), f"{device} speed measured on this node"
+            return fastest(manifest, device), f"{device} speed measured on this node"
         except (ValueError, RuntimeError, MemoryError) as e:  # too big to measure here, torch errors, out of memory
             logger.info("could not measure run %s here: %s", manifest.run_id_hex[:16], e)
             return DEFAULT_SAMPLES_PER_S, f"{assumed}: not measured here ({str(e)[:80]})"

@@ -1,11 +1,12 @@
-"""How a starting node settles its reachability: the mode the config asks for, the dial-back check with the
-bootstrap peers in "auto" mode, and the restart of the libp2p host as a private client when the check says so."""
+"""How a node settles its reachability: the mode the config asks for, the dial-back check with the bootstrap peers
+in "auto" mode, the restart of the libp2p host as a private client when the check says so, and the re-checks."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import TYPE_CHECKING, Sequence
+import threading
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from p2pcompute.config import NodeConfig
 from p2pcompute.identity import Identity
@@ -103,3 +104,56 @@ def start_host(config: NodeConfig, identity: Identity, role: str) -> tuple["hive
         dht.shutdown()
         dht = start("private")
     return dht, reachability
+
+
+def follow(current: Reachability, new: Reachability, host_mode: str) -> Reachability | None:
+    """The verdict after a re-check, or None to keep `current`. An `unknown` answer (no public peer answered, or
+    each refused: rate limits) says nothing new, so what we knew stays. A changed state replaces it; since the
+    libp2p host keeps the mode it started in (`host_mode`: "private" client or "public"), the reason says so when
+    the two now differ."""
+    if new.state == "unknown" or new.state == current.state:
+        return None
+    if new.state != host_mode:
+        return Reachability(new.state, f"{new.reason} (re-checked; the node keeps running as a {host_mode} peer "
+                                       "until it restarts)")
+    return new
+
+
+class ReachabilityWatcher:
+    """Re-runs the dial-back check every `period` seconds and calls `changed(reachability)` when the verdict moves
+    (see `follow`). `start()`/`shutdown()`; the check runs on the watcher's own thread."""
+
+    def __init__(self, dht: "hivemind.DHT", bootstrap: Sequence[str], current: Reachability, period: float,
+                 changed: Callable[[Reachability], None]):
+        self.dht = dht
+        self.bootstrap = bootstrap
+        self.current = current
+        self.period = period
+        self.changed = changed
+        self.host_mode = "private" if dht.client_mode else "public"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "ReachabilityWatcher":
+        self._thread = threading.Thread(target=self._loop, name="reachability-recheck", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=CHECK_TIMEOUT + 5)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                new = check(self.dht, self.bootstrap, [str(a) for a in self.dht.get_visible_maddrs(latest=True)])
+            except Exception as e:  # p2pd or the DHT process going away under us (shutdown): the next round tries
+                logger.info("reachability re-check failed: %s", e)
+                continue
+            verdict = follow(self.current, new, self.host_mode)
+            if verdict is not None:
+                logger.info("reachability changed: %s -> %s (%s)", self.current.state, verdict.state, verdict.reason)
+                self.current = verdict
+                self.changed(verdict)

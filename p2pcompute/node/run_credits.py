@@ -46,12 +46,22 @@ class RunCredits:
         service = self.service
         return service.open_claims() if service is not None else []
 
+    def trainer_of(self, run_id: bytes):
+        """This node's trainer of `run_id` (running, or the last one, stopped: its work records stay), or None."""
+        service = self.service
+        return service.trainer if service is not None and service.signed.run_id == run_id else None
+
     def trainer_started(self, trainer, signed: "SignedManifest") -> None:
         from p2pcompute.services.credits import CreditsService
 
         self.shutdown()
         service = CreditsService(self.p2p, self.replica, self.identity, signed, trainer, self.issuer)
-        self.loop.run(service.start(), timeout=START_TIMEOUT)
+        try:
+            self.loop.run(service.start(), timeout=START_TIMEOUT)
+        except Exception as e:  # the node trains on without credits for this run rather than stop training
+            logger.warning("credits for this run are off: the credits protocol did not start (%s: %s)",
+                           type(e).__name__, e)
+            return
         self.service = service
 
     def trainer_stopped(self, trainer) -> None:

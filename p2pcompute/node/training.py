@@ -7,11 +7,12 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from p2pcompute.config import NodeConfig
 from p2pcompute.errors import P2PCError
 from p2pcompute.identity import Identity
+from p2pcompute.node.group_wait import group_wait_reason
 from p2pcompute.node.hardware import Hardware
 from p2pcompute.node.selection import choose_run
 from p2pcompute.node.shared_dht import SharedDHT
@@ -19,6 +20,7 @@ from p2pcompute.node.shared_dht import SharedDHT
 if TYPE_CHECKING:
     from p2pcompute.node.final_checkpoints import FinalCheckpoints
     from p2pcompute.runs.manifest import SignedManifest
+    from p2pcompute.swarm.records import PeerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,10 @@ class SupervisorHooks:
     round_payload: Callable[["SignedManifest"], Callable[[str], Any]]  # the trainer's per-round payload for a run
     trainer_started: Callable[[Any, "SignedManifest"], None]  # (trainer, its run)
     trainer_stopped: Callable[[Any], None]  # (trainer), after it has shut down
+    # the live peers' records as last read from the DHT, and whether this node is private (behind NAT): a private
+    # node waits while every other peer of its run is private too (node/group_wait.py)
+    known_peers: Callable[[], "Sequence[PeerRecord]"] = lambda: ()
+    private: Callable[[], bool] = lambda: False
 
 
 class TrainingSupervisor:
@@ -78,8 +84,11 @@ class TrainingSupervisor:
         self._pause_lock = threading.Lock()
         self._owner_pause: str | None = None  # set by pause(): holds whatever the idle policy says
         self._idle_pause: str | None = None  # set by the idle watcher (schedule, GPU busy)
+        self._group_pause: str | None = None  # set while no averaging group can form for us (node/group_wait.py)
 
     def start(self) -> "TrainingSupervisor":
+        if self.finals is not None:  # runs that finished here before a restart are not trained again
+            self._finished.update(kept.run_id for kept in self.finals.store.kept())
         self._thread = threading.Thread(target=self._run, name="training-supervisor", daemon=True)
         self._thread.start()
         return self
@@ -134,11 +143,12 @@ class TrainingSupervisor:
             self._apply_pauses()
 
     def _apply_pauses(self) -> None:
-        """The trainer runs only when neither the owner nor the idle policy holds it (caller holds _pause_lock)."""
+        """The trainer runs only when neither the owner, the idle policy nor the group rule holds it (caller holds
+        _pause_lock)."""
         trainer = self._trainer
         if trainer is None:
             return
-        reason = self._owner_pause or self._idle_pause
+        reason = self._owner_pause or self._idle_pause or self._group_pause
         if reason is not None:
             trainer.pause(reason)
         else:
@@ -192,6 +202,7 @@ class TrainingSupervisor:
                 self._reason = f"{signed.manifest.name} {status.status} {status.reason}".strip()
                 self._stop_trainer()
                 return
+            self._check_group(signed)
             if time.monotonic() >= self._next_announce:  # keep the run findable while anyone trains it
                 with self.shared.held() as dht:
                     announce_run(dht, signed, dht_time())
@@ -210,6 +221,19 @@ class TrainingSupervisor:
         if signed is not None:
             self._start_trainer(signed)
 
+    def _check_group(self, signed: "SignedManifest") -> None:
+        """Hold the trainer while no averaging group can form for us (a private node whose run has only private
+        peers left), let it go on once one can; said in `node status`, logged once each way."""
+        reason = group_wait_reason(self.hooks.private(), signed.run_id, signed.manifest.name,
+                                   self.identity.peer_id.to_bytes(), self.hooks.known_peers())
+        if reason == self._group_pause:
+            return
+        logger.info("%s", reason or f"a reachable peer trains {signed.manifest.name} again: training")
+        with self._pause_lock:
+            self._group_pause = reason
+            self._apply_pauses()
+        self._reason = reason or self._owner_pause or self._idle_pause or "training"
+
     def _start_trainer(self, signed: "SignedManifest") -> None:
         from p2pcompute.runs.artifacts import ArtifactStore
         from p2pcompute.training.idle import IdlePolicy, parse_schedule
@@ -222,7 +246,8 @@ class TrainingSupervisor:
             device=config.device, max_memory_fraction=config.max_memory_fraction,
             data_dir=config.data_dir / "datasets", checkpoint_dir=config.data_dir / "checkpoints",
             round_payload=self.hooks.round_payload(signed), min_peers=config.min_peers, shards=self.shards,
-            artifacts=ArtifactStore.for_data_dir(config.data_dir),
+            artifacts=ArtifactStore.for_data_dir(config.data_dir,
+                                                 fetch=self.shards.fetch_artifact if self.shards is not None else None),
         )
         self._signed = signed
         self.hooks.state_changed("starting", signed.run_id)
@@ -242,6 +267,7 @@ class TrainingSupervisor:
             self._watcher.shutdown()
             self._watcher = None
         self._idle_pause = None  # the next trainer gets a watcher of its own
+        self._group_pause = None  # and is judged afresh
         if self._trainer is not None:
             trainer, self._trainer = self._trainer, None
             self._last_rounds = [round_json(r) for r in trainer.rounds()[-LAST_ROUNDS:]]

@@ -4,8 +4,9 @@ resolver every reader goes through.
 A manifest names a file it needs only by the sha256 of its bytes. `ArtifactStore.resolve(sha256)` is the single
 place that turns such a name into a local, verified file: it looks in the node's cache
 (`<data-dir>/artifacts/<sha256>`), then in extra directories (a worker's `--artifact-dir`), then asks
-`fetch` (None today; the peer-to-peer fetcher of shared data plugs in there and writes into the cache).
-Every file is hashed before it is returned, so a wrong or truncated file is never used.
+`fetch` (on a node: the peer-to-peer fetcher of shared data, runs.sharded.ShardSource.fetch_artifact, which
+brings the file from any peer announcing it into the cache). Every file is hashed before it is returned, so a
+wrong or truncated file is never used.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ ARTIFACTS_DIRNAME = "artifacts"
 MAX_ARTIFACT_BYTES = 2 << 30
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
-# fetch(sha256, destination): bring the artifact from elsewhere (peers) to `destination`, or raise
+# fetch(sha256 hex): bring the artifact from elsewhere (peers) into the cache and return its path, or raise
 # DatasetUnavailable. The store verifies the hash after it.
-Fetcher = Callable[[str, Path], None]
+Fetcher = Callable[[str], Path]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +53,8 @@ class ArtifactStore:
                 self._verify(path, sha256)
                 return path
         if self.fetch is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            path = self.cache_dir / sha256
-            tmp = path.with_name(f"{sha256}.{os.getpid()}.fetch")
-            try:
-                self.fetch(sha256, tmp)
-                self._verify(tmp, sha256)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            path = Path(self.fetch(sha256))
+            self._verify(path, sha256)
             return path
         raise DatasetUnavailable(f"artifact {sha256[:16]}... is not on this node (looked in {self.cache_dir}"
                                  f"{''.join(', ' + str(d) for d in self.extra_dirs)})")

@@ -254,12 +254,12 @@ def _open_pystdlib(cfg: Mapping[str, Any], data_dir: Path | None, stdlib_dir: Pa
     return TextDataset.of_bytes(corpus, cfg["seq_len"], "dataset pystdlib", tokenizer, holdout)
 
 
-def _open_p2p(cfg: Mapping[str, Any], shards) -> Dataset:
+def _open_p2p(cfg: Mapping[str, Any], shards, tokenizer) -> Dataset:
     from p2pcompute.runs.sharded import ShardedDataset
 
     if shards is None:
         raise DatasetUnavailable("a peer-to-peer dataset needs a node to fetch its shards (p2pc node start)")
-    return ShardedDataset(cfg, shards)
+    return ShardedDataset(cfg, shards, tokenizer=tokenizer)
 
 
 # (config, data_dir, stdlib_dir, tokenizer, holdout) -> Dataset
@@ -283,5 +283,5 @@ def open_dataset(name: str, config: Mapping[str, Any], data_dir: Path | None = N
     how the node fetches a peer-to-peer dataset's files."""
     dataset_spec(name)
     if name == "p2p":
-        return _open_p2p(config, shards)
+        return _open_p2p(config, shards, tokenizer)
     return _OPENERS[name](config, data_dir, stdlib_dir, tokenizer, holdout)

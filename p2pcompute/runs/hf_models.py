@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,18 +30,28 @@ AUTO_CLASSES = {
 }
 
 
+# transformers' lazy module is not thread-safe: a thread reading `transformers.AutoModelForCausalLM` while another
+# imports it got an AttributeError (a node checks manifests on its ledger sync thread while its trainer builds the
+# model). The first import and the names we use are resolved under this lock, once.
+_IMPORT_LOCK = threading.Lock()
+_NAMES_USED = ("AutoConfig", "PreTrainedTokenizerFast", *AUTO_CLASSES.values())
+
+
 def _transformers():
     """Import transformers with the hub switched off: nothing in this process may download (set before the import,
-    which reads it)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        import transformers
-    except ImportError:
-        raise InvalidManifest("model.name: 'hf' models need the transformers package "
-                              "(pip install 'p2pcompute[hf]')") from None
-    transformers.logging.set_verbosity_error()
-    return transformers
+    which reads it). Thread-safe: the names we use are resolved under the lock before anyone gets the module."""
+    with _IMPORT_LOCK:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        try:
+            import transformers
+        except ImportError:
+            raise InvalidManifest("model.name: 'hf' models need the transformers package "
+                                  "(pip install 'p2pcompute[hf]')") from None
+        transformers.logging.set_verbosity_error()
+        for name in _NAMES_USED:  # cached in the module after the first time
+            getattr(transformers, name)
+        return transformers
 
 
 def hf_config(task: str, config: tuple[tuple[str, Any], ...]):

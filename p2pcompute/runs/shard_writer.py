@@ -1,7 +1,7 @@
 """Publishing a dataset: local files read, checked and cut into parquet shards in the node's cache, with a manifest.
 
-Inputs are parquet, JSON lines, Arrow IPC files or streams, or a `datasets` save_to_disk directory, read with
-pyarrow; their columns are checked and cast to the published types (runs/shard_format.py)."""
+Inputs are parquet, JSON lines, Arrow IPC files or streams, a `datasets` save_to_disk directory, read with
+pyarrow, or an image folder (class folders of PNG/JPEG files, runs/images.py); their columns are checked and cast to the published types (runs/shard_format.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from p2pcompute.errors import InvalidMessage, UsageError
 from p2pcompute.runs.artifact_cache import ArtifactCache
 from p2pcompute.runs.data_manifest import (MAX_SHARD_BYTES, MAX_SHARDS, Column, DatasetManifest, Shard,
                                            check_name)
+from p2pcompute.runs.images import is_image_folder, read_image_folder
 from p2pcompute.runs.shard_format import arrow_types, column_type, encode_shard
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ def read_table(path: Path) -> "pa.Table":
     import pyarrow as pa
 
     path = Path(path)
+    if is_image_folder(path):
+        return read_image_folder(path, MAX_INPUT_BYTES)
     if path.is_dir():
         return _read_saved_dataset(path)
     if not path.is_file():
@@ -86,6 +89,10 @@ def normalise(table: "pa.Table", columns: Sequence[str], where: str) -> tuple["p
     arrays, described = [], []
     for name in names:
         column = table.column(name)
+        if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
+            import pyarrow.compute as pc
+
+            column = pc.struct_field(column, "bytes")  # `datasets`' Image feature, {bytes, path}: the encoded image
         ctype = column_type(column.type)
         if ctype is None:
             raise UsageError(f"{where}: column {name!r} is {column.type}, which cannot be published (text, numbers, "

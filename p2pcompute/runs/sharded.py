@@ -17,9 +17,11 @@ import torch
 from p2pcompute.errors import DatasetUnavailable, InvalidMessage, P2PCError
 from p2pcompute.retry import retry_until
 from p2pcompute.runs.artifact_cache import ArtifactCache
+from p2pcompute.runs.artifacts import MAX_ARTIFACT_BYTES
 from p2pcompute.runs.data_manifest import MAX_MANIFEST_BYTES, DatasetManifest, Shard
 from p2pcompute.runs.datasets import Dataset
 from p2pcompute.runs.dataset_specs import dataset_spec
+from p2pcompute.runs.images import decode_images
 from p2pcompute.runs.model_specs import DataShape
 from p2pcompute.runs.shard_assignment import epoch_shards
 from p2pcompute.runs.shard_format import decode_shard
@@ -33,6 +35,7 @@ SHARD_WAIT_TIMEOUT = 600.0
 # not have reached the DHT yet, a provider may be back soon), every RETRY_DELAY seconds at most.
 FETCH_RETRY_TIMEOUT = 300.0
 MANIFEST_RETRY_TIMEOUT = 60.0  # the same for the dataset manifest, when a trainer starts
+ARTIFACT_RETRY_TIMEOUT = 60.0  # and for a run's initial weights or tokenizer (the publisher announces them at once)
 RETRY_DELAY = 5.0
 LOADER_THREADS = 2  # fetch + decode the current epoch's and the next epoch's shards side by side
 TEXT_SEPARATOR = b"\x00"  # between the rows of a text column, as in the pystdlib corpus
@@ -45,6 +48,12 @@ class ShardSource:
 
     fetch: Callable[..., Path]
     cache: ArtifactCache
+
+    def fetch_artifact(self, sha256_hex: str) -> Path:
+        """A run's file named by sha256 (initial weights, a tokenizer; runs.artifacts.ArtifactStore's `fetch` hook):
+        from any peer announcing it (a file of its own collection), tried again while nobody serves it."""
+        return fetch_retrying(self, bytes.fromhex(sha256_hex), ARTIFACT_RETRY_TIMEOUT, collection=None, index=None,
+                              size=None, max_bytes=MAX_ARTIFACT_BYTES)
 
 
 class _Closed(Exception):
@@ -84,7 +93,7 @@ def load_dataset_manifest(source: ShardSource, dataset_id: bytes) -> DatasetMani
 
 @dataclasses.dataclass(frozen=True)
 class _Decoded:
-    inputs: torch.Tensor  # lm: uint8 bytes of the shard's text; classification: float [rows, *input_shape]
+    inputs: torch.Tensor  # lm: uint8 bytes (int64 token ids with a tokenizer); classification: float [rows, *shape]
     targets: torch.Tensor | None  # classification: int64 labels
 
 
@@ -94,12 +103,16 @@ class ShardedDataset(Dataset):
     `sample_at(run, peer, epoch, generator, size)` draws from the shards `epoch_shards` gives for (run, peer,
     epoch), waiting for them if they are not decoded yet (the wait is counted in `data_wait_seconds`) and
     starting on the next epoch's in the background. Shards being read are held in use in the cache.
-    `sample(generator, size)` (no peer: the run's fixed evaluation batch) draws from shard 0."""
+    `sample(generator, size)` (no peer: the run's fixed evaluation batch) draws from shard 0. With a `tokenizer`
+    (runs.tokenizer.TextTokenizer) an lm dataset's text is tokenized as each shard is decoded, on a loader thread."""
 
     def __init__(self, cfg: Mapping[str, Any], source: ShardSource, manifest: DatasetManifest | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, tokenizer=None):
         self.cfg = dict(cfg)
+        self.tokenizer = tokenizer
         self.shape: DataShape = dataset_spec("p2p").data_shape(cfg)
+        if tokenizer is not None and cfg["task"] == "lm":
+            self.shape = dataclasses.replace(self.shape, outputs=tokenizer.vocab_size)
         self.source = source
         self.dataset_id = bytes.fromhex(cfg["id"])
         self.manifest = manifest or load_dataset_manifest(source, self.dataset_id)
@@ -124,7 +137,7 @@ class ShardedDataset(Dataset):
         if cfg["task"] == "lm":
             wanted = {cfg["text_column"]: ("text",)}
         else:
-            wanted = {cfg["image_column"]: ("uint8[]", "int[]", "float[]", "int", "float"),
+            wanted = {cfg["image_column"]: ("uint8[]", "int[]", "float[]", "int", "float", "bytes"),
                       cfg["label_column"]: ("int",)}
             if math.prod(cfg["input_shape"]) != 1 and m.column(cfg["image_column"]) is not None \
                     and m.column(cfg["image_column"]).type in ("int", "float"):
@@ -211,7 +224,7 @@ class ShardedDataset(Dataset):
             seq_len = self.cfg["seq_len"]
             if len(data.inputs) < seq_len + 1:
                 raise DatasetUnavailable(f"dataset {self.manifest.name}: the epoch's shards hold "
-                                         f"{len(data.inputs)} bytes of text, fewer than seq_len + 1")
+                                         f"{len(data.inputs)} tokens of text, fewer than seq_len + 1")
             starts = torch.randint(len(data.inputs) - seq_len, (size,), generator=generator)
             windows = torch.stack([data.inputs[s:s + seq_len + 1] for s in starts.tolist()]).long()
             return windows[:, :-1], windows[:, 1:]
@@ -239,6 +252,8 @@ class ShardedDataset(Dataset):
         if self.cfg["task"] == "lm":
             texts = table.column(self.cfg["text_column"]).to_pylist()
             joined = TEXT_SEPARATOR.join(t.encode() for t in texts)
+            if self.tokenizer is not None:  # documents split at TEXT_SEPARATOR again, as for local text
+                return _Decoded(self.tokenizer.encode_corpus(joined), None)
             return _Decoded(torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined
                             else torch.zeros(0, dtype=torch.uint8), None)
         return self._decode_images(table, shard)
@@ -251,7 +266,9 @@ class ShardedDataset(Dataset):
         shape, per_row = tuple(cfg["input_shape"]), math.prod(cfg["input_shape"])
         column = table.column(cfg["image_column"]).combine_chunks()
         rows = len(column)
-        if pa.types.is_list(column.type):
+        if pa.types.is_binary(column.type):  # PNG/JPEG bytes, decoded here on a loader thread
+            values = decode_images(column.to_pylist(), shape)
+        elif pa.types.is_list(column.type):
             lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
             if rows and (lengths.min() != per_row or lengths.max() != per_row):
                 raise InvalidMessage(f"column {cfg['image_column']!r} has rows of {int(lengths.min())}-"
@@ -260,7 +277,7 @@ class ShardedDataset(Dataset):
             values = column.flatten().to_numpy(zero_copy_only=False)
         else:
             values = column.to_numpy(zero_copy_only=False)
-        scale = 255.0 if column.type == pa.list_(pa.uint8()) else 1.0
+        scale = 255.0 if column.type in (pa.list_(pa.uint8()), pa.binary()) else 1.0
         inputs = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(rows, *shape) / scale)
         labels = table.column(cfg["label_column"]).to_numpy()
         if rows and (labels.min() < 0 or labels.max() >= cfg["outputs"]):

@@ -4,14 +4,14 @@ and the claimant hands a receipt with a quorum of witness signatures to the run'
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from p2pcompute.credits.audit import MAX_SPOT_STEPS
 from p2pcompute.credits.claims import Claim, SignedClaim, WitnessSignature
-from p2pcompute.credits.witness import MAX_CLAIMS_PER_PAYLOAD, Observations, check_claim
+from p2pcompute.credits.witness import MAX_CLAIMS_PER_PAYLOAD, Observations, check_claim, member_epochs
 from p2pcompute.services.claimlog import ClaimLog
 from p2pcompute.errors import InvalidMessage, InvalidSignature, MissingDependency, ProtocolError, StoreError
 from p2pcompute.identity import PEER_ID_PREFIX, public_key_from_peer_id
@@ -33,8 +33,17 @@ MAX_HAND_INS = 60  # attempts per receipt (10 minutes) before we give up on it a
 MAX_REMEMBERED_EPOCHS = 256  # epochs whose round mates and our weight we keep (as Observations does)
 MAX_PENDING_CLAIMS = 64  # our claims still lacking a quorum; older ones are given up (their epochs are long gone)
 MAX_FRAME = 4096  # bytes: a credits request is one signed claim (<= 512 B) or one witness signature, plus framing
+# Audits: our answer to an issuer's `state` request is our start state of an epoch, float32, which the trainer keeps
+# only up to 1 GiB (training/work.py, MAX_START_STATE_BYTES), plus its framing. What the asker reads is bounded by its
+# own per-op limits (services/audits.py), from the run's model size.
+MAX_STATE_RESPONSE = (1 << 30) + (1 << 20)
+# If the trainer has not closed an epoch's work commitment when its round is seen (the round ends inside the trainer's
+# step; the commitment is made right after), the claim waits this long for it, then goes out without one.
+COMMIT_WAIT = 10.0
+SHUTDOWN_WAIT = 5.0  # seconds shutdown() waits for the polling task once cancelled (its handler is already gone)
 LIMITS = Limits(
-    max_request=MAX_FRAME, max_response=MAX_FRAME, max_array_len=8,  # [op, [claim, [key, signature]]]
+    # requests: [op, [claim, [key, signature]]] or [op, [run, epoch, [<= MAX_SPOT_STEPS steps]]] (64 items at most)
+    max_request=MAX_FRAME, max_response=MAX_STATE_RESPONSE, max_array_len=MAX_SPOT_STEPS,
     call_timeout=10.0,  # seconds for one request/response, connection set-up included
     # a mate sends one witness signature per claim (<= 4 per round) and asks at most once per epoch directly:
     # a few requests per round; 10/s with a burst of 40 is far above that and bounds a flood's CPU cost
@@ -67,11 +76,18 @@ class CreditsService(Servicer):
         self._my_weights: dict[int, float] = {}
         self._last_round = None
         self._task: asyncio.Task | None = None
+        self._closing = False  # set by shutdown(): the polling loops end
         self._log = ClaimLog(replica.store.path.parent)  # our open claims survive a crash or restart
         for epoch, (signed_claim, sigs) in self._log.load(signed.run_id, self.me).items():
             self._pending[epoch] = {"signed": signed_claim, "sigs": sigs, "since": 0.0, "next_hand_in": 0.0,
                                     "hand_ins": 0}
         self.payouts: list[bytes] = []  # entry ids of the payouts our receipts got
+        # epoch -> (work commitment or None, when first looked for, whether it may still come): _read_commitments
+        self._commitments: dict[int, tuple[Any, float, bool]] = {}
+        from p2pcompute.services.audits import audited  # (audits imports this module)
+
+        # an audited run's issuer may ask about an open claim's epoch long after it ended: its records stay meanwhile
+        self._pin_work = audited(signed.manifest)
 
     # ---- what rides in the averaging round ---------------------------------------------------------
 
@@ -106,14 +122,23 @@ class CreditsService(Servicer):
             logger.info("gave up on the last witness signatures")
 
     async def shutdown(self) -> None:
+        """Stop: the protocol handler first (the next run's service takes it over whatever happens below), then the
+        polling task, waited for at most SHUTDOWN_WAIT. Seen in CI (NAT test, 2026-12-02): a task with dozens of
+        open claims to ask about did not end within the node's 30 s, the handler stayed registered, and the next
+        run's service could not start ("handler for protocol /p2pc/credits/1 already set"): the node's training
+        supervisor died with it. (Python 3.11's wait_for can swallow a cancellation; `_closing` ends the loops.)"""
+        self._closing = True
+        await self.remove_handler()
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.remove_handler()
+            done, _ = await asyncio.wait({self._task}, timeout=SHUTDOWN_WAIT)
+            if not done:
+                logger.warning("the credits task of the last run did not stop within %.0f s; left to end",
+                               SHUTDOWN_WAIT)
         self._log.close()
 
     async def _poll(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(POLL_PERIOD)
             try:
                 await self._process()
@@ -134,6 +159,8 @@ class CreditsService(Servicer):
         return rounds
 
     async def _process(self, final: bool = False) -> None:
+        if self._closing:
+            return
         sends = []
         for rnd in self._new_rounds():
             if rnd.kind not in CLAIM_ROUNDS or not rnd.ok:
@@ -147,17 +174,21 @@ class CreditsService(Servicer):
             mine = declared.get(self.me)
             if mine is None:
                 continue  # without our own epoch in the round we cannot say when we saw anyone
-            my_epoch = mine[0]  # members are recorded under OUR epoch: what they declare is no evidence
-            if mine[2] is not None:  # what we sent went into the epoch our mates were in (a late joiner's first
-                # round is the swarm's epoch, not its own): claim it there, where they can witness it
-                epoch = round_epoch([e for k, (e, _c, _w) in declared.items() if k != self.me], my_epoch)
+            # what we sent is our accumulated work of the epoch we declared: we claim it under that epoch (its work
+            # commitment holds the same samples), and each mate records us under it (`member_epochs`)
+            epoch = mine[0]
+            logger.debug("claim round: declared %s, weights %s",
+                         {k.hex()[:8]: e for k, (e, _c, _w) in declared.items()},
+                         {k.hex()[:8]: w for k, (_e, _c, w) in declared.items()})
+            if mine[2] is not None:
                 self._my_weights[epoch] = max(mine[2], self._my_weights.get(epoch, 0.0))
+            labels = member_epochs({k: e for k, (e, _c, _w) in declared.items()}, self.me)
             for key, (_epoch, _claims, weight) in declared.items():
                 if key != self.me:
-                    self.observed.record(key, my_epoch, weight)
-            self._members.setdefault(my_epoch, set()).update(k for k in declared if k != self.me)
+                    self.observed.record(key, labels[key], weight)
+            self._members.setdefault(epoch, set()).update(k for k in declared if k != self.me)
             if self.issuer is not None:
-                self.issuer.saw(self.signed.run_id, my_epoch, [k for k in declared if k != self.me])
+                self.issuer.saw(self.signed.run_id, epoch, [k for k in declared if k != self.me])
             for key, (_epoch, claims, _weight) in declared.items():
                 if key == self.me:
                     continue
@@ -168,6 +199,7 @@ class CreditsService(Servicer):
         for table in (self._members, self._my_weights):  # bounded like Observations: old epochs are long settled
             while len(table) > MAX_REMEMBERED_EPOCHS:
                 del table[min(table)]
+        await self._read_commitments(final)
         self._make_claims()
         for key, request in sends:
             await self._send_quietly(key, request)
@@ -199,12 +231,60 @@ class CreditsService(Servicer):
             with self._lock:
                 if epoch in self._pending:
                     continue
-                claim = Claim(self.signed.run_id, self.signed.publisher, epoch, self.me, samples)
+            work = self._claim_work(epoch, samples)
+            if work is None:
+                continue  # the trainer has not closed this epoch's work commitment yet
+            samples, work_digest = work
+            with self._lock:
+                if epoch in self._pending:
+                    continue
+                claim = Claim(self.signed.run_id, self.signed.publisher, epoch, self.me, samples,
+                              work_digest=work_digest)
                 self._pending[epoch] = {"signed": claim.sign(self.identity), "sigs": {}, "since": self.monotonic(),
                                         "next_hand_in": 0.0, "hand_ins": 0}
+                if self._pin_work and any(work_digest):
+                    self.trainer.keep_work(epoch)
                 self._log.put(self._pending[epoch]["signed"], ())
                 while len(self._pending) > MAX_PENDING_CLAIMS:
                     self._finish_claim(min(self._pending))
+
+    # ---- work commitments: what a claim's work_digest names (audits, docs/credits.md) ----------------------
+
+    async def _read_commitments(self, final: bool) -> None:
+        """Look up the trainer's work commitments of the epochs we are about to claim, off the loop: the trainer's
+        lock is held through a whole step, averaging round included. An epoch the trainer is still in is looked
+        up again on the next poll, for COMMIT_WAIT at most (not at all once training ended)."""
+        loop = asyncio.get_running_loop()
+        trainer_epoch = self.trainer.status().epoch
+        now = self.monotonic()
+        for epoch in list(self._my_weights):
+            known = self._commitments.get(epoch)
+            if epoch in self._done_epochs or epoch in self._pending or (known is not None and known[0] is not None):
+                continue
+            commitment = await loop.run_in_executor(None, self.trainer.work_commitment, epoch)
+            still_open = (not final and self.trainer.records_work and trainer_epoch <= epoch
+                          and now - (known[1] if known else now) < COMMIT_WAIT)
+            self._commitments[epoch] = (commitment, known[1] if known else now, still_open)
+        while len(self._commitments) > MAX_REMEMBERED_EPOCHS:
+            del self._commitments[min(self._commitments)]
+
+    def _claim_work(self, epoch: int, samples: int) -> tuple[int, bytes] | None:
+        """(samples, work_digest) of our claim for `epoch` of `samples` averaged: at most the samples the commitment
+        holds (an audit fails a claim of more than the committed steps x batch), with its digest; fewer if we averaged
+        fewer (a round joined late: seen under load, 32 of 384 trained samples averaged; such a claim used to go out
+        without a commitment and was withheld whenever it was drawn for an audit). Zeros (no commitment, so an audit
+        of it cannot pass: the issuer withholds it if it draws it) when there is none. None: wait for it."""
+        commitment, _since, still_open = self._commitments.get(epoch, (None, 0.0, False))
+        if commitment is None:
+            if still_open:
+                return None
+            if self.trainer.records_work:
+                logger.info("claiming epoch %d without a work commitment (the trainer made none)", epoch)
+            return samples, bytes(32)
+        if commitment.samples > samples:
+            logger.info("epoch %d: claiming the %d samples averaged of the %d committed", epoch, samples,
+                        commitment.samples)
+        return min(samples, commitment.samples), commitment.digest
 
     async def _ask_directly(self, older_than: float) -> None:
         """For claims that rounds did not get witnessed in time, ask the mates of that epoch's round."""
@@ -212,6 +292,8 @@ class CreditsService(Servicer):
         with self._lock:
             due = [(e, p) for e, p in self._pending.items() if now - p["since"] >= older_than]
         for epoch, pending in due:
+            if self._closing:
+                return
             for key in sorted(self._members.get(epoch, set()) - set(pending["sigs"])):
                 reply = await self._send_quietly(key, ["claim", pending["signed"].to_wire()])
                 if reply is None:
@@ -261,6 +343,8 @@ class CreditsService(Servicer):
             ready = [(e, p) for e, p in self._pending.items()
                      if len(p["sigs"]) >= policy.quorum and (final or now >= p["next_hand_in"])]
         for epoch, pending in ready:
+            if self._closing:
+                return
             receipt = Receipt.assemble(pending["signed"], pending["sigs"].values())
             issuer = policy.issuer_for(epoch)
             try:
@@ -286,7 +370,8 @@ class CreditsService(Servicer):
                         len(receipt.witnesses))
 
     def _finish_claim(self, epoch: int) -> None:
-        self._pending.pop(epoch, None)
+        if self._pending.pop(epoch, None) is not None and self._pin_work:
+            self.trainer.keep_work(epoch, False)
         self._done_epochs.add(epoch)
         self._log.delete(self.signed.run_id, epoch)
 
@@ -311,6 +396,8 @@ class CreditsService(Servicer):
         key = _key_of(peer)
         if key is None:
             raise InvalidMessage("only Ed25519 peers take part in credits")
+        if isinstance(request, list) and len(request) == 2 and request[0] in AUDIT_OPS:
+            return await self._answer_audit(peer, key, request[0], request[1])
         if not (isinstance(request, list) and len(request) == 2 and request[0] in ("claim", "witness")):
             raise InvalidMessage("expected [op, payload] with op claim or witness")
         op, payload = request
@@ -326,12 +413,51 @@ class CreditsService(Servicer):
         return None
 
 
-def round_epoch(mates: list[int], mine: int) -> int:
-    """The epoch a round was in, as our mates declared it: the most common (ties: the newest); ours if alone."""
-    if not mates:
-        return mine
-    counts = collections.Counter(mates)
-    return max(counts, key=lambda e: (counts[e], e))
+    # ---- audits of our claims (the claimant's side; the issuer's is services/audits.py) ------------------
+
+    async def _answer_audit(self, peer: bytes, key: bytes, op: str, payload: Any) -> Any:
+        """`reveal` [run, epoch, steps]: [our commitment wire, [step reveal wires]] (steps empty: the commitment only);
+        `state` [run, epoch]: [digest, [float32 bytes per parameter]], our start state of that epoch. Only the run's
+        issuers ask (they audit); a malformed request bans the sender."""
+        try:
+            run_id, epoch, steps = _parse_audit_request(op, payload)
+        except InvalidMessage as e:
+            self.limits.ban(peer, f"{PROTOCOL} {op}: {e}")
+            raise
+        if run_id != self.signed.run_id:
+            raise InvalidMessage("this node does not train that run (any more)")
+        policy = self._policy()
+        if policy is None or key not in policy.issuers:
+            raise InvalidMessage("only the run's issuers audit its claims")
+        loop = asyncio.get_running_loop()  # the trainer's lock is held through a step: never wait for it on the loop
+        if op == "state":
+            kept = await loop.run_in_executor(None, self.trainer.start_state, epoch)
+            if kept is None:
+                raise InvalidMessage(f"no start state of epoch {epoch} kept here")
+            digest, tensors = kept
+            return [digest, await loop.run_in_executor(None, lambda: [t.numpy().tobytes() for t in tensors])]
+        commitment = await loop.run_in_executor(None, self.trainer.work_commitment, epoch)
+        reveals = await loop.run_in_executor(None, self.trainer.reveal, epoch, steps) if steps else []
+        if commitment is None or reveals is None:
+            raise InvalidMessage(f"no work commitment of epoch {epoch} kept here")
+        return [commitment.to_wire(), [r.to_wire() for r in reveals]]
+
+
+AUDIT_OPS = ("reveal", "state")
+
+
+def _parse_audit_request(op: str, payload: Any) -> tuple[bytes, int, list[int]]:
+    """(run id, epoch, steps) of an audit request; InvalidMessage if malformed (steps: increasing, at most
+    MAX_SPOT_STEPS, none for `state`)."""
+    size = 3 if op == "reveal" else 2
+    if not (isinstance(payload, list) and len(payload) == size and isinstance(payload[0], bytes)
+            and len(payload[0]) == 32 and type(payload[1]) is int and 0 <= payload[1] < 2**63):
+        raise InvalidMessage(f"expected [run id, epoch{', steps' if size == 3 else ''}]")
+    steps = payload[2] if size == 3 else []
+    if not (isinstance(steps, list) and len(steps) <= MAX_SPOT_STEPS and all(type(s) is int for s in steps)
+            and all(a < b for a, b in zip([-1] + steps, steps))):
+        raise InvalidMessage(f"steps must be at most {MAX_SPOT_STEPS} increasing non-negative integers")
+    return payload[0], payload[1], steps
 
 
 def _parse_payload(payload: Any) -> tuple[int | None, list]:

@@ -1,4 +1,4 @@
-"""Paying a run's credits as one of its issuers: witnessed receipts in over /p2pc/payouts/1, `payout` entries in this node's own chain out."""
+"""Paying a run's credits as one of its issuers: witnessed receipts in over /p2pc/payouts/1, `payout` entries in this node's own chain out (and `audit` entries for claims that failed their audit, services/audits.py)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ class Issuer:
     * at least one witness is vouched for: this node itself, a peer this node saw in its own rounds of the run
       (`saw`, fed by the credits service while this node trains the run), or a peer already paid in the run.
       Fresh keys made up to witness each other are therefore never paid;
-    * the epoch is at most EPOCH_LEAD past the newest epoch this node saw the run reach.
+    * the epoch is at most EPOCH_LEAD past the newest epoch this node saw the run reach;
+    * with `audits` set (services/audits.py), the claim is not drawn for an audit or passed it; a peer that failed
+      an audit in the run is paid nothing more in it.
 
     Thread-safe."""
 
@@ -51,6 +53,8 @@ class Issuer:
         self._lock = threading.Lock()
         self._seen: dict[bytes, set[bytes]] = {}  # run_id -> peers seen in our own rounds of it
         self._epoch: dict[bytes, int] = {}  # run_id -> newest epoch we saw it reach
+        self._manifests: dict[bytes, Any] = {}  # run_id -> its Manifest, read once from the ledger
+        self.audits = None  # services.audits.Audits, set by the node: None audits nothing
 
     def saw(self, run_id: bytes, epoch: int, peers) -> None:
         """This node was in a round of `run_id` at `epoch` with `peers` (public keys)."""
@@ -75,9 +79,8 @@ class Issuer:
 
     def pay(self, receipt: Receipt) -> bytes:
         """The id of this node's payout for `receipt` (appended now, or found from before). Raises InvalidSignature
-        (forged), InvalidMessage (not ours to pay, or past the run's bounds) or MissingDependency (run not here yet)."""
-        from p2pcompute.ledger.codec import KIND_PAYOUT, PayoutBody
-
+        (forged), InvalidMessage (not ours to pay, past the run's bounds, drawn for an audit not passed yet) or
+        MissingDependency (run not here yet)."""
         claim = receipt.claim
         receipt.verify_signatures()
         store = self.replica.store
@@ -90,17 +93,77 @@ class Issuer:
         why_not = self._traceable(receipt)
         if why_not is not None:
             raise InvalidMessage(f"not paid: {why_not}")
+        paid = store.payout_for(self.me, claim.run_id, claim.epoch, claim.peer)
+        if paid is not None:
+            return paid
+        if self.audits is not None:
+            if any(a.peer == claim.peer for a in store.audits(claim.run_id)):
+                raise InvalidMessage("not paid: this peer failed an audit in this run")
+            self.audits.clear(receipt, self.manifest(claim.run_id))
+        return self._append_payout(receipt, policy)
+
+    def _append_payout(self, receipt: Receipt, policy) -> bytes:
+        from p2pcompute.ledger.codec import KIND_PAYOUT, PayoutBody
+        from p2pcompute.ledger.validate import payout_samples
+
+        claim = receipt.claim
+        store = self.replica.store
+        samples = claim.samples
+
+        def body(view, seq: int) -> PayoutBody:
+            # in the append's transaction: what our own chain (never forked: append_local refuses) paid for the epoch
+            nonlocal samples
+            tally = view.tally(self.me, claim.run_id, claim.epoch, claim.peer, seq, False)
+            samples = payout_samples(policy, claim.samples, tally.epoch_samples) or claim.samples  # 0: refused below
+            return PayoutBody.create(receipt, policy, samples)
+
         with self._lock:
             paid = store.payout_for(self.me, claim.run_id, claim.epoch, claim.peer)
             if paid is not None:
                 return paid
             try:
-                entry = self.replica.append_local(self.identity, KIND_PAYOUT, PayoutBody.create(receipt, policy),
-                                                  int(self.clock() * 1000))
+                entry = self.replica.append_local(self.identity, KIND_PAYOUT, body, int(self.clock() * 1000))
             except InvalidEntry as e:
                 raise InvalidMessage(f"not paid: {e}") from None
-        logger.info("paid epoch %d of run %s: %d samples to %s", claim.epoch, claim.run_id.hex()[:12],
-                    claim.samples, claim.peer.hex()[:12])
+        cut = f" of {claim.samples} (the rest of the epoch's cap)" if samples < claim.samples else ""
+        logger.info("paid epoch %d of run %s: %d samples%s to %s", claim.epoch, claim.run_id.hex()[:12], samples, cut,
+                    claim.peer.hex()[:12])
+        return entry.id
+
+    def manifest(self, run_id: bytes):
+        """The run's manifest (runs.manifest.Manifest) as published in the ledger (the caller knows it is there)."""
+        from p2pcompute.ledger.codec import KIND_RUN_PUBLISH
+        from p2pcompute.runs.manifest import Manifest
+
+        manifest = self._manifests.get(run_id)
+        if manifest is None:
+            publish = next(e for e in self.replica.store.run_entries(run_id) if e.kind == KIND_RUN_PUBLISH)
+            manifest = self._manifests[run_id] = Manifest.from_wire(publish.body.manifest)
+        return manifest
+
+    def claw_back(self, receipt: Receipt, report) -> bytes | None:
+        """Record that `receipt`'s claim failed its audit (`report`, a credits.audit.AuditReport with verdict fail): its
+        payout (the ledger's `audit` entry names a payout) and the `audit` entry with the report as evidence, which
+        voids every payout to the peer in the run on every replica. Returns the audit entry's id; None if the peer was
+        clawed back in the run already, or the payout cannot be appended (the epoch's cap or the budget is spent: the
+        cheater is then unpaid for it anyway)."""
+        from p2pcompute.ledger.codec import KIND_AUDIT, AuditBody
+
+        claim = receipt.claim
+        if any(a.peer == claim.peer for a in self.replica.store.audits(claim.run_id)):
+            return None  # clawed back already (audits drawn before the first failure was recorded)
+        policy = self.replica.store.run_policy(claim.run_id)
+        try:
+            payout_id = self._append_payout(receipt, policy)
+        except InvalidMessage as e:
+            logger.warning("epoch %d of %s failed its audit; its payout cannot be recorded (%s), so no audit entry",
+                           claim.epoch, claim.peer.hex()[:12], e)
+            return None
+        body = AuditBody(payout_id, claim.run_id, claim.peer, claim.epoch, report.to_wire())
+        with self._lock:
+            entry = self.replica.append_local(self.identity, KIND_AUDIT, body, int(self.clock() * 1000))
+        logger.warning("epoch %d of run %s by %s failed its audit (%s): its credits in the run are clawed back",
+                       claim.epoch, claim.run_id.hex()[:12], claim.peer.hex()[:12], report.reason)
         return entry.id
 
 

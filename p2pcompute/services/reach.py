@@ -32,7 +32,7 @@ DIAL_TIMEOUT = 5.0  # seconds for the probe's dial: a reachable host answers a T
 LIMITS = Limits(
     max_request=4096, max_response=1024, max_array_len=16,
     call_timeout=DIAL_TIMEOUT + 5.0,  # the answer comes after the dial (and, once, the probe's ~1 s start)
-    # a node checks at start and every RECHECK_PERIOD: one request a minute per peer is far above that, and bounds
+    # a node checks at start and every [swarm] reach_recheck s (default 600): one request a minute per peer is far above that, and bounds
     # the dials (and p2pd work) one peer can make a server do
     rate_per_s=1 / 60, burst=3.0,
     ban_seconds=600.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Sequence
@@ -18,6 +19,14 @@ logger = logging.getLogger(__name__)
 PEERS_KEY = "p2pc/v1/peers"  # subkey per peer (its PeerID bytes), value: signed PeerRecord
 DHT_WAIT_TIMEOUT = 3.0  # seconds a single DHT RPC may take on a healthy network (hivemind's default)
 DHT_GET_TIMEOUT = 10.0  # upper bound for a whole get/store traversal issued by our code
+# Seconds between looks at whether the bootstrap peers are still in the DHT's routing table. hivemind drops a peer
+# from it after one unanswered request and never re-bootstraps (refresh_timeout is off): a node that was suspended
+# or cut off for longer than a request timeout wakes with every peer dropped on both sides, a DHT of its own.
+# A ping to a missing bootstrap peer heals it (both sides add each other). A look is a dict lookup, so it is done
+# every second; a peer that does not answer is pinged again after twice as long each time, at most every
+# REJOIN_MAX_BACKOFF (a bootstrap peer that is down costs one failed dial per 30 s).
+REJOIN_PERIOD = 1.0
+REJOIN_MAX_BACKOFF = 30.0
 # p2pd's NAT traversal per reachability mode (config `public`). p2pd (hivemind 1.1.12) has no hole punching; its
 # relay service limits are p2pd's defaults (128 reservations, 16 circuits a peer, 4 GiB / 30 min a circuit):
 # hivemind's P2P.create does not pass them on. Auto-relay takes the bootstrap peers as its trusted relays.
@@ -26,7 +35,9 @@ NAT_OPTIONS = {
     "local": dict(use_relay=False, use_auto_relay=False, auto_nat=False, nat_port_map=False),
     "public": dict(_TRAVERSAL, use_auto_relay=False),
     "auto": dict(_TRAVERSAL, use_auto_relay=False),  # started as public; restarted as private if the check says so
-    "private": dict(_TRAVERSAL, use_auto_relay=True, auto_nat=False),
+    # forced private: go-libp2p's auto-relay only reserves a slot once the host's reachability is private, which
+    # AutoNAT (off: it would serve others) never says here
+    "private": dict(_TRAVERSAL, use_auto_relay=True, auto_nat=False, force_reachability="private"),
 }
 
 
@@ -99,7 +110,47 @@ def start_dht(
     if dht.peer_id != identity.peer_id:
         _stop(dht)
         raise SwarmError("p2pd did not take the node's identity key (PeerID mismatch)")
+    if bootstrap and not client_mode:
+        keep_bootstrap_peers(dht, bootstrap)
     return dht
+
+
+def keep_bootstrap_peers(dht: "hivemind.DHT", bootstrap: Sequence[str], period: float = REJOIN_PERIOD) -> None:
+    """Inside the DHT process, for as long as it runs: ping every bootstrap peer that is missing from the routing
+    table (see REJOIN_PERIOD). The future is kept on the DHT object: it ends with the DHT process."""
+    from hivemind.p2p import PeerID
+
+    peer_ids = sorted({str(PeerID.from_base58(address.rsplit("/p2p/", 1)[1])) for address in bootstrap
+                       if "/p2p/" in address})
+    if peer_ids:
+        dht._p2pc_rejoin = dht.run_coroutine(functools.partial(_rejoin_loop, tuple(peer_ids), period),
+                                             return_future=True)
+
+
+async def _rejoin_loop(peer_ids: tuple[str, ...], period: float, _dht, node) -> None:
+    import asyncio
+
+    from hivemind.p2p import PeerID
+
+    peers = [PeerID.from_base58(peer_id) for peer_id in peer_ids]
+    backoff = {peer: period for peer in peers}
+    next_try = {peer: 0.0 for peer in peers}
+    loop = asyncio.get_running_loop()
+    while node.is_alive:
+        await asyncio.sleep(period)
+        now = loop.time()
+        missing = [peer for peer in peers
+                   if node.protocol.routing_table.get(peer_id=peer) is None and next_try[peer] <= now]
+        if not missing:
+            continue
+        # call_ping adds an answering peer to our table, and its rpc_ping adds us to its own
+        answered = await asyncio.gather(*(node.protocol.call_ping(peer) for peer in missing))
+        for peer, node_id in zip(missing, answered):
+            backoff[peer] = period if node_id is not None else min(2 * backoff[peer], REJOIN_MAX_BACKOFF)
+            next_try[peer] = loop.time() + backoff[peer]
+        back = sum(node_id is not None for node_id in answered)
+        if back:
+            logger.info("rejoined the DHT through %d bootstrap peer(s) missing from its routing table", back)
 
 
 def _stop(dht) -> None:

@@ -63,7 +63,7 @@ from hivemind.utils import get_dht_time
 
 from p2pcompute.runs.optimizers import allocate_state
 from p2pcompute.training.dataplane import RawAllReduceMixin
-from p2pcompute.retry import retry_until
+from p2pcompute.retry import Timeout, poll_until, retry_until
 from p2pcompute.training.observed import ObservedAverager, RoundObserver, log_download_failure
 from p2pcompute.training.tracker import SwarmProgressTracker
 
@@ -81,6 +81,9 @@ RETRY_LOAD_TIMEOUT = 10.0
 # How a round or a download can fail: whatever hivemind's averager process set on the future (MatchmakingException,
 # AllreduceException, TimeoutError, CancelledError, P2P errors, ...). A failed round never stops training.
 ROUND_FAILURES = (Exception,)
+# Seconds an epoch end waits for a view of the swarm that shows at least this peer (see _wait_for_a_view): the DHT's
+# rejoin period (swarm/dht.py REJOIN_PERIOD, 5 s) plus two progress reads at the slowest refresh (5 s), plus slack.
+VIEW_WAIT = 20.0
 
 
 class ObservedOuterAverager(RawAllReduceMixin, ObservedAverager):
@@ -182,6 +185,7 @@ class LocalUpdatesOptimizer:
     # ---- the end of an epoch -------------------------------------------------------------------------
 
     def _end_epoch(self) -> None:
+        self._wait_for_a_view()
         with self.tracker.pause_updates():
             if not self._needs_state and not self._far_behind():
                 self._settle(wait=True, merge=True)  # overlap: the round launched an epoch ago
@@ -193,6 +197,19 @@ class LocalUpdatesOptimizer:
                 self._catch_up()
                 return
             self._next_epoch(max(self.local_epoch + 1, self.tracker.global_epoch))
+
+    def _wait_for_a_view(self) -> None:
+        """A tracker that sees no peer at all, not even us, does not mean we are alone: our own reports are missing
+        from what it reads, so its DHT is cut off from the swarm (a node woken from a suspend, until swarm/dht.py
+        rejoins). Alone, local mode takes an outer step per epoch on its own samples; a woken straggler did that
+        at ~20 epochs/s and reached the run's last epoch before its DHT healed. Wait (bounded) for a view."""
+        if self.tracker.global_progress.num_peers > 0:
+            return
+        try:
+            poll_until(lambda: self.tracker.global_progress.num_peers > 0, VIEW_WAIT, interval=0.1,
+                       what="a view of the swarm", clock=self._clock)
+        except Timeout:
+            logger.info("the DHT shows no peer of the run, not even us, after %.0f s; training on alone", VIEW_WAIT)
 
     def _far_behind(self) -> bool:
         """Two or more epochs behind the swarm (paused, starved, frozen): averaging our stale parameters in would

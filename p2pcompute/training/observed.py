@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
@@ -43,9 +44,13 @@ from p2pcompute.training.tracker import SwarmProgressTracker
 
 logger = logging.getLogger(__name__)
 
+CANCELLED = "cancelled"  # the error of a round whose step we cancelled ourselves
 MAX_RECORDED_ROUNDS = 256  # rounds kept in memory for the claims layer to pick up (a few minutes of epochs)
 # How long a stopping averager waits for the DHT process to have read its last requests (see _shutdown).
 DHT_BARRIER_TIMEOUT = 5.0
+# How far past our own epoch a gradient round's group may take us (SwarmOptimizer), beyond what the tracker reports:
+# the members of one round are at most one epoch apart in an honest swarm.
+MAX_CATCH_UP = 1
 
 Payload = Callable[[str], Any]  # round kind ("gradients" / "state" / "outer") -> msgpack-able data sent to group mates
 
@@ -62,6 +67,8 @@ class AveragingRound:
     # PeerID -> the averaging weight (samples) that member sent us as its reducer, absent if we reduced none of it;
     # under our own PeerID, the weight we sent
     weights: dict[bytes, float] = dataclasses.field(default_factory=dict)
+    # PeerID -> the epoch that member declared in hivemind's gather slot (gradient rounds: see SwarmOptimizer)
+    epochs: dict[bytes, int] = dataclasses.field(default_factory=dict)
 
 
 class RoundObserver:
@@ -77,16 +84,18 @@ class RoundObserver:
 
     def record(self, kind: str, control) -> None:
         """Done-callback of a StepControl (runs in hivemind's future thread)."""
-        error = "cancelled" if control.cancelled() else control.exception(timeout=0)
-        if error is not None:
-            entry = AveragingRound(kind, False, (), {}, repr(error)[:200])
+        error = control.exception(timeout=0) if not control.cancelled() else None
+        if control.cancelled() or error is not None:
+            entry = AveragingRound(kind, False, (), {}, CANCELLED if error is None else repr(error)[:200])
         else:
             gathered = control.result(timeout=0) or {}
             members = tuple(peer.to_bytes() for peer in gathered)
-            parts = {peer.to_bytes(): _our_part(value) for peer, value in gathered.items()}
-            payloads = {peer: payload for peer, (payload, _weight) in parts.items()}
-            weights = {peer: weight for peer, (_payload, weight) in parts.items() if weight is not None}
-            entry = AveragingRound(kind, True, members, payloads, weights=weights)
+            parts = {peer.to_bytes(): _parts(value) for peer, value in gathered.items()}
+            payloads = {peer: payload for peer, (_gather, payload, _weight) in parts.items()}
+            weights = {peer: weight for peer, (_gather, _payload, weight) in parts.items() if weight is not None}
+            epochs = {peer: gather for peer, (gather, _payload, _weight) in parts.items() if _is_epoch(gather)}
+            entry = AveragingRound(kind, True, members, payloads, weights=weights, epochs=epochs)
+        log_round(entry)
         with self._lock:
             self._rounds.append(entry)
 
@@ -95,20 +104,50 @@ class RoundObserver:
             return list(self._rounds)
 
 
+def log_round(entry: AveragingRound) -> None:
+    """The one INFO line of a round (issue 14: a volunteer reads how rounds go without --debug)."""
+    if entry.ok:
+        logger.info("%s round done in a group of %d", entry.kind, len(entry.members))
+    elif entry.error == CANCELLED:  # our own decision (the epoch moved on, a round skipped, leaving), not news
+        logger.debug("%s round cancelled", entry.kind)
+    else:
+        logger.info("%s round failed: %s", entry.kind, readable_error(entry.error))
+
+
+def readable_error(error: str) -> str:
+    """hivemind's repr of a round's failure, as a volunteer reads it."""
+    if "could not find a group" in error:
+        return "could not find a group in time"
+    return error
+
+
 def log_download_failure(error: BaseException) -> None:
     """How a failed state download is reported before the next attempt (retry_until's on_failure)."""
     logger.info("state download failed (%s: %s); retrying", type(error).__name__, error)
 
 
-def _our_part(value: Any) -> tuple[Any, float | None]:
-    """(our payload, the weight we received) from one member's gathered value: [[hivemind's, payload], weight]
-    on our data plane (dataplane/averagers.py), [hivemind's, payload] on hivemind's own."""
+def _parts(value: Any) -> tuple[Any, Any, float | None]:
+    """(hivemind's gather value, our payload, the weight we received) from one member's gathered value (untrusted:
+    None where it does not parse): [[hivemind's, payload], weight] on our data plane (dataplane/averagers.py),
+    [hivemind's, payload] on hivemind's own."""
     weight = None
     if isinstance(value, list) and len(value) == 2 and (value[1] is None or isinstance(value[1], float)) \
             and isinstance(value[0], list):
         value, weight = value
-    payload = value[1] if isinstance(value, list) and len(value) == 2 else None
-    return payload, weight
+    if isinstance(value, list) and len(value) == 2:
+        return value[0], value[1], weight
+    return None, None, weight
+
+
+def round_epochs(gathered: dict) -> dict[bytes, int]:
+    """PeerID -> the epoch that member of a gradient round declared in hivemind's gather slot (SwarmOptimizer fills it
+    with the member's local epoch); what does not parse is left out."""
+    gathers = {peer.to_bytes(): _parts(value)[0] for peer, value in gathered.items()}
+    return {peer: gather for peer, gather in gathers.items() if _is_epoch(gather)}
+
+
+def _is_epoch(gather: Any) -> bool:
+    return type(gather) is int and gather >= 0
 
 
 class ObservedAverager(DecentralizedAverager):
@@ -118,13 +157,33 @@ class ObservedAverager(DecentralizedAverager):
     _observer: RoundObserver
     _round_kind: str
 
+    # What fills hivemind's gather slot when hivemind leaves it empty (its gradient rounds): see SwarmOptimizer
+    gather_default: Optional[Callable[[], Any]] = None
+    # The group size last sent to the averager's process by expect_group (None: hivemind's target_group_size)
+    _group_target: Optional[int] = None
+
     def step(self, gather: Any = None, scheduled_time: Optional[float] = None, weight: Optional[float] = None,
              timeout: Optional[float] = None, allow_retries: bool = True, require_trigger: bool = False,
              wait: bool = True):
+        if gather is None and self.gather_default is not None:
+            gather = self.gather_default()
         control = super().step([gather, self._observer.payload(self._round_kind)], scheduled_time, weight,
                                timeout, allow_retries, require_trigger, wait=False)
         control.add_done_callback(partial(self._observer.record, self._round_kind))
         return control.result() if wait else control
+
+    def expect_group(self, size: int) -> None:
+        """Let this averager's next group begin as soon as it has `size` members (within hivemind's
+        target_group_size and min_group_size) instead of waiting out its leader's matchmaking deadline.
+        Matchmaking runs in the averager's process: the new size goes there through hivemind's control pipe."""
+        cap = self.matchmaking_kwargs["target_group_size"] or size
+        size = max(self.matchmaking_kwargs["min_group_size"], min(size, cap))
+        if size != self._group_target:
+            self._group_target = size
+            self._outer_pipe.send(("_expect_group", [size], {}))
+
+    async def _expect_group(self, size: int) -> None:
+        self._matchmaking.target_group_size = size
 
     def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
         self.start()
@@ -201,6 +260,19 @@ class ObservedStateAverager(RawAllReduceMixin, TrainingStateAverager, ObservedAv
         self._observer, self._round_kind = observer, "state"
         super().__init__(*args, **kwargs)
 
+    # Set by SwarmOptimizer for one epoch end: the swarm's parameter round of this epoch went on without us.
+    skip_round = False
+
+    def step(self, *args, averaging_round: bool = False, averaging_control=None, averaging_opts=None, **kwargs):
+        """TrainingStateAverager.step, without the averaging round (a pre-scheduled one is cancelled) while
+        `skip_round` is set."""
+        if self.skip_round and averaging_round:
+            if averaging_control is not None and not averaging_control.done():
+                averaging_control.cancel()
+            averaging_round, averaging_control, averaging_opts = False, None, None
+        return super().step(*args, averaging_round=averaging_round, averaging_control=averaging_control,
+                            averaging_opts=averaging_opts, **kwargs)
+
     def get_current_state(self):
         """What a peer downloading our state gets, as a snapshot. hivemind hands out the live
         shared-memory tensors, which the averager process serializes later while training keeps
@@ -220,7 +292,64 @@ class SwarmOptimizer(hivemind.Optimizer):
     def __init__(self, *, observer: RoundObserver, **kwargs):
         self._observer = observer
         kwargs["grad_averager_factory"] = partial(ObservedGradientAverager, observer=observer)
+        self.downloads = 0  # state downloads so far (the trainer tells an epoch ended by one from one averaged)
         super().__init__(**kwargs)
+        if self.grad_averager is not None:  # each member tells its group the epoch its gradients are from
+            self.grad_averager.gather_default = lambda: self.local_epoch
+
+    def _expected_group(self) -> int:
+        """How many peers this epoch's round can expect: every peer with a live progress report in the run, and
+        ourselves (the tracker's count). A peer that joined since is not counted and joins the next round."""
+        return max(2, self.tracker.expected_peers)
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        """No gradient round before the epoch really ends (hivemind starts matchmaking matchmaking_time before its
+        estimate of the epoch end, and the group assembles at that estimate). The peers' estimates differ by more
+        than matchmaking_time, and so in most epochs two peers assembled their group seconds before the third began
+        looking; it missed the round and waited a whole epoch for the next one (measured: 3 peers of the demo run,
+        one round of 2 in 3-4, one peer computing 67% of the time). The epoch's real end is seen by all peers within
+        a fraction of a second (a peer that ends it reports its new epoch, which ends the others' at their next
+        step), so the round's matchmaking starts there (`_begin_averaging_gradients`), with the group complete as
+        soon as every peer expected has joined (`_expected_group`): all rounds of 3, 95% computing
+        (docs/benchmarks.md, "A healthy swarm")."""
+        return None
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        """hivemind's, for a round that starts now: the group begins when the peers training the run have all
+        joined, or matchmaking_time after its leader began looking. A control left from an earlier round is
+        dropped first: hivemind takes it as "this epoch's pre-scheduled round was used elsewhere" and steps on
+        local gradients alone (without pre-scheduling that was every other epoch). A lone peer (the tracker
+        sees no other) steps alone, as in hivemind."""
+        if self.scheduled_grads is not None and (self.scheduled_grads.triggered or self.scheduled_grads.done()):
+            self.scheduled_grads = None
+        if self.scheduled_grads is None and self.tracker.global_progress.num_peers > 1:
+            self.grad_averager.expect_group(self._expected_group())
+            # bounded by averaging_timeout (hivemind's own step here has no deadline and may retry for good)
+            self.scheduled_grads = self.grad_averager.schedule_step(timeout=self.averaging_timeout)
+        return super()._begin_averaging_gradients(grad_scaler)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        """hivemind's, then: a peer that was in this gradient round one epoch behind its mates leaves it at their
+        epoch, as they do. Without this it stayed one behind for good: hivemind steps its epoch by one after the round
+        (its mates by one from theirs), its tracker then shows the swarm ahead, so its next epoch ended at its first
+        step and it waited the whole epoch in matchmaking for the swarm's next round. Measured in CI (steady-state
+        test, 3 workers of the demo run): one peer sent 0-30k samples of the others' ~450k per round for 6 rounds
+        running and waited in epoch ends 73% of the time; the swarm never fell in step. How it got there: its tracker,
+        reading the others' last reports of the epoch they had just left, counted that epoch as full and ended ours; our
+        round was then their next one (so the tracker cannot tell us: it still showed that older epoch). Its
+        parameters moved with the others' all along (every member applies the same averaged gradients): only its
+        epoch counter was off. Bounded: at most MAX_CATCH_UP past our epoch, or to what the tracker reports, so a
+        member that declares a far epoch moves us no further than one epoch per round."""
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        if maybe_step_control is None or not maybe_step_control.done() or maybe_step_control.cancelled() \
+                or maybe_step_control.exception(timeout=0) is not None:
+            return
+        mates = round_epochs(maybe_step_control.result(timeout=0) or {}).values()
+        caught_up = min(max(mates, default=-1), max(self.local_epoch + MAX_CATCH_UP, self.tracker.global_epoch))
+        if caught_up > self.local_epoch:
+            logger.info("this peer was behind its gradient round's group (epoch %d, the group's %d): it goes on "
+                        "at the group's", self.local_epoch, caught_up)
+            self.state_averager.local_epoch = caught_up
 
     def load_state_from_peers(self, **kwargs) -> None:
         """hivemind.Optimizer.load_state_from_peers with the retries bounded by load_state_timeout (hivemind
@@ -237,6 +366,7 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self.grad_averager.load_state_from_peers(timeout=remaining, **kwargs)
             return True
 
+        self.downloads += 1
         with self.tracker.pause_updates():
             # hivemind's own loop catches every exception here too, then retries
             if retry_until(download, self.load_state_timeout, retry_on=(Exception,),
@@ -252,6 +382,25 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self.grad_averager.reset_accumulated_grads_()
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        """hivemind's epoch end, without a parameter round the swarm already went on from. A peer that ends its
+        epoch when the others are in the next one (it learned of their epoch change late: a slow refresh, a
+        starved CPU) and has no group waiting for it would look for a group of that round alone for the whole
+        averaging_timeout (hivemind retries matchmaking until the step's deadline): the others finished that round
+        before moving on. Measured (3 trainers of the demo run on 2 cores at load 12): 20-26 s at epoch 4, then a
+        state download, while the two others went on (issue 14, "could not find a group"). It skips the round
+        instead; the next parameter round heals what it missed."""
+        scheduled = self.scheduled_state
+        grouped = scheduled is not None and not scheduled.done() and scheduled.stage == AveragingStage.AWAITING_TRIGGER
+        behind = self.tracker.global_epoch > self.local_epoch
+        self.state_averager.skip_round = behind and not grouped
+        # a parameter round, too, begins once every peer expected has joined (not after matchmaking_time)
+        self.state_averager.expect_group(self._expected_group())
+        try:
+            super()._update_global_epoch(grad_scaler)
+        finally:
+            self.state_averager.skip_round = False
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> SwarmProgressTracker:
         # hivemind.Optimizer._make_progress_tracker with our class (heartbeat reports, see tracker.py)

@@ -29,6 +29,30 @@ class SwarmProgressTracker(ProgressTracker):
       the swarm's samples, samples/s and number of peers.
     """
 
+    _peers_seen = 0  # the number of peers in our last read of the swarm's progress
+    _counts_self = False  # whether that read held our own report
+
+    @property
+    def expected_peers(self) -> int:
+        """The peers training the run as of our last read, ourselves always included: our own report is missing
+        from it while we are out of sync (we do not report then) or before our first store lands. A peer that has
+        just downloaded the state and leads its first round must not count one peer too few (measured: a joiner
+        leading a round with target 2 of 3 began it with the first mate in, and the third waited a whole epoch)."""
+        return self.global_progress.num_peers + (0 if self._counts_self else 1)
+
+    def _parse_swarm_progress_data(self, metadata):
+        """hivemind's, plus one log line when the number of peers training the run changes (a peer joined or
+        left: issue 14 asks for one line per such event)."""
+        own = metadata.get(self._local_public_key) if isinstance(metadata, dict) else None
+        self._counts_self = getattr(own, "value", None) is not None
+        progress = super()._parse_swarm_progress_data(metadata)
+        before = self._peers_seen
+        if before and progress.num_peers != before:  # (not our own first report: 0 -> 1)
+            logger.info("peers training this run: %d -> %d (%s)", before, progress.num_peers,
+                        "a peer joined" if progress.num_peers > before else "a peer left")
+        self._peers_seen = progress.num_peers
+        return progress
+
     async def _progress_reporter(self):
         last_report_time, last_report_epoch = -float("inf"), -float("inf")
         loop = asyncio.get_running_loop()

@@ -71,8 +71,12 @@ class TrainerOptions:
     progress_ttl: float = PROGRESS_TTL
     # claims hook: (round kind) -> data sent to group mates in each averaging round; None: [epoch, samples]
     round_payload: Callable[[str], Any] | None = None
-    # audits (training/work.py): epochs of step sketches kept to answer audits; 0: record no work (no commitments)
-    work_history: int = 0  # epochs of step sketches kept for audits (0: none; audits are not wired yet, docs/credits.md)
+    # audits (training/work.py): epochs of step sketches kept to answer audits; 0: record no work (no commitments).
+    # Gradients mode records by default (issuers audit those claims; ~12 % of the demo MLP's training CPU, less for
+    # larger models: docs/benchmarks.md). Local mode records only with `work_local` (its audits are not wired: an
+    # issuer has no `segment` op to fetch the states, docs/credits.md), as it keeps a training state per segment.
+    work_history: int = KEEP_EPOCHS
+    work_local: bool = False
     work_segment: int = SEGMENT_STEPS  # local mode: steps per committed segment (a training state kept per segment)
 
 
@@ -94,6 +98,10 @@ class TrainerStatus:
     sync_share: float = 0.0
     # share of training wall time spent waiting for data (shards of a peer-to-peer dataset not fetched yet)
     data_wait_share: float = 0.0
+    # seconds since start() and, of them, seconds in the swarm optimizer's steps that ended an epoch (averaging
+    # rounds, state downloads, outer steps): running totals, so that a reader takes the share waited over any window
+    training_seconds: float = 0.0
+    epoch_end_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,6 +143,8 @@ class Trainer:
         self._rate_mark = (0.0, 0)  # (clock, samples_done) at the last throughput measurement
         self._samples_per_second = 0.0
         self._compute_seconds = self._step_seconds = 0.0  # forward+backward / opt.step() (see TrainerStatus)
+        self._epoch_end_seconds = 0.0  # in opt.step() calls that moved the epoch (see TrainerStatus)
+        self._started_at: float | None = None
         self._next_publish = 0.0
         self._peers_deadline: float | None = None  # set while the first epoch waits for min_peers
         max_epochs = options.max_epochs if options.max_epochs is not None else self.manifest.max_epochs
@@ -161,11 +171,12 @@ class Trainer:
         if self.options.work_history and m.averaging.mode == "gradients" and not m.averaging.delay_state_averaging:
             self._work = WorkRecorder(m.run_id, self.identity.public_key, m.batch_size_per_step,
                                       keep_epochs=self.options.work_history, precision=precision)
-        elif self.options.work_history and m.averaging.mode == "local":
+        elif self.options.work_history and self.options.work_local and m.averaging.mode == "local":
             self._work = LocalWorkRecorder(m.run_id, self.identity.public_key, m.batch_size_per_step,
                                            segment=self.options.work_segment, keep_epochs=self.options.work_history,
                                            precision=precision)
         self._rate_mark = (self._clock(), 0)
+        self._started_at = self._clock()
         if self.options.min_peers > 1:
             self._peers_deadline = self._clock() + self.options.min_peers_timeout
         try:
@@ -231,6 +242,8 @@ class Trainer:
             device=str(getattr(self, "device", "")), mode=self.manifest.averaging.mode,
             sync_share=self._step_seconds / max(1e-9, self._compute_seconds + self._step_seconds),
             data_wait_share=self._data_wait_share(),
+            training_seconds=0.0 if self._started_at is None else self._clock() - self._started_at,
+            epoch_end_seconds=self._epoch_end_seconds,
         )
 
     def _data_wait_share(self) -> float:
@@ -246,10 +259,21 @@ class Trainer:
         with self._lock:
             return dict(self._contributions)
 
+    @property
+    def records_work(self) -> bool:
+        """Whether this trainer commits to its work per epoch (what a claim's work_digest names)."""
+        return self._work is not None
+
     def work_commitment(self, epoch: int) -> WorkCommitment | None:
         """What this peer commits to for a completed epoch (its digest is the claim's work_digest), if recorded."""
         with self._lock:
             return self._work.commitment(epoch) if self._work is not None else None
+
+    def keep_work(self, epoch: int, keep: bool = True) -> None:
+        """Keep (or stop keeping) `epoch`'s work records and start state beyond the last few: a claim of ours for it is
+        open, and its issuer may audit it late (training/work.py, `_Pinned`). Any thread; no lock needed."""
+        if self._work is not None:
+            (self._work.pin if keep else self._work.unpin)(epoch)
 
     def reveal(self, epoch: int, steps: Sequence[int]) -> list[StepReveal] | None:
         """The answer to an audit of `steps` of `epoch`: the committed step sketches with their Merkle paths."""
@@ -341,6 +365,7 @@ class Trainer:
                 else:
                     self._work.begin_epoch(epoch, params)
             started = time.perf_counter()
+            downloads = getattr(opt, "downloads", None)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with devices.autocast(self.device, self._amp_dtype):
                 loss = self._loss_fn(self.model(x), y)
@@ -361,6 +386,8 @@ class Trainer:
             stepped = devices.synchronized_time(self.device)
             self._compute_seconds += computed - started
             self._step_seconds += stepped - computed
+            if opt.local_epoch != epoch:
+                self._epoch_end_seconds += stepped - computed
             self._step_in_epoch += 1
             self._samples_in_epoch += m.batch_size_per_step
             self._samples_done += m.batch_size_per_step
@@ -368,7 +395,11 @@ class Trainer:
             self._loss_ema = value if self._loss_ema is None else (
                 (1 - LOSS_EMA_ALPHA) * self._loss_ema + LOSS_EMA_ALPHA * value)
             if opt.local_epoch != epoch:
-                self._new_epoch(opt.local_epoch, completed=opt.local_epoch == epoch + 1)
+                # an epoch ends by its averaging round (the epoch steps by one, or more when the round's group was
+                # ahead of us: SwarmOptimizer catches up with it), or by a state download, which drops its samples
+                averaged = opt.local_epoch == epoch + 1 if downloads is None else (
+                    opt.local_epoch > epoch and opt.downloads == downloads)
+                self._new_epoch(opt.local_epoch, completed=averaged)
 
     def _waiting_for_peers(self) -> bool:
         """After our first step (which makes hivemind report us to the others), hold the first epoch until
@@ -387,7 +418,10 @@ class Trainer:
         """Bookkeeping at an epoch change: what we contributed, batch counters, periodic checkpoints."""
         self._contributions[self._epoch] = self._samples_in_epoch if completed else 0
         if self._work is not None:
-            self._work.end_epoch(self._epoch, completed)
+            # gradients mode: an epoch that hivemind ended by loading state after its round (not "completed" here)
+            # still holds steps all taken at its start state, whose mean was what it averaged: commit to them (a
+            # claim names the commitment only if it holds at most the weight sent, services/credits.py)
+            self._work.end_epoch(self._epoch, completed or isinstance(self._work, WorkRecorder))
         while len(self._contributions) > MAX_CONTRIBUTIONS:
             del self._contributions[min(self._contributions)]
         self._epoch, self._step_in_epoch, self._samples_in_epoch = epoch, 0, 0

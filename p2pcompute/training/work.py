@@ -47,9 +47,15 @@ STATE_DOMAIN = b"p2pcompute/training/start-state/v1\x00"
 # Epochs whose step sketches a peer keeps to answer audits: an issuer audits when it pays, a few epochs after the
 # claim (witnessing takes the next round or two). 8 epochs of a demo peer (~2,000 steps each) are ~2 MB.
 KEEP_EPOCHS = 8
-# Start states kept (parameters, float32, CPU), newest first: what this peer can audit others against. 4 epochs of a
-# 100M-parameter model are 1.6 GB, so the count is also capped by bytes (MAX_START_STATE_BYTES).
-KEEP_START_STATES = 4
+# Start states kept (parameters, float32, CPU), newest first: what this peer can audit others against, and what it
+# hands an auditor whose own state differs. As many as the epochs of work kept (KEEP_EPOCHS): a commitment whose start
+# state is gone can only be judged inconclusive (seen in the e2e test, where epochs last a second and audits come a few
+# epochs late). 8 epochs of a 100M-parameter model are 3.2 GB, so the count is also capped by bytes
+# (MAX_START_STATE_BYTES).
+KEEP_START_STATES = KEEP_EPOCHS
+# Epochs whose records (and start states) are kept beyond those while our claims for them wait to be paid: the
+# credits service's open claims (services/credits.py keeps at most 64), ~250 KB each for the demo's MLP.
+MAX_PINNED = 64
 MAX_START_STATE_BYTES = 1 << 30
 # Step gradients waiting to be sketched together (at least one): batching makes the per-step cost one copy. 4 MiB is
 # ~190 steps of the demo MLP and one step of a 1M-parameter model (where a step costs far more than its sketch).
@@ -68,9 +74,34 @@ def state_digest(tensors: Iterable[torch.Tensor]) -> bytes:
                                                        for t in tensors)])
 
 
-class StartStates:
+class _Pinned:
+    """Epochs kept past the newest-first count while a claim of ours for them is open (`pin`/`unpin`, from the
+    credits service's thread): an issuer audits when the claim is handed in, which a claim that waited for its
+    witnesses does many epochs late. Seen in the NAT test: an epoch-1 claim audited at epoch 9, whose records were gone
+    (KEEP_EPOCHS), could never be answered and was never paid. The set is replaced whole, never changed in place, so
+    the training thread reads it without a lock. At most MAX_PINNED epochs."""
+
+    pinned: frozenset[int] = frozenset()
+
+    def pin(self, epoch: int) -> None:
+        if len(self.pinned) < MAX_PINNED:
+            self.pinned = self.pinned | {epoch}
+
+    def unpin(self, epoch: int) -> None:
+        self.pinned = self.pinned - {epoch}
+
+    def _trim(self, kept: collections.OrderedDict, keep: int) -> None:
+        """Keep the newest `keep` unpinned entries of `kept` (epoch -> ...), and the pinned ones."""
+        pinned = self.pinned
+        unpinned = [e for e in kept if e not in pinned]
+        for epoch in unpinned[:max(0, len(unpinned) - keep)]:
+            del kept[epoch]
+
+
+class StartStates(_Pinned):
     """The parameters at the start of the last few epochs (CPU float32 copies), capped by count and bytes: the states
-    this peer can recompute others' steps at. Memory: min(count, max_bytes / model bytes) x the model's float32 size."""
+    this peer can recompute others' steps at. Memory: min(count, max_bytes / model bytes) x the model's float32 size
+    (pinned epochs may exceed the count, never the bytes)."""
 
     def __init__(self, keep: int = KEEP_START_STATES, max_bytes: int = MAX_START_STATE_BYTES):
         self.keep, self.max_bytes = keep, max_bytes
@@ -81,11 +112,12 @@ class StartStates:
         copies = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         digest = state_digest(copies)
         size = sum(t.numel() * 4 for t in copies)
-        fits = max(0, min(self.keep, self.max_bytes // max(1, size)))
+        by_bytes = self.max_bytes // max(1, size)
         self._states.pop(epoch, None)
-        if fits:
+        if min(self.keep, by_bytes) > 0:
             self._states[epoch] = (digest, copies)
-        while len(self._states) > fits:
+        self._trim(self._states, self.keep)
+        while len(self._states) > by_bytes:
             self._states.popitem(last=False)
         return digest
 
@@ -123,17 +155,29 @@ class _EpochWork:
         self.waiting = 0
 
 
-class _Recorded:
-    """What a recorder keeps of its last `keep_epochs` committed epochs: epoch -> (commitment, *what reveals need)."""
+class _Recorded(_Pinned):
+    """What a recorder keeps of its last `keep_epochs` committed epochs, and of pinned ones: epoch -> (commitment,
+    *what reveals need). Its pins are its start states' (one set: pinning an epoch keeps both)."""
+
+    start_states: StartStates
 
     def __init__(self, keep_epochs: int):
         self.keep_epochs = keep_epochs
         self._done: collections.OrderedDict[int, tuple] = collections.OrderedDict()
 
+    @property
+    def pinned(self) -> frozenset[int]:
+        return self.start_states.pinned
+
+    def pin(self, epoch: int) -> None:
+        self.start_states.pin(epoch)
+
+    def unpin(self, epoch: int) -> None:
+        self.start_states.unpin(epoch)
+
     def _remember(self, epoch: int, commitment: WorkCommitment, *kept) -> WorkCommitment:
         self._done[epoch] = (commitment, *kept)
-        while len(self._done) > self.keep_epochs:
-            self._done.popitem(last=False)
+        self._trim(self._done, self.keep_epochs)
         return commitment
 
     def commitment(self, epoch: int) -> WorkCommitment | None:
@@ -444,7 +488,7 @@ def audit_claim(recomputer: Recomputer, start_state: Sequence[torch.Tensor] | No
         return AuditReport(commitment, claim.samples, subject, auditor.public_key, ticket, rate_ppm, tolerance_ppm,
                            tuple(reveals), tuple(recomputed), verdict, reason)
 
-    if claim.samples != commitment.samples:
+    if claim.samples > commitment.samples:
         return report(verdict="fail", reason=judge(commitment, claim.samples, (), (), tolerance_ppm)[1])
     if not commitment.segment and (start_state is None or state_digest(start_state) != commitment.state_digest):
         start_state = state_of(commitment) if state_of is not None else None

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=0, help="epochs between checkpoints (0: none)")
     parser.add_argument("--final-checkpoint", type=Path, default=None)
     parser.add_argument("--eval-size", type=int, default=0, help="report the loss on this many held-out samples")
+    parser.add_argument("--work-history", type=int, default=None,
+                        help="epochs of work records kept for audits (0: record none; default: the trainer's)")
     parser.add_argument("--log-level", default="WARNING")
     return parser.parse_args(argv)
 
@@ -114,6 +116,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
         options = TrainerOptions(device=args.device, data_dir=args.dataset_dir, max_epochs=args.max_epochs,
                                  checkpoint_dir=args.data_dir / "checkpoints", checkpoint_every=args.checkpoint_every,
                                  min_peers=args.min_peers,
+                                 **({} if args.work_history is None else {"work_history": args.work_history}),
                                  artifacts=ArtifactStore.for_data_dir(args.data_dir, tuple(args.artifact_dir)))
         trainer = Trainer(dht, run, identity, options).start()
         deadline = time.monotonic() + args.max_seconds if args.max_seconds else float("inf")

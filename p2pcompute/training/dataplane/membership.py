@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from concurrent.futures import InvalidStateError
 from typing import AsyncIterator, Optional
 
 from hivemind.averaging.control import AveragingStage
@@ -10,6 +12,8 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
 from p2pcompute.training.dataplane.settings import GROUP_POLL, GROUP_WAIT_TIMEOUT, VERDICT_LINGER
+
+logger = logging.getLogger(__name__)
 
 
 class MembershipMixin:
@@ -36,6 +40,14 @@ class MembershipMixin:
         self._steps_in_flight.add(step)
         try:
             return await super()._step(step=step, future_for_init=future_for_init)
+        except InvalidStateError:
+            # hivemind's _step runs on after its StepControl is cancelled by the trainer (a round tagged along or
+            # skipped) and sets the result of the finished round on it: InvalidStateError, which nobody awaits
+            # (a traceback in a volunteer's log). The round itself went well for the others; we dropped our result.
+            if not step.cancelled():
+                raise
+            logger.debug("a round finished after its step was cancelled here; its result is dropped")
+            return None
         finally:
             self._steps_in_flight.discard(step)
 
