@@ -239,6 +239,9 @@ class NodeConfig:
     device: str = setting("training", Choice(("auto", "cpu", "cuda")), "auto", "device to train on")
     max_memory_fraction: float = setting("training", Number(0.05, 1.0), 0.9,
                                          "cap on the GPU memory fraction we may use")
+    cpu_threads: int = setting("training", Number(0, 4096, integer=True), 0,
+                               "torch threads for training (0: all cores but one; several nodes on one machine: "
+                               "cores / nodes)")
     idle_gpu_util: float = setting("training", Number(0, 100), 10, "GPU utilisation (%) by others above which we pause")
     schedule: str = setting("training", Text(256), "",
                             "windows when training is allowed, e.g. '22:00-07:00,12:00-13:00'; empty: any time")

@@ -29,6 +29,14 @@ def test_refusals_name_the_reason():
             devices.select_device("cuda", ("cpu", "cuda"))
 
 
+def test_training_leaves_a_core_to_the_swarm():
+    """torch's default intra-op threads (every core) crowded out p2pd, the DHT and the averagers on a small machine;
+    the trainer's default leaves them one core, a config value wins, and one core is still one thread."""
+    assert [devices.cpu_threads(0, cores) for cores in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    assert devices.cpu_threads(6, cores=2) == 6
+    assert devices.cpu_threads() >= 1
+
+
 def test_cpu_trains_in_fp32_without_scaling():
     assert devices.autocast_dtype(CPU) is None and devices.grad_scaler(CPU, None) is None
     with devices.autocast(CPU, None):

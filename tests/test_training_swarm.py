@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import signal
-import statistics
 import time
 from pathlib import Path
 
@@ -26,8 +25,8 @@ EPOCHS = 10
 EVAL_SIZE = 2048
 START_TIMEOUT = 90.0  # seconds for a worker process to come up (cold imports, p2pd) on a loaded 2-core box
 RUN_TIMEOUT = 240.0  # seconds for a whole swarm run to finish; it normally takes 30-45 s
-# Epochs of room for a late joiner's cold start (5-15 s on a loaded machine), which two peers whose rounds begin as
-# soon as both are in fill with 10-25 epochs of this spec (~0.6 s each in either mode)
+# Epochs of room for a DiLoCo late joiner's cold start (5-15 s on a loaded machine): this spec's local-mode epochs
+# take ~2 s with one CPU thread per trainer (gradients mode: ~0.1 s, so that test runs with no end instead)
 LATE_JOINER_ROOM = 30
 STOP_TIMEOUT = 30.0  # SIGTERM to exit: leaving the averaging group is bounded by shutdown_timeout (3 s)
 STALL_SLACK = 10.0  # seconds beyond averaging_timeout a killed peer may hold the others up (loaded CI box)
@@ -130,10 +129,25 @@ def last_state_round_ok(status: dict, members: int, epoch: int) -> bool:
 
 
 def test_late_joiner_converges_to_the_same_parameters(swarm, tmp_path):
+    """Two peers train; a third starts once they are at epoch 2, downloads their state and trains with them: its
+    first checkpoint is theirs (not the initial model), and it averages with them. The run has no end (max-epochs
+    0) until the third has done ROUNDS_OF_THREE rounds with the others, then all three are stopped: an end fixed in
+    epochs came before the third's cold start on a fast swarm (measured: 40 epochs in 9 s, the third up 7 s after
+    the second), and it trained alone from epoch 0."""
     manifest = Manifest.from_toml(SPEC)
-    epochs = EPOCHS + LATE_JOINER_ROOM
-    common = ["--max-epochs", str(epochs), "--checkpoint-every", "1"]
-    first, second, late = run_with_late_joiner(swarm, common)
+    common = ["--max-epochs", "0", "--max-seconds", str(RUN_TIMEOUT), "--checkpoint-every", "1"]
+    first = swarm("a", *common, "--min-peers", "2")
+    bootstrap = ready(first)
+    second = swarm("b", *common, "--min-peers", "2", "--initial-peers", bootstrap)
+    wait_for(lambda: first.epoch() >= 2, "epoch 2 before the late peer joins", workers=[first, second])
+    late = swarm("c", *common, "--initial-peers", bootstrap)
+    everyone = (first, second, late)
+    wait_for(lambda: rounds_with(late, 3) >= ROUNDS_OF_THREE, "the late peer in rounds with the others",
+             workers=everyone)
+    for worker in everyone:
+        worker.terminate()
+    for worker in everyone:
+        assert exit_code(worker, STOP_TIMEOUT) == 0, worker.log_tail()
     params = functools.partial(checkpoint_params, tmp_path, manifest)
 
     def same(epoch: int) -> bool:
@@ -143,12 +157,12 @@ def test_late_joiner_converges_to_the_same_parameters(swarm, tmp_path):
 
     late_epochs = sorted(int(p.stem.rsplit("epoch", 1)[1]) for p in (tmp_path / "c" / "checkpoints").glob("*.pt"))
     joined = late_epochs[0]  # its first epoch: the state it downloaded, not the initial model
-    assert 2 <= joined <= epochs - 2, late_epochs
+    assert joined >= 2, late_epochs
     assert not torch.equal(params(late, joined), _initial_params(manifest))
     assert any(same(epoch) for epoch in range(joined, joined + 3)), [(e, same(e)) for e in late_epochs]
-    assert late.status()["status"] == "finished"
-    rounds = [r for r in late.status()["rounds"] if r["ok"] and r["kind"] == "gradients"]
-    assert any(len(r["members"]) == 3 for r in rounds), late.status()["rounds"]  # it trained with the others
+
+
+ROUNDS_OF_THREE = 3  # gradient rounds of all three peers on the late one before the late-joiner test stops the run
 
 
 def run_with_late_joiner(swarm, common: list[str]) -> tuple[TrainerWorker, TrainerWorker, TrainerWorker]:
@@ -205,12 +219,13 @@ def test_a_peer_killed_mid_run_does_not_stop_the_others(swarm):
 
 # After a peer is killed, the survivors must complete at least PACE_SHARE of the epochs their two-peer pace predicts
 # for the window KILL_WINDOW after the kill (issue 14: back to 80% of the two-peer rate within 10 s). The two-peer
-# pace is the mean epoch time of the same two peers alone, before the third joined, without stalls (epochs over
-# STALL_FACTOR x the median: one lost round there must not lower the bar). Not the median itself: this spec's epochs
-# are skewed (measured: median 0.43 s, mean 0.59 s; one peer sees the epoch end up to a refresh later than the
-# other), so the median overstated the rate the survivors could ever get back to. PACE_SLACK epochs are granted on top: epochs are discrete (~4 in the window at this
-# spec's ~20-25 epochs/min on the 2-core box) and the status files are rewritten once a second, so a window can
-# lose one epoch to where its ends fall; a real stall (a round waiting for the dead peer: 5-30 s) costs 2-12.
+# pace is the epochs the same two peers did alone, before the third joined, over TWO_PEER_WINDOW, counted as in the
+# window after the kill (the slower peer's epoch in the status files at both ends). Not per-epoch times: since each
+# trainer runs on one core (training/device.py cpu_threads) the epochs of this spec take ~0.08 s, and the status
+# files, rewritten once a second, see 5-15 of them at once; a mean of per-epoch times with slow ones left out (how
+# stalls were kept from lowering the bar) then ran 2-4x the real rate (measured: 0.02-0.06 s "epochs"). A stall in
+# the two-peer window now lowers the bar a little (one 2 s matchmaking wait in 25 s: 8%). PACE_SLACK seconds of the
+# two-peer pace are granted on top: the status files are up to 1 s old at each end of each window.
 KILL_WINDOW = (10.0, 20.0)
 # A cut link is not yet recovered from as fast as a kill (issue 14 part 5, not met): a round in flight at the cut waits
 # out the data plane's fixed timeouts for the cut peer (its parts: SENDER_START_TIMEOUT or 2 x next_chunk_timeout;
@@ -223,9 +238,8 @@ KILL_WINDOW = (10.0, 20.0)
 CUT_WINDOW = (20.0, 30.0)
 CUT_PACE_SHARE = 0.5
 PACE_SHARE = 0.8
-PACE_SLACK = 1
-STALL_FACTOR = 4
-TWO_PEER_WINDOW = 25.0  # seconds of two-peer training whose epoch times give the pace (~10 epochs)
+PACE_SLACK = 1.0
+TWO_PEER_WINDOW = 25.0  # seconds of two-peer training whose epochs give the pace
 # The accounting bound (docs/training.md "Departures"): a dead peer's progress entry expires metadata_expiration after
 # its last report and the survivors re-read the progress at least every max_refresh_period; plus the status files'
 # 1 s and a loaded machine.
@@ -292,7 +306,7 @@ def survivors_keep_their_pace(start, depart, accounting_bound: float | None = No
     second = start("b", *common, "--min-peers", "2", "--initial-peers", bootstrap)
     survivors = [first, second]
     wait_for(lambda: min(w.epoch() for w in survivors) >= 2, "two peers at epoch 2", workers=survivors)
-    epoch_seconds = pace(epoch_times(survivors, TWO_PEER_WINDOW))
+    epoch_seconds = TWO_PEER_WINDOW / epochs_in(survivors, TWO_PEER_WINDOW)
 
     victim = start("c", *common, "--initial-peers", bootstrap)
     everyone = survivors + [victim]
@@ -312,7 +326,7 @@ def survivors_keep_their_pace(start, depart, accounting_bound: float | None = No
         time.sleep(0.1)
     done = epochs_at[window[1]] - epochs_at[window[0]]
     expected = (window[1] - window[0]) / epoch_seconds
-    assert done >= share * expected - PACE_SLACK, (done, expected, epoch_seconds, epochs_at)
+    assert done >= share * expected - PACE_SLACK / epoch_seconds, (done, expected, epoch_seconds, epochs_at)
     bound = accounting_bound or float(averaging.metadata_expiration + averaging.max_refresh_period) + ACCOUNTING_SLACK
     assert peers_two_after is not None and peers_two_after <= bound, (peers_two_after, bound)
     # logs a volunteer can read (issue 14 part 6): at INFO, a peer leaving is no traceback and no asyncio noise
@@ -323,28 +337,16 @@ def survivors_keep_their_pace(start, depart, accounting_bound: float | None = No
         assert "gradients round done in a group of 3" in log and "3 -> 2 (a peer left)" in log, worker.log_tail()
 
 
-def pace(times: list[float]) -> float:
-    """Mean seconds per epoch, stalls left out (see PACE_SHARE)."""
-    typical = statistics.median(times)
-    return statistics.mean(t for t in times if t <= STALL_FACTOR * typical)
-
-
-def epoch_times(workers: list[TrainerWorker], seconds: float) -> list[float]:
-    """Seconds per epoch of the slowest of the workers, from watching their status files for this long (an epoch
-    change seen several epochs at once counts as that many equal epochs)."""
-    times, started = [], time.monotonic()
-    last_time, last_epoch = started, min(w.epoch() for w in workers)
-    while time.monotonic() < started + seconds:
+def epochs_in(workers: list[TrainerWorker], seconds: float) -> int:
+    """Epochs the slowest of the workers did in the next `seconds`, from their status files."""
+    first, deadline = min(w.epoch() for w in workers), time.monotonic() + seconds
+    while time.monotonic() < deadline:
         for worker in workers:
             assert worker.proc.poll() is None, worker.log_tail()
-        epoch, now = min(w.epoch() for w in workers), time.monotonic()
-        if epoch > last_epoch:
-            if last_time > started:  # the first change only marks the start of a whole epoch
-                times += [(now - last_time) / (epoch - last_epoch)] * (epoch - last_epoch)
-            last_time, last_epoch = now, epoch
         time.sleep(0.1)
-    assert times, f"no epoch in {seconds:.0f} s"
-    return times
+    done = min(w.epoch() for w in workers) - first
+    assert done > 0, f"no epoch in {seconds:.0f} s"
+    return done
 
 
 def rounds_with(worker: TrainerWorker, members: int) -> int:

@@ -11,6 +11,7 @@ from p2pcompute.identity import Identity
 from p2pcompute.runs.manifest import Manifest
 from p2pcompute.runs.specs import mlp_synthetic_spec
 from p2pcompute.swarm.dht import start_dht
+from p2pcompute.training import device as devices
 from p2pcompute.training.checkpoint import fetch_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from p2pcompute.training.local import evaluate_loss
 from p2pcompute.training.progress import ProgressRecord, fetch_progress, summarize
@@ -32,6 +33,9 @@ SPEC = trainer_spec()
 
 def wait_for(predicate, what: str):
     return wait_until(predicate, DEADLINE, interval=0.1, what=what)
+
+
+THREADS_AT_IMPORT = torch.get_num_threads()
 
 
 @pytest.fixture
@@ -119,6 +123,9 @@ def test_trainer_finishes_at_max_epochs(node, tmp_path):
         assert trainer.wait(DEADLINE)
     status = trainer.status()
     assert status.status == "finished" and status.epoch == 3 and status.samples_done >= 3 * 64
+    # the training thread leaves a core to the swarm's processes (torch's default took them all: 3-6x slower
+    # swarms on 2 cores, training/device.py), and the calling thread's torch setting is left alone
+    assert status.cpu_threads == devices.cpu_threads() and torch.get_num_threads() == THREADS_AT_IMPORT
 
 
 def test_checkpoint_files_are_checked(tmp_path):

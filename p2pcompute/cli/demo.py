@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
 import tempfile
@@ -70,10 +71,12 @@ def demo(n_nodes: int, epochs: int, keep: bool) -> None:
         procs.append(boot.start())
         console.print(f"bootstrap peer up: {boot.loopback_maddr()}", highlight=False)
         nodes = []
+        threads = demo_cpu_threads(n_nodes)
         for i in range(n_nodes):
             node = NodeProcess(["node", "start"], root / f"node{i}",
                                ["--listen", LOOPBACK, "--bootstrap", boot.loopback_maddr(), "--name", f"demo-{i}",
-                                "--record-ttl", "10", "--sync-interval", "2", "--min-peers", str(n_nodes)])
+                                "--record-ttl", "10", "--sync-interval", "2", "--min-peers", str(n_nodes),
+                                "--cpu-threads", str(threads)])
             procs.append(node.start(wait=False))
             nodes.append(node)
         for node in nodes:
@@ -99,6 +102,12 @@ def demo(n_nodes: int, epochs: int, keep: bool) -> None:
         else:
             shutil.rmtree(root, ignore_errors=True)
     console.print("[green]all demo processes stopped[/]")
+
+
+def demo_cpu_threads(n_nodes: int) -> int:
+    """Each demo node's share of this machine's cores for torch (at least one): N trainers with torch's default
+    thread count each on one machine stall each other (training/device.py cpu_threads)."""
+    return max(1, len(os.sched_getaffinity(0)) // n_nodes)
 
 
 def demo_target_batch_size(min_target_batch_size: int | None, batch_size_per_step: int) -> int:

@@ -243,7 +243,7 @@ class TrainingSupervisor:
         config = self.config
         logger.info("joining run %s (%s)", signed.manifest.name, signed.run_id.hex())
         options = TrainerOptions(
-            device=config.device, max_memory_fraction=config.max_memory_fraction,
+            device=config.device, max_memory_fraction=config.max_memory_fraction, cpu_threads=config.cpu_threads,
             data_dir=config.data_dir / "datasets", checkpoint_dir=config.data_dir / "checkpoints",
             round_payload=self.hooks.round_payload(signed), min_peers=config.min_peers, shards=self.shards,
             artifacts=ArtifactStore.for_data_dir(config.data_dir,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import ContextManager
 
@@ -27,6 +28,21 @@ def select_device(preference: str, allowed: tuple[str, ...]) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device cuda was asked for but torch sees no CUDA GPU")
     return device
+
+
+def cpu_threads(requested: int = 0, cores: int | None = None) -> int:
+    """torch's intra-op threads for the training thread: `requested` (the node config's cpu_threads) when set, else
+    one core fewer than this process may run on, at least one. The core left over is for the swarm's own processes
+    (p2pd, the DHT, the averagers), whose latency sets the pace of every round: torch's default (every core) let
+    the training thread's OpenMP workers crowd them out, and a thread descheduled mid-operation stalled the step
+    (measured: two trainers of the swarm tests on 2 cores, 80 ms steps instead of under 1 ms in stretches, 2-6
+    epochs/s with torch's 2 threads against 12-14 with one: docs/benchmarks.md). Several trainers on one machine
+    (the demo) should share its cores: cpu_threads = cores // trainers."""
+    if requested > 0:
+        return requested
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 def synchronized_time(device: torch.device) -> float:

@@ -55,6 +55,7 @@ class TrainerOptions:
 
     device: str = "auto"  # auto, cpu, cuda, cuda:N (the node config's `device`)
     max_memory_fraction: float = 0.9  # GPU memory cap for this process
+    cpu_threads: int = 0  # torch intra-op threads of the training thread; 0: devices.cpu_threads' choice
     mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + loss scaling)
     data_dir: Path | None = None  # where out-of-band dataset files are kept
     stdlib_dir: Path | None = None  # override the Python stdlib location (pystdlib dataset)
@@ -102,6 +103,7 @@ class TrainerStatus:
     # rounds, state downloads, outer steps): running totals, so that a reader takes the share waited over any window
     training_seconds: float = 0.0
     epoch_end_seconds: float = 0.0
+    cpu_threads: int = 0  # torch's intra-op threads in the training thread (0 before it runs)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +147,7 @@ class Trainer:
         self._compute_seconds = self._step_seconds = 0.0  # forward+backward / opt.step() (see TrainerStatus)
         self._epoch_end_seconds = 0.0  # in opt.step() calls that moved the epoch (see TrainerStatus)
         self._started_at: float | None = None
+        self._threads_in_use = 0
         self._next_publish = 0.0
         self._peers_deadline: float | None = None  # set while the first epoch waits for min_peers
         max_epochs = options.max_epochs if options.max_epochs is not None else self.manifest.max_epochs
@@ -160,6 +163,9 @@ class Trainer:
         devices.limit_memory(self.device, self.options.max_memory_fraction)
         self._amp_dtype = devices.autocast_dtype(self.device) if self.options.mixed_precision else None
         self._scaler = devices.grad_scaler(self.device, self._amp_dtype)
+        self._cpu_threads = devices.cpu_threads(self.options.cpu_threads)
+        logger.info("training on %s, %d CPU thread%s", self.device, self._cpu_threads,
+                    "" if self._cpu_threads == 1 else "s")
         self.dataset = run_dataset(m, self.options.data_dir, self.options.stdlib_dir, self.options.artifacts,
                                    shards=self.options.shards)
         self.model = run_model(m, self.options.artifacts).to(self.device)
@@ -243,7 +249,7 @@ class Trainer:
             sync_share=self._step_seconds / max(1e-9, self._compute_seconds + self._step_seconds),
             data_wait_share=self._data_wait_share(),
             training_seconds=0.0 if self._started_at is None else self._clock() - self._started_at,
-            epoch_end_seconds=self._epoch_end_seconds,
+            epoch_end_seconds=self._epoch_end_seconds, cpu_threads=self._threads_in_use,
         )
 
     def _data_wait_share(self) -> float:
@@ -324,6 +330,9 @@ class Trainer:
     # ---- the training thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # torch's thread count holds for the thread that sets it (and threads started after): the training thread
+        torch.set_num_threads(self._cpu_threads)
+        self._threads_in_use = torch.get_num_threads()
         try:
             while not self._stop.is_set():
                 if self.max_epochs and self._epoch >= self.max_epochs:
