@@ -31,13 +31,14 @@ def select_device(preference: str, allowed: tuple[str, ...]) -> torch.device:
 
 
 def cpu_threads(requested: int = 0, cores: int | None = None) -> int:
-    """torch's intra-op threads for the training thread: `requested` (the node config's cpu_threads) when set, else
-    one core fewer than this process may run on, at least one. The core left over is for the swarm's own processes
-    (p2pd, the DHT, the averagers), whose latency sets the pace of every round: torch's default (every core) let
-    the training thread's OpenMP workers crowd them out, and a thread descheduled mid-operation stalled the step
-    (measured: two trainers of the swarm tests on 2 cores, 80 ms steps instead of under 1 ms in stretches, 2-6
-    epochs/s with torch's 2 threads against 12-14 with one: docs/benchmarks.md). Several trainers on one machine
-    (the demo) should share its cores: cpu_threads = cores // trainers."""
+    """torch's intra-op threads for the training thread (the trainer sets them explicitly): `requested` (the node
+    config's cpu_threads) when set, else one core fewer than this process may run on, at least one. The core left
+    over is for the swarm's own processes (p2pd, the DHT, the averagers), whose latency sets the pace of every
+    round, and a compute-bound model's OpenMP workers no longer fight them for it (measured, 2 trainers of the demo
+    run on 2 cores: 1.8x the samples/s of 2 threads each). Setting the count at all matters as much: a training
+    thread that never set it ran steps of the swarm tests' MLP in 80 ms instead of under 1 ms in stretches (2-6
+    epochs/s against 11-13 with the count set, 1 or 2: docs/benchmarks.md "CPU threads per trainer"). Several
+    trainers on one machine (the demo) should share its cores: cpu_threads = cores // trainers."""
     if requested > 0:
         return requested
     if cores is None:

@@ -55,7 +55,8 @@ class TrainerOptions:
 
     device: str = "auto"  # auto, cpu, cuda, cuda:N (the node config's `device`)
     max_memory_fraction: float = 0.9  # GPU memory cap for this process
-    cpu_threads: int = 0  # torch intra-op threads of the training thread; 0: devices.cpu_threads' choice
+    cpu_threads: int = 0  # torch intra-op threads of the training thread; 0: devices.cpu_threads' choice; -1: torch's
+    # own, left as torch sets it (benchmarks compare against it)
     mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + loss scaling)
     data_dir: Path | None = None  # where out-of-band dataset files are kept
     stdlib_dir: Path | None = None  # override the Python stdlib location (pystdlib dataset)
@@ -163,9 +164,9 @@ class Trainer:
         devices.limit_memory(self.device, self.options.max_memory_fraction)
         self._amp_dtype = devices.autocast_dtype(self.device) if self.options.mixed_precision else None
         self._scaler = devices.grad_scaler(self.device, self._amp_dtype)
-        self._cpu_threads = devices.cpu_threads(self.options.cpu_threads)
-        logger.info("training on %s, %d CPU thread%s", self.device, self._cpu_threads,
-                    "" if self._cpu_threads == 1 else "s")
+        self._cpu_threads = -1 if self.options.cpu_threads < 0 else devices.cpu_threads(self.options.cpu_threads)
+        logger.info("training on %s, %s", self.device, "torch's own CPU threads" if self._cpu_threads < 0 else
+                    f"{self._cpu_threads} CPU thread{'' if self._cpu_threads == 1 else 's'}")
         self.dataset = run_dataset(m, self.options.data_dir, self.options.stdlib_dir, self.options.artifacts,
                                    shards=self.options.shards)
         self.model = run_model(m, self.options.artifacts).to(self.device)
@@ -331,7 +332,8 @@ class Trainer:
 
     def _run(self) -> None:
         # torch's thread count holds for the thread that sets it (and threads started after): the training thread
-        torch.set_num_threads(self._cpu_threads)
+        if self._cpu_threads > 0:
+            torch.set_num_threads(self._cpu_threads)
         self._threads_in_use = torch.get_num_threads()
         try:
             while not self._stop.is_set():

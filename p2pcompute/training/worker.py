@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--status-file", type=Path, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpu-threads", type=int, default=0,
-                        help="torch threads of the training thread (0: one core fewer than the machine's)")
+                        help="torch threads of the training thread (0: one core fewer than the machine's; "
+                             "-1: torch's own, untouched)")
     parser.add_argument("--min-peers", type=int, default=1,
                         help="hold the first epoch until this many peers (this one included) train")
     parser.add_argument("--max-epochs", type=int, default=None, help="stop at this epoch (default: the run's)")
@@ -117,7 +118,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
             write_atomic(args.ready_file, "".join(f"{m}\n" for m in dht.get_visible_maddrs()))
         options = TrainerOptions(device=args.device, data_dir=args.dataset_dir, max_epochs=args.max_epochs,
                                  checkpoint_dir=args.data_dir / "checkpoints", checkpoint_every=args.checkpoint_every,
-                                 min_peers=args.min_peers, cpu_threads=max(0, args.cpu_threads),
+                                 min_peers=args.min_peers, cpu_threads=max(-1, args.cpu_threads),
                                  **({} if args.work_history is None else {"work_history": args.work_history}),
                                  artifacts=ArtifactStore.for_data_dir(args.data_dir, tuple(args.artifact_dir)))
         trainer = Trainer(dht, run, identity, options).start()
