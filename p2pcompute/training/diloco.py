@@ -59,12 +59,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
+from hivemind.utils import get_dht_time
 
 from p2pcompute.runs.optimizers import allocate_state
 from p2pcompute.training.dataplane import RawAllReduceMixin
 from p2pcompute.retry import Timeout, poll_until, retry_until
-from p2pcompute.training.observed import (MAX_CATCH_UP, ObservedAverager, RoundObserver, log_download_failure,
-                                          round_epochs)
+from p2pcompute.training.observed import ObservedAverager, RoundObserver, log_download_failure
 from p2pcompute.training.tracker import SwarmProgressTracker
 
 logger = logging.getLogger(__name__)
@@ -135,10 +135,10 @@ class LocalUpdatesOptimizer:
         self._momentum = [self.outer.state[p]["momentum_buffer"] for p in self.global_params] if outer_momentum > 0 else []
         self.local_epoch = 0
         self._phi_epoch = 0  # the epoch whose start phi is (what a download is labelled with)
-        self._group_epoch = -1  # the highest epoch a member of our last successful round declared
         self._samples_in_epoch = 0
         self._unsent = 0  # samples trained since the last round that made it into phi (the next round's weight)
         self._pending: Optional[tuple[Any, list[torch.Tensor], int, int]] = None  # control, theta at launch, weight, epoch
+        self._scheduled = None  # the next round, matchmaking ahead of the epoch end (StepControl awaiting our trigger)
         self._needs_state = False  # joined a run in progress without its state: train, but do not average yet
         self.failed_rounds = 0
         self.sync_seconds = 0.0  # wall time the training thread spent at epoch ends (waiting, outer steps, copies)
@@ -171,6 +171,7 @@ class LocalUpdatesOptimizer:
         self._samples_in_epoch += self.batch_size_per_step
         self._unsent += self.batch_size_per_step
         self.tracker.report_local_progress(self.local_epoch, self._samples_in_epoch)
+        self._maybe_schedule()
         ends_epoch = self.tracker.ready_to_update_epoch
         if self._on_inner_step is not None:
             self._on_inner_step(ends_epoch)  # before the outer step moves the parameters
@@ -195,16 +196,7 @@ class LocalUpdatesOptimizer:
             if self._needs_state or self._far_behind():
                 self._catch_up()
                 return
-            self._next_epoch(max(self.local_epoch + 1, self.tracker.global_epoch, self._caught_up()))
-
-    def _caught_up(self) -> int:
-        """The epoch after the round we just left, as its most advanced member left it: members one or two epochs
-        apart (each group forms across epochs: its key is the run's, not the epoch's) otherwise stay apart for
-        good, each ending its epoch at another time and every round mixing three epochs (measured: 3 peers of
-        the swarm tests' run after a straggler woke, every one of 12 rounds [e, e+1, e+2]). Bounded: at most
-        MAX_CATCH_UP past our next epoch (observed.py: the same for gradient rounds)."""
-        group, self._group_epoch = self._group_epoch, -1
-        return min(group + 1, self.local_epoch + 1 + MAX_CATCH_UP)
+            self._next_epoch(max(self.local_epoch + 1, self.tracker.global_epoch))
 
     def _wait_for_a_view(self) -> None:
         """A tracker that sees no peer at all, not even us, does not mean we are alone: our own reports are missing
@@ -234,15 +226,28 @@ class LocalUpdatesOptimizer:
         """Download the swarm's state (a short bound after the first try); if none comes, train on and try again
         at the next epoch end, without averaging meanwhile."""
         self._settle(wait=False)
+        if self._scheduled is not None:
+            self._release(self._scheduled)
+            self._scheduled = None
         if self._download_state(RETRY_LOAD_TIMEOUT if self.local_epoch else self.load_state_timeout):
             self._samples_in_epoch = 0
             return
         self._next_epoch(max(self.local_epoch + 1, self.tracker.global_epoch))
 
+    def _maybe_schedule(self) -> None:
+        """Start matchmaking for this epoch's round matchmaking_time before the swarm's estimated epoch end, as
+        hivemind.Optimizer does for gradient rounds: the group is formed when the epoch ends, instead of the
+        epoch end waiting matchmaking_time (a group below target_group_size waits all of it)."""
+        if self._scheduled is not None or self._needs_state or self.tracker.global_progress.num_peers <= 1:
+            return
+        if self.tracker.estimated_next_update_time - get_dht_time() > self.matchmaking_time:
+            return
+        if self._pending is not None and not self._pending[0].done():
+            return  # overlap: the averager is still busy with the previous round
+        self._scheduled = self.averager.step(gather=self.local_epoch, timeout=self.averaging_timeout,
+                                             require_trigger=True, wait=False)
+
     def _next_epoch(self, epoch: int) -> None:
-        if epoch > self.local_epoch + 1 and self._phi_epoch == self.local_epoch + 1:  # phi starts the epoch we go to
-            with self._lock:
-                self._phi_epoch = epoch
         self.local_epoch = self.tracker.update_epoch(epoch)
         self._samples_in_epoch = 0
         self._advertise_state()
@@ -260,18 +265,22 @@ class LocalUpdatesOptimizer:
                 tensor.copy_(param)
         launch = [p.detach().clone() for p in self.params]
         weight = max(1, self._unsent)
+        control, self._scheduled = self._scheduled, None
+        if control is not None and (control.done() or control.triggered):
+            control = None  # it failed while matchmaking (or was cancelled): start afresh
         if self.tracker.global_progress.num_peers <= 1:
+            if control is not None:
+                self._release(control)
             with self.averager.get_tensors() as tensors:
                 self._apply(tensors, launch, self.local_epoch + 1)
             self._unsent = 0
             return
-        # Matchmaking starts here, at the real epoch end, and the group begins as soon as every peer the tracker
-        # counts has joined (not matchmaking_time later). It used to start matchmaking_time before the estimated
-        # epoch end (as hivemind.Optimizer does): the peers' estimates differ by more than that, and two peers
-        # formed their group before the third looked (observed.py SwarmOptimizer._maybe_schedule_gradient_averaging)
-        self.averager.expect_group(max(2, self.tracker.expected_peers))
-        control = self.averager.step(gather=self.local_epoch, weight=float(weight), timeout=self.averaging_timeout,
-                                     wait=False)
+        if control is None:
+            control = self.averager.step(gather=self.local_epoch, weight=float(weight),
+                                         timeout=self.averaging_timeout, wait=False)
+        else:  # the pre-scheduled round: our tensors are in place, go
+            control.weight = float(weight)
+            control.allow_allreduce()
         self._pending = (control, launch, weight, self.local_epoch)
 
     def _settle(self, wait: bool, merge: bool = False, timeout: Optional[float] = None) -> None:
@@ -286,7 +295,7 @@ class LocalUpdatesOptimizer:
             self._abandon(control)
             return
         try:
-            gathered = control.result(timeout=self.averaging_timeout + RESULT_MARGIN if timeout is None else timeout)
+            control.result(timeout=self.averaging_timeout + RESULT_MARGIN if timeout is None else timeout)
         except ROUND_FAILURES as e:  # hivemind's MatchmakingException/AllreduceException/TimeoutError/...
             self.failed_rounds += 1
             logger.info("outer round of epoch %d failed (%s); keeping our %d samples for the next one",
@@ -296,7 +305,18 @@ class LocalUpdatesOptimizer:
         with self.averager.get_tensors() as tensors:
             self._apply(tensors, launch, epoch + 1, merge)
         self._unsent = max(0, self._unsent - weight)
-        self._group_epoch = max(round_epochs(gathered or {}).values(), default=-1)
+
+    @staticmethod
+    def _release(control) -> None:
+        """Give up a pre-scheduled round: cancelled while looking for a group; once in a group, mates wait for
+        our parts, so it runs with weight 0 (what hivemind.Optimizer does with its scheduled rounds)."""
+        if control.done():
+            return
+        if control.stage == AveragingStage.LOOKING_FOR_GROUP:
+            control.cancel()
+        elif not control.triggered:
+            control.weight = 0.0
+            control.allow_allreduce()
 
     @staticmethod
     def _abandon(control) -> None:
@@ -421,6 +441,9 @@ class LocalUpdatesOptimizer:
         (an epoch end may be waiting for a round when it is asked to stop)."""
         try:
             self._settle(wait=True, timeout=self.shutdown_timeout)
+            if self._scheduled is not None:
+                self._release(self._scheduled)
+                self._scheduled = None
         finally:
             self.tracker.shutdown(self.shutdown_timeout)
             self.averager.shutdown()
