@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import signal
 import tempfile
@@ -107,7 +106,9 @@ def demo(n_nodes: int, epochs: int, keep: bool) -> None:
 def demo_cpu_threads(n_nodes: int) -> int:
     """Each demo node's share of this machine's cores for torch (at least one): N trainers with torch's default
     thread count each on one machine stall each other (training/device.py cpu_threads)."""
-    return max(1, len(os.sched_getaffinity(0)) // n_nodes)
+    from p2pcompute.training.device import usable_cores  # (torch: imported by the demo only)
+
+    return max(1, usable_cores() // n_nodes)
 
 
 def demo_target_batch_size(min_target_batch_size: int | None, batch_size_per_step: int) -> int:

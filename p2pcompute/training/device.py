@@ -41,9 +41,12 @@ def cpu_threads(requested: int = 0, cores: int | None = None) -> int:
     trainers on one machine (the demo) should share its cores: cpu_threads = cores // trainers."""
     if requested > 0:
         return requested
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return max(1, (usable_cores() if cores is None else cores) - 1)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def synchronized_time(device: torch.device) -> float:

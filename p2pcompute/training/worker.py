@@ -33,6 +33,17 @@ DHT_STARTUP_TIMEOUT = 30.0  # p2pd start and bootstrap on a loaded machine
 logger = logging.getLogger("p2pcompute.training.worker")
 
 
+def cpu_threads_arg(text: str) -> int:
+    """--cpu-threads: an integer from -1 to 4096 (the node config's bound)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"{value} is outside -1..4096")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m p2pcompute.training.worker",
                                      description=__doc__.split("\n")[0])
@@ -47,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ready-file", type=Path, default=None)
     parser.add_argument("--status-file", type=Path, default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--cpu-threads", type=int, default=0,
+    parser.add_argument("--cpu-threads", type=cpu_threads_arg, default=0, metavar="N",
                         help="torch threads of the training thread (0: one core fewer than the machine's; "
                              "-1: torch's own, untouched)")
     parser.add_argument("--min-peers", type=int, default=1,
@@ -118,7 +129,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
             write_atomic(args.ready_file, "".join(f"{m}\n" for m in dht.get_visible_maddrs()))
         options = TrainerOptions(device=args.device, data_dir=args.dataset_dir, max_epochs=args.max_epochs,
                                  checkpoint_dir=args.data_dir / "checkpoints", checkpoint_every=args.checkpoint_every,
-                                 min_peers=args.min_peers, cpu_threads=max(-1, args.cpu_threads),
+                                 min_peers=args.min_peers, cpu_threads=args.cpu_threads,
                                  **({} if args.work_history is None else {"work_history": args.work_history}),
                                  artifacts=ArtifactStore.for_data_dir(args.data_dir, tuple(args.artifact_dir)))
         trainer = Trainer(dht, run, identity, options).start()
