@@ -22,7 +22,10 @@ from p2pcompute.devtools.data_peer import DataPeer, JunkShards
 from p2pcompute.protocol import short_peer
 from p2pcompute.runs.manifest import LOCAL_NETWORK_AVERAGING, Manifest, toml_lines
 
-EPOCHS = 5  # the volunteers hold all the data by epoch 1 (their epoch's shards and the next): 3+ epochs without it
+# the volunteers hold all the data by epoch 1-2 (their epoch's shards and the next), the publisher leaves then: 5+
+# epochs without it. An epoch is one optimizer step (gradients mode): the target sets the epoch's length, ~1 s here;
+# at 64 samples the 5 epochs took ~2 s, and on a slower box they were over before the publisher had left.
+EPOCHS = 8
 VOCAB = 320
 LINES_PER_ROW = 40  # the json package's sources cut into rows of this many lines (~30 rows), in 3 shards
 READY_TIMEOUT = 120.0  # seconds for four nodes to come up side by side on a loaded 2-core box
@@ -41,7 +44,7 @@ def spec_text(dataset_id: str, tokenizer: str, init: str) -> str:
     model = (toml_lines({"name": "hf", "task": "causal-lm", "tokenizer": tokenizer, "init": init})
              + f'config = {{ model_type = "gpt2", vocab_size = {VOCAB}, n_positions = 32, n_embd = 32, n_layer = 2, '
                'n_head = 2 }\n')
-    return (toml_lines({"name": "researcher-gpt2", "batch_size_per_step": 8, "target_batch_size": 64,
+    return (toml_lines({"name": "researcher-gpt2", "batch_size_per_step": 8, "target_batch_size": 1024,
                         "max_epochs": EPOCHS})
             + "\n[model]\n" + model
             + "\n[dataset]\n" + toml_lines({"name": "p2p", "id": dataset_id, "task": "lm", "seq_len": 32})

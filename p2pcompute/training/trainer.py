@@ -414,8 +414,11 @@ class Trainer:
 
     def _waiting_for_peers(self) -> bool:
         """After our first step (which makes hivemind report us to the others), hold the first epoch until
-        hivemind's progress tracker counts min_peers peers, or the wait times out."""
-        if self._peers_deadline is None or self._samples_in_epoch == 0:
+        hivemind's progress tracker counts min_peers peers, or the wait times out. "Our first step" is the current
+        optimizer's: after a pause its new tracker reports nothing until it counts samples, and a peer that held
+        without stepping stayed invisible, so every peer waited out the whole timeout (seen in the NAT tests: the
+        private nodes paused for a reachable peer, then all three waited 120 s and raced through the run alone)."""
+        if self._peers_deadline is None or self._opt is None or self._opt.tracker.local_progress.samples_accumulated == 0:
             return False
         seen = self._opt.tracker.global_progress.num_peers
         if seen >= self.options.min_peers or self._clock() > self._peers_deadline:
