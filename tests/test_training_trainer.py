@@ -126,29 +126,36 @@ def test_trainer_finishes_at_max_epochs(node, tmp_path):
     assert status.cpu_threads == devices.cpu_threads()
 
 
-def test_a_resumed_trainer_that_waits_for_peers_is_seen_by_them(node, tmp_path):
-    """A trainer holding its first epoch for min_peers is paused and resumed (a private node waiting for a reachable
-    peer does this): the others must see it again at once. Before, its new tracker reported nothing until a step,
-    which the hold never let it take: every peer waited out min_peers_timeout (120 s in the NAT tests), seeing one."""
+def test_a_trainer_waiting_for_peers_is_seen_and_not_counted_as_computing(node, tmp_path):
+    """A trainer holding its first epoch for min_peers: the others must see it (hivemind's progress entry), also after
+    a pause and resume (a private node waiting for a reachable peer does this), and must not extrapolate samples for
+    it. Before: its new tracker reported nothing until a step, which the hold never let it take (every peer waited
+    out min_peers_timeout, 120 s in the NAT tests, seeing one); and its entry kept the samples/s of its first step,
+    so hivemind's ETA had the epoch's target done during the hold: the next peer ended epoch 0 after one step,
+    alone, and ran an epoch ahead of the other for the rest of the run (the tiny-ViT test)."""
     identity, dht = node
     manifest = Manifest.from_toml(SPEC)
     reader = start_dht(Identity.load_or_create(tmp_path / "reader" / "identity.key"), listen=LOOPBACK,
                        bootstrap=[str(dht.get_visible_maddrs()[0])])
     reader.add_validators([RSASignatureValidator()])  # hivemind signs each peer's progress entry
 
-    def reported() -> int:  # peers in hivemind's progress entry: what every other peer's tracker counts
+    def entries() -> list[dict]:  # hivemind's progress entry: what every other peer's tracker counts
         entry = reader.get(f"{manifest.hivemind_prefix}_progress", latest=True)
         value = entry.value if entry is not None else None
-        return sum(1 for item in value.values() if item.value is not None) if isinstance(value, dict) else 0
+        return [item.value for item in value.values() if item.value is not None] if isinstance(value, dict) else []
+
+    def held() -> bool:
+        seen = entries()
+        return len(seen) == 1 and seen[0]["samples_accumulated"] > 0 and seen[0]["samples_per_second"] == 0
 
     trainer = Trainer(dht, manifest, identity, TrainerOptions(device="cpu", min_peers=2, min_peers_timeout=10 * DEADLINE))
     try:
         trainer.start()
-        wait_for(lambda: reported() == 1, "the waiting trainer's progress report")
+        wait_for(held, "the waiting trainer's progress report, at 0 samples/s")
         trainer.pause("waiting for a reachable peer")
-        wait_for(lambda: trainer.status().status == "paused" and reported() == 0, "the paused trainer's goodbye")
+        wait_for(lambda: trainer.status().status == "paused" and not entries(), "the paused trainer's goodbye")
         trainer.resume()
-        wait_for(lambda: reported() == 1, "the resumed trainer's progress report, while it still waits")
+        wait_for(held, "the resumed trainer's progress report, at 0 samples/s while it still waits")
         status = trainer.status()
         assert status.status == "training" and status.epoch == 0  # still holding its first epoch for a second peer
     finally:

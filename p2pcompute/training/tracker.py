@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,17 @@ class SwarmProgressTracker(ProgressTracker):
                         "a peer joined" if progress.num_peers > before else "a peer left")
         self._peers_seen = progress.num_peers
         return progress
+
+    def hold(self) -> None:
+        """We compute nothing for a while (the trainer holds its first epoch until min_peers peers train): our
+        entry says 0 samples/s from now. hivemind extrapolates each entry's samples at its samples/s since its
+        time, so a peer held for seconds after a fast first step looked like it had done the epoch's target: the
+        next peer to join ended epoch 0 after a single step, alone, and ran an epoch ahead of the other from then
+        on (the tiny-ViT test: one peer's eval at epoch k was the other's at k + 1). The next step's report
+        measures our speed again."""
+        self.local_progress = LocalTrainingProgress(
+            **{**self.local_progress.dict(), "samples_per_second": 0.0, "time": get_dht_time()})
+        self.should_report_progress.set()
 
     async def _progress_reporter(self):
         last_report_time, last_report_epoch = -float("inf"), -float("inf")
