@@ -124,6 +124,7 @@ class Boolean(Check):
 
 
 REACHABILITY_MODES = ("auto", "public", "private", "local")
+MAX_CPU_THREADS = 4096  # [training] cpu_threads and the worker's --cpu-threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +240,7 @@ class NodeConfig:
     device: str = setting("training", Choice(("auto", "cpu", "cuda")), "auto", "device to train on")
     max_memory_fraction: float = setting("training", Number(0.05, 1.0), 0.9,
                                          "cap on the GPU memory fraction we may use")
-    cpu_threads: int = setting("training", Number(0, 4096, integer=True), 0,
+    cpu_threads: int = setting("training", Number(0, MAX_CPU_THREADS, integer=True), 0,
                                "torch threads for training (0: all cores but one; several nodes on one machine: "
                                "cores / nodes)")
     idle_gpu_util: float = setting("training", Number(0, 100), 10, "GPU utilisation (%) by others above which we pause")

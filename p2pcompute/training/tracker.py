@@ -59,7 +59,9 @@ class SwarmProgressTracker(ProgressTracker):
         time, so a peer held for seconds after a fast first step looked like it had done the epoch's target: the
         next peer to join ended epoch 0 after a single step, alone, and ran an epoch ahead of the other from then
         on (the tiny-ViT test: one peer's eval at epoch k was the other's at k + 1). The next step's report
-        measures our speed again."""
+        measures our speed again. Idempotent: a no-op while our entry already says 0 samples/s."""
+        if self.local_progress.samples_per_second == 0:
+            return
         self.local_progress = LocalTrainingProgress(
             **{**self.local_progress.dict(), "samples_per_second": 0.0, "time": get_dht_time()})
         self.should_report_progress.set()

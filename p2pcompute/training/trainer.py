@@ -151,7 +151,6 @@ class Trainer:
         self._threads_in_use = 0
         self._next_publish = 0.0
         self._peers_deadline: float | None = None  # set while the first epoch waits for min_peers
-        self._held = None  # the optimizer whose tracker was told we hold (tracker.hold())
         max_epochs = options.max_epochs if options.max_epochs is not None else self.manifest.max_epochs
         self.max_epochs = max_epochs
 
@@ -421,9 +420,7 @@ class Trainer:
         private nodes paused for a reachable peer, then all three waited 120 s and raced through the run alone)."""
         if self._peers_deadline is None or self._opt is None or self._opt.tracker.local_progress.samples_accumulated == 0:
             return False
-        if self._held is not self._opt:  # once per optimizer: the swarm stops counting our speed while we hold
-            self._held = self._opt
-            self._opt.tracker.hold()
+        self._opt.tracker.hold()  # the swarm stops counting our speed while we hold (a no-op after the first call)
         seen = self._opt.tracker.global_progress.num_peers
         if seen >= self.options.min_peers or self._clock() > self._peers_deadline:
             if seen < self.options.min_peers:

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from p2pcompute.config import MAX_CPU_THREADS
+
 STATUS_PERIOD = 1.0  # seconds between status-file rewrites: tests and the demo poll it
 MAX_ROUNDS_IN_STATUS = 32  # the newest averaging rounds written to the status file
 DHT_STARTUP_TIMEOUT = 30.0  # p2pd start and bootstrap on a loaded machine
@@ -34,13 +36,13 @@ logger = logging.getLogger("p2pcompute.training.worker")
 
 
 def cpu_threads_arg(text: str) -> int:
-    """--cpu-threads: an integer from -1 to 4096 (the node config's bound)."""
+    """--cpu-threads: an integer from -1 to MAX_CPU_THREADS (the node config's bound)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not -1 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"{value} is outside -1..4096")
+    if not -1 <= value <= MAX_CPU_THREADS:
+        raise argparse.ArgumentTypeError(f"{value} is outside -1..{MAX_CPU_THREADS}")
     return value
 
 
