@@ -23,6 +23,7 @@ EXPECTED = (
     ("hivemind", "did not send its state", "a peer offering the run's state sent none (it stopped sharing)"),
     ("hivemind", "Cancelled scheduled state averaging round", None),
     ("hivemind", "wait_for_trigger raised exception", None),
+    ("hivemind", "Trigger is already set", None),  # hivemind triggering a round our stop cancelled (interrupt)
     ("hivemind", "caught ", None),  # "<Averager> caught AllreduceException(...), retrying": hivemind retries
     ("hivemind", "CancelledError", None),
     ("hivemind", "GeneratorExit", None),

@@ -217,6 +217,37 @@ def test_a_peer_killed_mid_run_does_not_stop_the_others(swarm):
         assert worker.status()["status"] == "stopped"
 
 
+# A stop must not wait out a round in flight (CI, 2026-12-08: a survivor of the kill test, stopped while its round
+# waited for its last mate, which had just stopped too, took 30+ s to exit). The rounds here may wait a minute.
+PATIENT_SPEC = swarm_spec(averaging_timeout="60", allreduce_timeout="60")
+QUICK_STOP = 15.0  # seconds from SIGTERM to exit: leaving (shutdown_timeout 3 s), the DHT's shutdown, a loaded box
+
+
+def test_a_stop_does_not_wait_for_a_round_in_flight(swarm, tmp_path):
+    """SIGTERM of a peer whose epoch end waits for a mate that froze (SIGSTOP): it exits at once, not after its
+    round's averaging_timeout."""
+    spec = tmp_path / "patient.toml"
+    spec.write_text(PATIENT_SPEC)
+    common = ["--manifest", str(spec), "--min-peers", "2", "--max-seconds", str(RUN_TIMEOUT)]
+    first = swarm("a", *common)
+    second = swarm("b", *common, "--initial-peers", ready(first))
+    wait_for(lambda: min(w.epoch() for w in (first, second)) >= 3, "two peers at epoch 3", workers=[first, second])
+    second.signal_group(signal.SIGSTOP)
+    try:
+        frozen_at = second.epoch()
+        # the next epoch end of the other waits for the frozen mate (its tracker counts it for metadata_expiration)
+        wait_for(lambda: first.epoch() > frozen_at, "the other's next epoch", timeout=60, workers=[first])
+        time.sleep(1.0)
+        first.terminate()
+        stopping = time.monotonic()
+        assert exit_code(first, RUN_TIMEOUT) == 0, first.log_tail()
+        stopped = time.monotonic() - stopping
+    finally:
+        second.signal_group(signal.SIGCONT)
+    assert first.status()["status"] == "stopped"
+    assert stopped < QUICK_STOP, (stopped, first.log_tail())
+
+
 # After a peer is killed, the survivors must complete at least PACE_SHARE of the epochs their two-peer pace predicts
 # for the window KILL_WINDOW after the kill (issue 14: back to 80% of the two-peer rate within 10 s). The two-peer
 # pace is the epochs the same two peers did alone, before the third joined, over TWO_PEER_WINDOW, counted as in the

@@ -363,7 +363,10 @@ class LocalUpdatesOptimizer:
 
     def _download_state(self, timeout: float) -> bool:
         def attempt(remaining: float) -> Optional[bool]:
-            """True: adopted; False: no peer offers its state (give up); None: an unusable state (try again)."""
+            """True: adopted; False: no peer offers its state, or we are stopping (give up); None: an unusable
+            state (try again)."""
+            if self.averager.interrupted:
+                return False
             result = self.averager.load_state_from_peers(timeout=remaining)
             if result is None:
                 return False
@@ -434,6 +437,11 @@ class LocalUpdatesOptimizer:
         with self.tracker.pause_updates():
             self.local_epoch = self.tracker.update_epoch(state["epoch"])
         self._advertise_state()
+
+    def interrupt(self) -> None:
+        """The trainer is stopping (any thread): the round and download in flight are cancelled, and any started
+        later (see ObservedAverager.interrupt); the training thread's epoch end returns at once."""
+        self.averager.interrupt()
 
     def shutdown(self) -> None:
         """Finish (or give up on, after shutdown_timeout) the round in flight, say goodbye to the tracker, stop

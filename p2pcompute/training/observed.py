@@ -162,6 +162,9 @@ class ObservedAverager(DecentralizedAverager):
     # The group size last sent to the averager's process by expect_group (None: hivemind's target_group_size)
     _group_target: Optional[int] = None
 
+    # set by interrupt(): the trainer is stopping, no wait for a round or download of ours may outlast that
+    interrupted: bool = False
+
     def step(self, gather: Any = None, scheduled_time: Optional[float] = None, weight: Optional[float] = None,
              timeout: Optional[float] = None, allow_retries: bool = True, require_trigger: bool = False,
              wait: bool = True):
@@ -170,7 +173,28 @@ class ObservedAverager(DecentralizedAverager):
         control = super().step([gather, self._observer.payload(self._round_kind)], scheduled_time, weight,
                                timeout, allow_retries, require_trigger, wait=False)
         control.add_done_callback(partial(self._observer.record, self._round_kind))
+        self._track(control)
         return control.result() if wait else control
+
+    def _track(self, future) -> None:
+        """Remember a round or download in flight, for interrupt(); one started after it is cancelled at once."""
+        in_flight = self.__dict__.setdefault("_in_flight", set())
+        in_flight.difference_update([f for f in list(in_flight) if f.done()])
+        in_flight.add(future)
+        if self.interrupted:
+            future.cancel()
+
+    def interrupt(self) -> None:
+        """The trainer is stopping (any thread): cancel every round and state download of ours in flight, and each
+        one started from now on. Whoever waits for one (the training thread in an epoch end, hivemind's step
+        executor in a state round) goes on at once, as after a failed round, instead of waiting up to
+        averaging_timeout for mates that may be gone (CI, 2026-12-08: a peer stopped while its round waited for
+        a mate that had just stopped too took 30+ s to exit; with a frozen mate, the whole averaging_timeout).
+        A group already formed finishes or fails in the averager's process without us, as when a peer leaves."""
+        self.interrupted = True
+        for future in list(self.__dict__.get("_in_flight", ())):
+            if not future.done():
+                future.cancel()
 
     def expect_group(self, size: int) -> None:
         """Let this averager's next group begin as soon as it has `size` members (within hivemind's
@@ -198,8 +222,12 @@ class ObservedAverager(DecentralizedAverager):
         """hivemind's download, with the state checked before anyone uses it: a peer's tensors must match the
         layout of the state we would serve ourselves (count, shapes, dtypes) and be finite. hivemind copies
         whatever arrives; a wrong shape raised inside hivemind.Optimizer's retry loop, forever."""
-        result = super().load_state_from_peers(wait=wait, timeout=timeout)
-        if not wait or result is None:
+        future = super().load_state_from_peers(wait=False, timeout=timeout)
+        self._track(future)
+        if not wait:
+            return future
+        result = future.result(timeout=timeout)
+        if result is None:
             return result
         metadata, tensors = result
         problem = _state_problem(metadata, tensors, self.get_current_state()[1])
@@ -297,6 +325,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.grad_averager is not None:  # each member tells its group the epoch its gradients are from
             self.grad_averager.gather_default = lambda: self.local_epoch
 
+    def interrupt(self) -> None:
+        """The trainer is stopping (any thread): every round and download in flight is cancelled (see
+        ObservedAverager.interrupt), so that the training thread's step returns at once and it can leave."""
+        for averager in (self.grad_averager, self.state_averager):
+            if averager is not None:
+                averager.interrupt()
+
     def _expected_group(self) -> int:
         """How many peers this epoch's round can expect: every peer with a live progress report in the run, and
         ourselves (the tracker's count). A peer that joined since is not counted and joins the next round."""
@@ -361,6 +396,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.state_averager.step(wait_for_delayed_updates=True)
 
         def download(remaining: float) -> bool:
+            if self.state_averager.interrupted:  # stopping: no more attempts
+                return False
             self.state_averager.load_state_from_peers(timeout=remaining, **kwargs)
             if self.grad_averager is not None:
                 self.grad_averager.load_state_from_peers(timeout=remaining, **kwargs)

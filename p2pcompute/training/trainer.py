@@ -128,6 +128,9 @@ class Trainer:
         self._clock, self._wall_clock = clock, wall_clock
         self._observer = RoundObserver(options.round_payload or self._default_payload)
         self._lock = threading.RLock()  # held during a training step; checkpoints and evals take it too
+        # the work recorder's own: held while it records or answers (milliseconds), never through a round, so that
+        # claims and audits (other threads) are not held up by an epoch end waiting for its group
+        self._work_lock = threading.RLock()
         self._wakeup = threading.Event()
         self._stop = threading.Event()
         self._pause_reason: str | None = None
@@ -202,6 +205,9 @@ class Trainer:
         """Stop training, leave the averaging group and withdraw from the run (idempotent)."""
         self._stop.set()
         self._wakeup.set()
+        opt = self._opt
+        if opt is not None and self._thread is not None:  # the step in progress must not wait out its round
+            opt.interrupt()
         if timeout is None:
             a = self.manifest.averaging
             timeout = float(a.averaging_timeout + a.shutdown_timeout) + SHUTDOWN_MARGIN
@@ -262,9 +268,11 @@ class Trainer:
         return self._observer.rounds()
 
     def contributions(self) -> dict[int, int]:
-        """epoch -> samples this peer accumulated toward that epoch's update (0 if they were discarded)."""
-        with self._lock:
-            return dict(self._contributions)
+        """epoch -> samples this peer accumulated toward that epoch's update (0 if they were discarded). Any thread,
+        without the step lock: a step holds it through its epoch end's round (up to averaging_timeout), and the
+        worker's status loop, blocked here, neither wrote its status nor saw SIGTERM for that long (CI, 2026-12-08).
+        A dict copy is one step under the GIL."""
+        return dict(self._contributions)
 
     @property
     def records_work(self) -> bool:
@@ -273,7 +281,7 @@ class Trainer:
 
     def work_commitment(self, epoch: int) -> WorkCommitment | None:
         """What this peer commits to for a completed epoch (its digest is the claim's work_digest), if recorded."""
-        with self._lock:
+        with self._work_lock:
             return self._work.commitment(epoch) if self._work is not None else None
 
     def keep_work(self, epoch: int, keep: bool = True) -> None:
@@ -284,17 +292,17 @@ class Trainer:
 
     def reveal(self, epoch: int, steps: Sequence[int]) -> list[StepReveal] | None:
         """The answer to an audit of `steps` of `epoch`: the committed step sketches with their Merkle paths."""
-        with self._lock:
+        with self._work_lock:
             return self._work.reveal(epoch, steps) if self._work is not None else None
 
     def segment_state(self, epoch: int, leaf: int) -> SegmentState | None:
         """Local mode: the full training state where segment `leaf` of `epoch` started (an audit replays from it)."""
-        with self._lock:
+        with self._work_lock:
             return self._work.segment_state(epoch, leaf) if isinstance(self._work, LocalWorkRecorder) else None
 
     def start_state(self, epoch: int) -> tuple[bytes, list[torch.Tensor]] | None:
         """(digest, parameters) at the start of a recent epoch, to audit others against (None if not kept)."""
-        with self._lock:
+        with self._work_lock:
             return self._work.start_states.get(epoch) if self._work is not None else None
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
@@ -312,9 +320,9 @@ class Trainer:
             return evaluate_loss(self.model, self.dataset, self.manifest.run_id, size, self.device)
 
     def evaluations(self) -> list[EvalPoint]:
-        """The run's [eval] results on this peer so far (the newest MAX_EVALS), oldest first."""
-        with self._lock:
-            return list(self._evals)
+        """The run's [eval] results on this peer so far (the newest MAX_EVALS), oldest first (any thread, no lock:
+        see contributions)."""
+        return list(self._evals)
 
     def _evaluate_epoch(self, epoch: int) -> None:
         """The run's evaluation at the start of `epoch` (the model after `epoch` updates), in chunks of
@@ -371,10 +379,11 @@ class Trainer:
                              m.batch_size_per_step)
             params = list(self.model.parameters())
             if self._work is not None and self._work.epoch != epoch:  # the first step of the epoch: its start
-                if isinstance(self._work, LocalWorkRecorder):
-                    self._work.begin_epoch(epoch, params, opt.inner)
-                else:
-                    self._work.begin_epoch(epoch, params)
+                with self._work_lock:
+                    if isinstance(self._work, LocalWorkRecorder):
+                        self._work.begin_epoch(epoch, params, opt.inner)
+                    else:
+                        self._work.begin_epoch(epoch, params)
             started = time.perf_counter()
             downloads = getattr(opt, "downloads", None)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -383,14 +392,17 @@ class Trainer:
             if self._scaler is not None:
                 self._scaler.scale(loss).backward()
                 if isinstance(self._work, WorkRecorder):
-                    self._work.record_step(epoch, self._step_in_epoch, params, 1.0 / float(self._scaler.get_scale()))
+                    with self._work_lock:
+                        self._work.record_step(epoch, self._step_in_epoch, params,
+                                               1.0 / float(self._scaler.get_scale()))
                 computed = devices.synchronized_time(self.device)
                 self._scaler.step(opt)
                 self._scaler.update()
             else:
                 loss.backward()
                 if isinstance(self._work, WorkRecorder):
-                    self._work.record_step(epoch, self._step_in_epoch, params)
+                    with self._work_lock:
+                        self._work.record_step(epoch, self._step_in_epoch, params)
                 computed = devices.synchronized_time(self.device)
                 opt.step()
             opt.zero_grad()
@@ -436,7 +448,8 @@ class Trainer:
             # gradients mode: an epoch that hivemind ended by loading state after its round (not "completed" here)
             # still holds steps all taken at its start state, whose mean was what it averaged: commit to them (a
             # claim names the commitment only if it holds at most the weight sent, services/credits.py)
-            self._work.end_epoch(self._epoch, completed or isinstance(self._work, WorkRecorder))
+            with self._work_lock:
+                self._work.end_epoch(self._epoch, completed or isinstance(self._work, WorkRecorder))
         while len(self._contributions) > MAX_CONTRIBUTIONS:
             del self._contributions[min(self._contributions)]
         self._epoch, self._step_in_epoch, self._samples_in_epoch = epoch, 0, 0
@@ -528,14 +541,16 @@ class Trainer:
     def _after_inner_step(self, last: bool) -> None:
         """Local mode, inside opt.step() (training thread, lock held): an inner step was taken."""
         if isinstance(self._work, LocalWorkRecorder):
-            self._work.after_step(list(self.model.parameters()), self._opt.inner, last)
+            with self._work_lock:
+                self._work.after_step(list(self.model.parameters()), self._opt.inner, last)
 
     def _leave(self, status: str, reason: str) -> None:
         """Shut hivemind's optimizer down (goodbye to the tracker, pending rounds cancelled or finished
         with zero weight, averagers stopped), keeping the model and optimizer state for a later resume."""
         opt, self._opt = self._opt, None
         if isinstance(self._work, LocalWorkRecorder):  # a round applied while leaving may move the parameters
-            self._work.end_epoch(self._epoch, completed=False)
+            with self._work_lock:
+                self._work.end_epoch(self._epoch, completed=False)
         self._saved_opt_state = opt.state_dict()
         opt.shutdown()
         self._set_status(status, reason)

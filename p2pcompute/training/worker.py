@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ from p2pcompute.config import MAX_CPU_THREADS
 STATUS_PERIOD = 1.0  # seconds between status-file rewrites: tests and the demo poll it
 MAX_ROUNDS_IN_STATUS = 32  # the newest averaging rounds written to the status file
 DHT_STARTUP_TIMEOUT = 30.0  # p2pd start and bootstrap on a loaded machine
+# a stop that takes longer than this writes every thread's stack to stderr (the log): what it waits on
+STOP_STACKS_AFTER = 15.0
 
 logger = logging.getLogger("p2pcompute.training.worker")
 
@@ -139,6 +142,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
         while not trainer.wait(STATUS_PERIOD) and not stop.is_set() and time.monotonic() < deadline:
             if args.status_file is not None:
                 write_atomic(args.status_file, status_json(trainer))
+        if stop.is_set():
+            faulthandler.dump_traceback_later(STOP_STACKS_AFTER, exit=False)
         trainer.shutdown()
         extra = {"exited": True}
         if args.eval_size:
