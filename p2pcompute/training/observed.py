@@ -37,6 +37,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils import get_dht_time
 
 from p2pcompute.retry import retry_until
 from p2pcompute.training.dataplane import RawAllReduceMixin
@@ -150,6 +151,12 @@ def _is_epoch(gather: Any) -> bool:
     return type(gather) is int and gather >= 0
 
 
+# min_matchmaking_times a gradient or parameter (state) round looks for a group before it gives up (see
+# ObservedGradientAverager, ObservedStateAverager): a round begins when its epoch really ends, every peer there
+# within a fraction of a second, so a group forms within one matchmaking time or its mates are gone or elsewhere
+ROUND_PATIENCE = 3.0
+
+
 class ObservedAverager(DecentralizedAverager):
     """Mixin placed right above DecentralizedAverager in the MRO, so hivemind's own `super().step(...)`
     calls (GradientAverager.schedule_step, TrainingStateAverager._do) pass through `step` here."""
@@ -164,12 +171,19 @@ class ObservedAverager(DecentralizedAverager):
 
     # set by interrupt(): the trainer is stopping, no wait for a round or download of ours may outlast that
     interrupted: bool = False
+    # How long a round of this averager looks for a group, in multiples of min_matchmaking_time after its start
+    # (None: until the step's timeout, hivemind's way). hivemind keeps looking (and retrying) until the deadline.
+    matchmaking_patience: Optional[float] = None
 
     def step(self, gather: Any = None, scheduled_time: Optional[float] = None, weight: Optional[float] = None,
              timeout: Optional[float] = None, allow_retries: bool = True, require_trigger: bool = False,
              wait: bool = True):
         if gather is None and self.gather_default is not None:
             gather = self.gather_default()
+        if self.matchmaking_patience is not None and timeout is not None:
+            now, looking = get_dht_time(), self.matchmaking_kwargs["min_matchmaking_time"]
+            start = now + looking if scheduled_time is None else scheduled_time
+            timeout = min(timeout, start - now + self.matchmaking_patience * looking)
         control = super().step([gather, self._observer.payload(self._round_kind)], scheduled_time, weight,
                                timeout, allow_retries, require_trigger, wait=False)
         control.add_done_callback(partial(self._observer.record, self._round_kind))
@@ -278,12 +292,25 @@ def _state_problem(metadata: Any, tensors: Any, expected) -> Optional[str]:
 # Averagers of one run must all use the same data plane: ours (RawAllReduceMixin) moves parts as raw frames on
 # its own stream protocol, which a peer on hivemind's stock protobuf all-reduce does not speak.
 class ObservedGradientAverager(RawAllReduceMixin, GradientAverager, ObservedAverager):
+    # A gradient round that finds no group gives up after ROUND_PATIENCE matchmaking times and the epoch ends on our
+    # own gradients (hivemind's way after a failed round) instead of looking until averaging_timeout: the mates it
+    # expected left (a peer that stops says goodbye to the tracker, not to a round already looking for it) or are
+    # in another round (see ObservedStateAverager). Measured: a peer whose mate stopped stepping waited 60 s.
+    matchmaking_patience = ROUND_PATIENCE
+
     def __init__(self, *args, observer: RoundObserver, **kwargs):
         self._observer, self._round_kind = observer, "gradients"
         super().__init__(*args, **kwargs)
 
 
 class ObservedStateAverager(RawAllReduceMixin, TrainingStateAverager, ObservedAverager):
+    # A parameter round that finds no group within this many matchmaking times gives up (the next one, every
+    # average_state_every epochs, heals what it missed) instead of looking until averaging_timeout. Two peers an
+    # epoch apart are in different rounds at a state epoch, one in this round and the other in a gradient round:
+    # each waited the whole averaging_timeout for the other (measured in the cut-link test: both survivors stalled
+    # 20 s). Given up, this one goes on to its next epoch's gradient round, where the other still looks for it.
+    matchmaking_patience = ROUND_PATIENCE
+
     def __init__(self, *args, observer: RoundObserver, **kwargs):
         self._observer, self._round_kind = observer, "state"
         super().__init__(*args, **kwargs)
