@@ -211,3 +211,21 @@ def test_progress_records_round_trip_and_reject_garbage():
                 b"\x00" * 2000):
         with pytest.raises(InvalidMessage):
             ProgressRecord.from_wire(bad)
+
+
+def test_the_runs_averaging_settings_reach_its_gradient_rounds(node):
+    """hivemind's Optimizer gives its averager_opts to the state averager only: the gradient rounds of every run ran
+    with hivemind's defaults (a 3 s request_timeout, no group size cap, 512 KiB parts), whatever the manifest said."""
+    identity, dht = node
+    manifest = Manifest.from_toml(trainer_spec(request_timeout="0.5", target_group_size=5, part_size_bytes=1 << 16))
+    a = manifest.averaging
+    trainer = Trainer(dht, manifest, identity, TrainerOptions(device="cpu"))
+    try:
+        trainer.start()
+        opt = trainer._opt
+        for averager in (opt.grad_averager, opt.state_averager):
+            assert averager.matchmaking_kwargs["request_timeout"] == float(a.request_timeout) == 0.5
+            assert averager.matchmaking_kwargs["target_group_size"] == a.target_group_size == 5
+            assert averager.allreduce_kwargs["part_size_bytes"] == a.part_size_bytes == 1 << 16
+    finally:
+        trainer.shutdown()

@@ -151,6 +151,9 @@ def _is_epoch(gather: Any) -> bool:
     return type(gather) is int and gather >= 0
 
 
+# The run's averaging settings that its gradient rounds take too (declare_state_period stays hivemind's: a gradient
+# averager's state is downloaded only with the parameters', and declaring it as often would double the DHT traffic)
+GRADIENT_AVERAGER_OPTS = ("request_timeout", "target_group_size", "part_size_bytes")
 # min_matchmaking_times a gradient or parameter (state) round looks for a group before it gives up (see
 # ObservedGradientAverager, ObservedStateAverager): a round begins when its epoch really ends, every peer there
 # within a fraction of a second, so a group forms within one matchmaking time or its mates are gone or elsewhere
@@ -346,7 +349,11 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def __init__(self, *, observer: RoundObserver, **kwargs):
         self._observer = observer
-        kwargs["grad_averager_factory"] = partial(ObservedGradientAverager, observer=observer)
+        # hivemind's Optimizer hands averager_opts to the state averager only (its docstring says both): the gradient
+        # rounds ran with hivemind's defaults, a 3 s request_timeout (hence its "request_timeout smaller than
+        # min_matchmaking_time" warning in every log at a 2 s matchmaking_time), no group size cap, 512 KiB parts
+        grad_opts = {k: v for k, v in (kwargs.get("averager_opts") or {}).items() if k in GRADIENT_AVERAGER_OPTS}
+        kwargs["grad_averager_factory"] = partial(ObservedGradientAverager, observer=observer, **grad_opts)
         self.downloads = 0  # state downloads so far (the trainer tells an epoch ended by one from one averaged)
         super().__init__(**kwargs)
         if self.grad_averager is not None:  # each member tells its group the epoch its gradients are from
