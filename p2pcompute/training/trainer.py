@@ -436,7 +436,10 @@ class Trainer:
         seen = self._opt.tracker.global_progress.num_peers
         if seen >= self.options.min_peers or self._clock() > self._peers_deadline:
             if seen < self.options.min_peers:
-                logger.warning("going on with %d of %d peers", seen, self.options.min_peers)
+                logger.warning("going on with %d of %d peers: no more joined within %.0f s%s", seen,
+                               self.options.min_peers, self.options.min_peers_timeout,
+                               " (alone: no round to average with, nobody to witness a claim, so no credits until "
+                               "a peer joins)" if seen <= 1 else "")
             self._peers_deadline = None
             return False
         return True
