@@ -134,6 +134,16 @@ class RawAllReduceMixin(MembershipMixin, RoundTimingMixin):
         finally:
             self._weights_by_group.pop(group_info.group_id, None)
 
+    def run(self):
+        """The averager's own process (forked by hivemind): torch's intra-op thread pool is set up here, once, on this
+        thread, before hivemind starts the process's threads. After a fork torch re-creates that pool at the first
+        parallel op of each thread, and two threads doing so at once can find no pool at all ("pool INTERNAL ASSERT
+        FAILED ... Invalid thread pool!", raised by torch.set_num_threads' pthreadpool check): seen in a CI emulation
+        (2026-12-08), where a reducer decoding 8-bit parts dropped a sender for it (failed_fraction 0.35). Not
+        reproduced on demand (0 of 150 forks with 32 threads racing), so this removes the window, untested."""
+        torch.set_num_threads(torch.get_num_threads())
+        super().run()
+
     @property
     def raw_protocol(self) -> str:
         return f"{self.prefix}::{PROTOCOL_SUFFIX}"
