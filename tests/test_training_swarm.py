@@ -311,7 +311,7 @@ def netns_swarm(tmp_path):
     "known gap (issue 14 part 5): after a cut (no reset) the survivors' stall is not yet bounded like a kill's. Seen "
     "in 1 of 3 CI emulations on 2026-12-07 and here on 2026-12-08: the two survivors, an epoch apart, waited in "
     "different rounds (a state round, a gradients round) for averaging_timeout (20 s); rounds now give up after "
-    "ROUND_PATIENCE matchmaking times (4 of 4 runs passed since). Left: the survivors read no progress while their "
+    "ROUND_PATIENCE matchmaking times (4 of 5 runs passed since; the fifth lost three 8 s rounds in a row). Left: the survivors read no progress while their "
     "epoch end's round waits on the cut peer (8 s), and their own heartbeats land late (docs/training.md, 'A cut link')."))
 def test_survivors_keep_their_pace_after_a_peers_link_is_cut(netns_swarm):
     """The same as after a SIGKILL, but the third peer's link is cut instead: its connections hang (no reset),
